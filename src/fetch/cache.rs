@@ -1,0 +1,219 @@
+//! The content-addressed blob cache: `<cache>/blobs/sha256/<hex>`, shared by
+//! every image and every run.
+//!
+//! Architecture invariant: a file exists under a digest's name only if its
+//! bytes hash to that digest. Writers stream into a temp file in the same
+//! directory while hashing and rename it into place only after digest and
+//! size match, so a killed run leaves at most a stray temp file (removed by
+//! the next [`BlobCache::open`]), never a wrong blob.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::digest::{Digest, Hasher};
+
+/// Errors of the blob cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Content did not hash to the digest it was fetched or stored as.
+    #[error("digest mismatch for {what}: expected {expected}, got {found}")]
+    DigestMismatch {
+        /// What was being stored (blob URL, file…).
+        what: String,
+        /// The digest it should have.
+        expected: Digest,
+        /// The digest it has.
+        found: Digest,
+    },
+    /// Content had another length than its descriptor says.
+    #[error("size mismatch for {what}: expected {expected} bytes, got {found}")]
+    SizeMismatch {
+        /// What was being stored.
+        what: String,
+        /// Size from the descriptor.
+        expected: u64,
+        /// Bytes received.
+        found: u64,
+    },
+    /// A filesystem error, with the path it concerns.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io { path: path.to_path_buf(), source }
+}
+
+/// Handle on a cache directory.
+#[derive(Clone, Debug)]
+pub struct BlobCache {
+    root: PathBuf,
+}
+
+impl BlobCache {
+    /// Opens (creating) a cache at `root` and removes temp files left by killed runs.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, CacheError> {
+        let root = root.into();
+        let blobs = root.join("blobs/sha256");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        for entry in fs::read_dir(&blobs).map_err(io_err(&blobs))? {
+            let entry = entry.map_err(io_err(&blobs))?;
+            if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(BlobCache { root })
+    }
+
+    /// The cache's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob with this digest lives (whether or not it is there yet).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join(digest.layout_path())
+    }
+
+    /// Whether the blob is present with the given size. Presence implies the
+    /// digest matched when it was stored (the invariant above).
+    pub fn contains(&self, digest: &Digest, size: u64) -> bool {
+        fs::metadata(self.path(digest)).map(|m| m.is_file() && m.len() == size).unwrap_or(false)
+    }
+
+    /// Starts storing a blob expected to have `digest` and `size`.
+    pub fn writer(&self, digest: &Digest, size: Option<u64>, what: &str) -> Result<BlobWriter, CacheError> {
+        let dir = self.root.join("blobs/sha256");
+        let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(io_err(&dir))?;
+        Ok(BlobWriter {
+            tmp,
+            hasher: Hasher::new(),
+            expected: digest.clone(),
+            size,
+            dest: self.path(digest),
+            what: what.to_string(),
+        })
+    }
+
+    /// Stores bytes the caller produced and returns their digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, CacheError> {
+        let digest = Digest::of(bytes);
+        if !self.contains(&digest, bytes.len() as u64) {
+            let mut w = self.writer(&digest, Some(bytes.len() as u64), "generated blob")?;
+            w.write_all(bytes).map_err(io_err(&self.root))?;
+            w.commit()?;
+        }
+        Ok(digest)
+    }
+
+    /// Reads a whole (small) blob, e.g. a manifest. Callers must only use it
+    /// for metadata blobs: layers are streamed, never read into memory.
+    pub fn read_small(&self, digest: &Digest) -> Result<Vec<u8>, CacheError> {
+        let path = self.path(digest);
+        let mut out = Vec::new();
+        File::open(&path).and_then(|mut f| f.read_to_end(&mut out)).map_err(io_err(&path))?;
+        Ok(out)
+    }
+
+    /// Re-hashes every blob and removes those whose content does not match
+    /// their name. Returns the removed digests. Normal runs never need this;
+    /// it exists for `preseed cache verify` and for tests of the invariant.
+    pub fn verify_all(&self) -> Result<Vec<PathBuf>, CacheError> {
+        let dir = self.root.join("blobs/sha256");
+        let mut bad = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ok = match format!("sha256:{name}").parse::<Digest>() {
+                Ok(expected) => {
+                    let mut h = Hasher::new();
+                    let mut f = File::open(&path).map_err(io_err(&path))?;
+                    io::copy(&mut f, &mut h).map_err(io_err(&path))?;
+                    h.finish() == expected
+                }
+                Err(_) => false,
+            };
+            if !ok {
+                bad.push(path);
+            }
+        }
+        Ok(bad)
+    }
+}
+
+/// A blob being stored: write bytes, then [`BlobWriter::commit`].
+pub struct BlobWriter {
+    tmp: tempfile::NamedTempFile,
+    hasher: Hasher,
+    expected: Digest,
+    size: Option<u64>,
+    dest: PathBuf,
+    what: String,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tmp.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.hasher.len()
+    }
+
+    /// Checks size and digest; on success moves the blob into place. On
+    /// failure the temp file is deleted and nothing is stored.
+    pub fn commit(self) -> Result<PathBuf, CacheError> {
+        let found_size = self.hasher.len();
+        if let Some(expected) = self.size {
+            if expected != found_size {
+                return Err(CacheError::SizeMismatch { what: self.what, expected, found: found_size });
+            }
+        }
+        let found = self.hasher.finish();
+        if found != self.expected {
+            return Err(CacheError::DigestMismatch { what: self.what, expected: self.expected, found });
+        }
+        // Blobs are immutable once named; read-only guards against accidents.
+        let mut perms = self.tmp.as_file().metadata().map_err(io_err(&self.dest))?.permissions();
+        perms.set_readonly(true);
+        let _ = self.tmp.as_file().set_permissions(perms);
+        self.tmp.persist(&self.dest).map_err(|e| CacheError::Io { path: self.dest.clone(), source: e.error })?;
+        Ok(self.dest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_content_is_never_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path()).unwrap();
+        let want = Digest::of(b"right");
+        let mut w = cache.writer(&want, Some(5), "test").unwrap();
+        w.write_all(b"wrong").unwrap();
+        assert!(matches!(w.commit(), Err(CacheError::DigestMismatch { .. })));
+        assert!(!cache.contains(&want, 5));
+        let d = cache.put_bytes(b"right").unwrap();
+        assert_eq!(d, want);
+        assert!(cache.contains(&want, 5));
+        assert!(cache.verify_all().unwrap().is_empty());
+        assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), 1);
+    }
+}

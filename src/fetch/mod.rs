@@ -1,0 +1,3 @@
+//! Fetching blobs from registries into the content-addressed cache.
+
+pub mod cache;

@@ -1,0 +1,14 @@
+//! preseed: turn a pinned list of container images into one read-only
+//! partition that a node imports into containerd at boot.
+//!
+//! Build side, in pipeline order: [`manifest`] (bundles.toml) → [`resolve`]
+//! (registries) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
+//! [`layout`] (per-image tarballs) → [`partition`] (erofs/squashfs), driven by
+//! [`bundle`]. Node side: [`load`] (partition → containerd).
+#![deny(missing_docs)]
+
+pub mod digest;
+pub mod fetch;
+pub mod layout;
+pub mod oci;
+pub mod partition;

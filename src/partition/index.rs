@@ -1,0 +1,74 @@
+//! `preseed.json`: the partition's index, written at its root and beside it.
+//! The loader reads it to know what to import and how to name and pin it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+/// File name of the index, at the partition root.
+pub const INDEX_FILE: &str = "preseed.json";
+/// Format version of the index; bump on incompatible changes.
+pub const INDEX_VERSION: u32 = 1;
+
+/// The whole index.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionIndex {
+    /// [`INDEX_VERSION`].
+    pub version: u32,
+    /// Every image, in manifest order.
+    pub images: Vec<IndexedImage>,
+    /// What built the partition. No timestamps or host names: the partition
+    /// must be byte-identical for the same inputs.
+    pub build: BuildInfo,
+}
+
+/// One image of the partition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexedImage {
+    /// containerd namespace (the directory).
+    pub namespace: String,
+    /// Tarball name without `.tar`.
+    pub file: String,
+    /// Path of the tarball inside the partition: `<namespace>/<file>.tar`.
+    pub path: String,
+    /// Full normalized image name.
+    pub name: String,
+    /// Extra names the loader gives the image.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Digest of the index or manifest the image is pinned to.
+    pub digest: Digest,
+    /// Media type of that index or manifest.
+    pub media_type: String,
+    /// Platforms carried, e.g. `linux/amd64`.
+    pub platforms: Vec<String>,
+    /// Whether the loader pins the image against kubelet GC.
+    pub pin: bool,
+    /// Whether this is the namespace's pod sandbox image.
+    pub sandbox: bool,
+    /// Tarball size in bytes.
+    pub size: u64,
+    /// sha256 of the whole tarball.
+    pub sha256: Digest,
+}
+
+/// Provenance of a partition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildInfo {
+    /// `preseed <version>`.
+    pub tool: String,
+    /// Filesystem format of the partition.
+    pub format: String,
+}
+
+impl PartitionIndex {
+    /// Canonical JSON: stable key order (struct order), two-space indent, trailing newline.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("index serializes");
+        out.push(b'\n');
+        out
+    }
+}

@@ -1,0 +1,63 @@
+//! The partition: the bundle tree (`preseed.json`, `<namespace>/<file>.tar`)
+//! written as one read-only filesystem image, erofs (native writer) or
+//! squashfs (backhand), and read back by `inspect` and the loader.
+
+pub mod erofs;
+pub mod index;
+pub mod squashfs;
+pub mod tree;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Filesystem format of a partition image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// erofs, uncompressed, chunk-deduplicated (default).
+    #[default]
+    Erofs,
+    /// squashfs.
+    Squashfs,
+}
+
+impl Format {
+    /// File extension and name used for the image: `preseed.<ext>`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Erofs => "erofs",
+            Format::Squashfs => "squashfs",
+        }
+    }
+
+    /// Recognises a partition image by its superblock magic.
+    pub fn sniff(header: &[u8]) -> Option<Format> {
+        // squashfs: "hsqs" at 0; erofs: 0xE0F5E1E2 (LE) at 1024.
+        if header.len() >= 4 && &header[..4] == b"hsqs" {
+            return Some(Format::Squashfs);
+        }
+        if header.len() >= 1028 && header[1024..1028] == 0xE0F5_E1E2u32.to_le_bytes() {
+            return Some(Format::Erofs);
+        }
+        None
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.extension())
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "erofs" => Ok(Format::Erofs),
+            "squashfs" => Ok(Format::Squashfs),
+            _ => Err(format!("unknown partition format {s:?}: expected \"erofs\" or \"squashfs\"")),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! squashfs partition images through backhand.
