@@ -242,6 +242,7 @@ mod tests {
         for len in [12, 99, 100, 101, 512, 1000, 4096] {
             assert_eq!(pax_padding(len).len(), len);
         }
-        assert_eq!(pax_record("size", "1"), b"11 size=1\n");
+        assert_eq!(pax_record("size", "1"), b"9 size=1\n");
+        assert_eq!(pax_record("size", "12345678901"), b"20 size=12345678901\n");
     }
 }
