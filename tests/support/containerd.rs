@@ -1,0 +1,1 @@
+//! A real containerd (with runc) started by a test in a temp dir.
