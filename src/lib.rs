@@ -12,3 +12,4 @@ pub mod fetch;
 pub mod layout;
 pub mod oci;
 pub mod partition;
+pub mod manifest;

@@ -1,0 +1,2 @@
+//! `preseed pin`: writes resolved digests into `bundles.toml` in place,
+//! keeping comments and layout (toml_edit).
