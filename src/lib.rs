@@ -12,4 +12,5 @@ pub mod fetch;
 pub mod layout;
 pub mod oci;
 pub mod partition;
+pub mod resolve;
 pub mod manifest;
