@@ -4,6 +4,7 @@
 
 pub mod erofs;
 pub mod index;
+pub mod inspect;
 pub mod squashfs;
 pub mod tree;
 

@@ -1,1 +1,58 @@
-fn main() {}
+//! `cargo xtask`: the project's build system.
+//!
+//! * `cargo xtask bundle [ARGS…]` = `preseed bundle --manifest <root>/bundles.toml --out target/preseed ARGS…`
+//! * `cargo xtask test [ARGS…]`   installs what the tests need (as root, with apt-get) and runs every test
+//! * `cargo xtask bench [--scale S]` benchmarks against the tools users would use instead
+
+mod bench;
+mod bundle;
+mod test;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match cmd.as_str() {
+        "bundle" => bundle::run(&rest),
+        "test" => test::run(&rest),
+        "bench" => bench::run(&rest),
+        _ => bail!("usage: cargo xtask <bundle|test|bench> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import"),
+    }
+}
+
+/// The workspace root, from cargo metadata.
+pub fn workspace_root() -> Result<PathBuf> {
+    let meta = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
+    Ok(meta.workspace_root.into_std_path_buf())
+}
+
+/// `cargo` as invoked us.
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run_status(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// `PROTOC` for crates whose build scripts need it: the system one if
+/// installed, else the binary shipped in the protoc-bin-vendored crate.
+pub fn protoc() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PROTOC") {
+        return Some(p.into());
+    }
+    if Command::new("protoc").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return None;
+    }
+    protoc_bin_vendored::protoc_bin_path().ok()
+}

@@ -1,0 +1,362 @@
+//! `preseed bundle`: the build-side pipeline, in order —
+//! manifest → resolve (or build in-tree) → fetch into the cache → plan one
+//! tarball per image → write the partition and `preseed.json`.
+
+mod progress;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::build::{self, BuildError, BuildOptions};
+use crate::digest::{Digest, Hasher};
+use crate::fetch::cache::{BlobCache, CacheError};
+use crate::layout::{self, TarballSpec};
+use crate::manifest::{BundleManifest, ImageEntry, ImageSource, ManifestError, Strictness};
+use crate::oci::Descriptor;
+use crate::partition::index::{BuildInfo, IndexedImage, PartitionIndex, INDEX_FILE, INDEX_VERSION};
+use crate::partition::tree::{PlannedFile, Tree};
+use crate::partition::{erofs, squashfs, Format};
+use crate::resolve::auth::DockerConfig;
+use crate::resolve::{resolve_image, Registries, ResolveError, ResolvedImage};
+pub use progress::Progress;
+
+/// What to bundle and how.
+#[derive(Clone, Debug)]
+pub struct BundleOptions {
+    /// `bundles.toml`.
+    pub manifest: PathBuf,
+    /// Output directory (gets `preseed.<format>` and `preseed.json`).
+    pub out: PathBuf,
+    /// Overrides `[partition] format`.
+    pub format: Option<Format>,
+    /// Blob cache directory.
+    pub cache: PathBuf,
+    /// Build from the cache alone.
+    pub offline: bool,
+    /// Allow remote images without a digest (resolved at bundle time).
+    pub allow_unpinned: bool,
+    /// Concurrent downloads.
+    pub jobs: usize,
+    /// Target directory for in-tree image builds.
+    pub build_target_dir: PathBuf,
+    /// Progress display.
+    pub progress: Progress,
+}
+
+/// What a bundle run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct BundleSummary {
+    /// The partition image.
+    pub partition: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// Number of images.
+    pub images: usize,
+    /// Bytes of unique blobs carried.
+    pub unique_bytes: u64,
+    /// Bytes downloaded in this run.
+    pub downloaded_bytes: u64,
+    /// Bytes of the partition image.
+    pub partition_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for BundleSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bundled {} images, {} unique ({} downloaded) into {} ({}, {}) in {:.1}s",
+            self.images,
+            human_bytes(self.unique_bytes),
+            human_bytes(self.downloaded_bytes),
+            self.partition.display(),
+            self.format,
+            human_bytes(self.partition_bytes),
+            self.seconds
+        )
+    }
+}
+
+/// Errors of a bundle run. Each names the image (and registry) concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// bundles.toml is invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Resolving or fetching failed.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// Building an in-tree image failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// In-tree images need the manifest to sit at a cargo workspace root.
+    #[error("{image}: `build` entries need bundles.toml next to the workspace's Cargo.toml ({manifest} not found)")]
+    NoWorkspace {
+        /// Image label.
+        image: String,
+        /// Expected Cargo.toml.
+        manifest: PathBuf,
+    },
+    /// Cache I/O.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// Writing the erofs image failed.
+    #[error("writing {path}: {source}")]
+    Erofs {
+        /// Output path.
+        path: PathBuf,
+        /// The error.
+        source: erofs::Error,
+    },
+    /// Writing the squashfs image failed.
+    #[error("writing {path}: {source}")]
+    Squashfs {
+        /// Output path.
+        path: PathBuf,
+        /// The error.
+        source: squashfs::Error,
+    },
+    /// Other I/O, with the path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io { path: path.to_path_buf(), source }
+}
+
+/// An image with everything needed to plan its tarball.
+struct Planned {
+    entry: ImageEntry,
+    resolved: ResolvedImage,
+}
+
+/// Runs the whole build side.
+pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> {
+    let start = Instant::now();
+    let strict = Strictness { allow_unpinned: opts.allow_unpinned };
+    let manifest = BundleManifest::load(&opts.manifest, strict)?;
+    let format = opts.format.unwrap_or(manifest.format);
+    let cache = BlobCache::open(&opts.cache)?;
+    let registries = Registries::new(&manifest.registries, DockerConfig::from_env().map_err(ResolveError::from)?)?;
+    let progress = &opts.progress;
+
+    // 1. Resolve every remote image (manifests only) and build in-tree ones.
+    let mut images = Vec::new();
+    for entry in &manifest.images {
+        let resolved = match &entry.source {
+            ImageSource::Remote => {
+                let mut entry = entry.clone();
+                if entry.reference.digest.is_none() {
+                    // Only reachable with --allow-unpinned.
+                    let d = registries.resolve_tag(&entry.label(), &entry.reference).await?;
+                    entry.reference = entry.reference.with_digest(d);
+                }
+                let resolved = resolve_image(&registries, &entry, &cache, opts.offline).await?;
+                images.push(Planned { entry, resolved });
+                continue;
+            }
+            ImageSource::Build(package) => {
+                let workspace_manifest = opts.manifest.parent().unwrap_or(Path::new(".")).join("Cargo.toml");
+                if !workspace_manifest.is_file() {
+                    return Err(BundleError::NoWorkspace { image: entry.label(), manifest: workspace_manifest });
+                }
+                let build_opts = BuildOptions {
+                    workspace_manifest,
+                    target_dir: opts.build_target_dir.clone(),
+                    offline: opts.offline,
+                };
+                progress.line(&format!("building {} from package {package}", entry.label()));
+                let built = build::build_image(package, &cache, &build_opts)?;
+                ResolvedImage { root: built.root, blobs: built.blobs, platforms: vec![built.platform] }
+            }
+        };
+        images.push(Planned { entry: entry.clone(), resolved });
+    }
+
+    // 2. Fetch every missing blob once, concurrently, whichever image needs it.
+    let mut missing: BTreeMap<Digest, (usize, Descriptor)> = BTreeMap::new();
+    let mut unique: HashMap<Digest, u64> = HashMap::new();
+    for (i, img) in images.iter().enumerate() {
+        for blob in &img.resolved.blobs {
+            unique.insert(blob.digest.clone(), blob.size);
+            if !cache.contains(&blob.digest, blob.size) {
+                missing.entry(blob.digest.clone()).or_insert((i, blob.clone()));
+            }
+        }
+    }
+    let unique_bytes: u64 = unique.values().sum();
+    if opts.offline {
+        if let Some((d, (i, _))) = missing.iter().next() {
+            return Err(ResolveError::NotCached {
+                image: images[*i].entry.label(),
+                digest: d.clone(),
+                cache: cache.root().display().to_string(),
+            }
+            .into());
+        }
+    }
+    let downloaded_bytes: u64 = missing.values().map(|(_, d)| d.size).sum();
+    if !missing.is_empty() {
+        let bar = progress.bytes("downloading", downloaded_bytes);
+        let (registries, cache) = (&registries, &cache);
+        stream::iter(missing.values())
+            .map(|(i, blob)| {
+                let img = &images[*i];
+                let bar = &bar;
+                async move {
+                    registries
+                        .fetch_blob(&img.entry.label(), &img.entry.reference, blob, cache, &|n| bar.inc(n))
+                        .await
+                }
+            })
+            .buffer_unordered(opts.jobs.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        bar.finish();
+    }
+
+    // 3. Plan the tree: one tarball per image, then the index.
+    let mut tree = Tree::default();
+    let mut indexed = Vec::new();
+    let sums = TarballSums::open(&cache);
+    for img in &images {
+        let e = &img.entry;
+        let spec = TarballSpec {
+            name: e.reference.name(),
+            tag: e.reference.tag.clone(),
+            extra_names: e.names.clone(),
+            root: img.resolved.root.clone(),
+            blobs: img.resolved.blobs.clone(),
+        };
+        let file = layout::plan_tarball(&spec, &cache);
+        let sha256 = sums.get_or_compute(&spec, &file).map_err(io_err(cache.root()))?;
+        indexed.push(IndexedImage {
+            namespace: e.namespace.clone(),
+            file: e.file.clone(),
+            path: e.tarball_path(),
+            name: spec.name.clone(),
+            names: e.names.clone(),
+            digest: spec.root.digest.clone(),
+            media_type: spec.root.media_type.clone(),
+            platforms: img.resolved.platforms.iter().map(|p| p.to_string()).collect(),
+            pin: e.pin,
+            sandbox: e.sandbox,
+            size: file.len(),
+            sha256,
+        });
+        tree.insert_file(&e.tarball_path(), file);
+    }
+    let index = PartitionIndex {
+        version: INDEX_VERSION,
+        images: indexed,
+        build: BuildInfo { tool: format!("preseed {}", env!("CARGO_PKG_VERSION")), format: format.to_string() },
+    };
+    let index_json = index.to_json();
+    tree.insert_file(INDEX_FILE, PlannedFile::from_bytes(index_json.clone()));
+
+    // 4. Write the partition and the index beside it.
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let partition = opts.out.join(format!("preseed.{}", format.extension()));
+    progress.line(&format!("writing {}", partition.display()));
+    let partition_bytes = match format {
+        Format::Erofs => {
+            erofs::write(&tree, &partition).map_err(|source| BundleError::Erofs { path: partition.clone(), source })?.image_bytes
+        }
+        Format::Squashfs => {
+            squashfs::write(&tree, &partition)
+                .map_err(|source| BundleError::Squashfs { path: partition.clone(), source })?
+                .image_bytes
+        }
+    };
+    let index_path = opts.out.join(INDEX_FILE);
+    std::fs::write(&index_path, &index_json).map_err(io_err(&index_path))?;
+    Ok(BundleSummary {
+        partition,
+        format,
+        images: images.len(),
+        unique_bytes,
+        downloaded_bytes,
+        partition_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Remembers tarball sha256s by what determines the tarball's bytes (the
+/// plan: index.json and blob digests), so a warm bundle does not re-read
+/// every blob to hash tarballs it has hashed before.
+struct TarballSums {
+    dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TarballSum {
+    size: u64,
+    sha256: Digest,
+}
+
+impl TarballSums {
+    fn open(cache: &BlobCache) -> Self {
+        TarballSums { dir: cache.root().join("tarballs") }
+    }
+
+    fn get_or_compute(&self, spec: &TarballSpec, file: &PlannedFile) -> std::io::Result<Digest> {
+        let mut key = Hasher::new();
+        key.update(&layout::index_json(spec));
+        for b in &spec.blobs {
+            key.update(format!("\n{} {}", b.digest, b.size).as_bytes());
+        }
+        key.update(format!("\nlayout v1 {}", file.len()).as_bytes());
+        let path = self.dir.join(key.finish().hex());
+        if let Ok(bytes) = std::fs::read(&path) {
+            if let Ok(sum) = serde_json::from_slice::<TarballSum>(&bytes) {
+                if sum.size == file.len() {
+                    return Ok(sum.sha256);
+                }
+            }
+        }
+        let mut h = Hasher::new();
+        let mut reader = file.reader();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let sha256 = h.finish();
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&TarballSum { size: file.len(), sha256: sha256.clone() })?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(sha256)
+    }
+}
+
+/// `1.2 MiB`-style sizes for humans.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
