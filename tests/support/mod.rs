@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod images;
+pub mod registry;
 
 use std::path::PathBuf;
 
