@@ -38,8 +38,9 @@ pub struct Stats {
 pub enum Compression {
     /// Every block stored as is (what `mksquashfs -noI -noD -noF -noX`
     /// produces). The superblock still names gzip, which the kernel always
-    /// has, but no block needs it. Layers are compressed already: on real
-    /// image tarballs gzip gains about 1% for several times the write time.
+    /// has, but no block needs it. Layers are compressed already: on a tree
+    /// of gzip tarballs, gzip level 1 saved 0.2% and level 9 1.1% of the
+    /// image, for 10 and 18 times the write time.
     #[default]
     Store,
     /// zlib/gzip at `level` (1..=9); a block that does not shrink is still
