@@ -7,6 +7,7 @@
 //! [`bundle`]. Node side: [`load`] (partition → containerd).
 #![deny(missing_docs)]
 
+pub mod build;
 pub mod digest;
 pub mod fetch;
 pub mod layout;
