@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use preseed::build::{build_image, BuildError, BuildOptions, BuiltImage};
 use preseed::digest::Digest;
 use preseed::fetch::cache::BlobCache;
+use preseed::layout::{plan_tarball, TarballSpec};
 use preseed::oci::{self, Manifest};
 
 const HELLO_LINE: &str = "Hello from preseed!";
@@ -197,4 +198,107 @@ fn bad_build_entries_name_the_package() {
     let err = build_image("badmeta", &cache, &opts).unwrap_err();
     assert!(matches!(err, BuildError::Metadata { .. }), "{err:?}");
     assert!(err.to_string().contains("`badmeta`") && err.to_string().contains("entrypiont"), "{err}");
+}
+
+/// The children of `pid`, from procfs.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pause_reaps_orphans_as_pid_1() {
+    if !support::require_root() {
+        return;
+    }
+    let (Some(unshare), Some(nsenter)) = (support::require_tool("unshare"), support::require_tool("nsenter")) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, entries) = unpack(&built().cache, &built().pause);
+    let pause = write_exec(tmp.path(), "pause", &entries[0].2);
+    // pause as PID 1 of a new PID namespace, as in a pod.
+    let mut ns = Command::new(unshare).args(["--pid", "--fork"]).arg(&pause).spawn().unwrap();
+    wait_for("pause to start", || children(ns.id()).len() == 1);
+    let pid1 = children(ns.id())[0];
+    wait_for("pause to exec", || std::fs::read_link(format!("/proc/{pid1}/exe")).is_ok_and(|e| e == pause));
+    // A process in the namespace whose parent exits is re-parented to pause…
+    let status = Command::new(nsenter)
+        .args(["-t", &pid1.to_string(), "-p", "--", "sh", "-c", "sleep 0.5 & exit 0"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(children(pid1).len(), 1, "the orphan was not re-parented to pause");
+    // …and reaped by it when it exits, leaving no zombie.
+    wait_for("pause to reap the orphan", || children(pid1).is_empty());
+    unsafe { libc::kill(pid1 as i32, libc::SIGTERM) };
+    assert_eq!(ns.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn images_import_and_run_in_containerd() {
+    let Some(containerd) = support::containerd::Containerd::start() else { return };
+    let b = built();
+    let tmp = tempfile::tempdir().unwrap();
+    for (image, name) in [(&b.pause, "preseed.local/pause:0.1"), (&b.hello, "preseed.local/hello:0.1")] {
+        let spec = TarballSpec {
+            name: name.into(),
+            tag: Some("0.1".into()),
+            extra_names: vec![],
+            root: image.root.clone(),
+            blobs: image.blobs.clone(),
+        };
+        let path = tmp.path().join(format!("{}.tar", image.root.digest.hex()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        std::io::copy(&mut plan_tarball(&spec, &b.cache).reader(), &mut file).unwrap();
+        containerd.ctr_ok(&["-n", "k8s.io", "images", "import", path.to_str().unwrap()]);
+        let listed = containerd.ctr_ok(&["-n", "k8s.io", "images", "ls"]);
+        let line = listed.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not in\n{listed}"));
+        assert!(line.contains(&image.root.digest.to_string()), "{line}");
+    }
+
+    let out = containerd.ctr_ok(&["-n", "k8s.io", "run", "--rm", "preseed.local/hello:0.1", "hello-1"]);
+    assert_eq!(out.trim_end(), HELLO_LINE);
+
+    // pause: runs (as 65535:65535) until SIGTERM, then exits 0; `ctr run`
+    // exits with the task's status.
+    let mut run = Command::new(support::require_tool("ctr").unwrap())
+        .arg("--address")
+        .arg(containerd.socket())
+        .args(["-n", "k8s.io", "run", "--rm", "preseed.local/pause:0.1", "pause-1"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let task_pid = || -> Option<u32> {
+        let tasks = containerd.ctr_ok(&["-n", "k8s.io", "tasks", "ls"]);
+        let line = tasks.lines().find(|l| l.starts_with("pause-1 ") && l.contains("RUNNING"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    wait_for("the pause task to run", || task_pid().is_some());
+    let pid = task_pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("Uid:\t65535\t65535")), "{status}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(run.try_wait().unwrap().is_none(), "pause exited on its own");
+    containerd.ctr_ok(&["-n", "k8s.io", "tasks", "kill", "-s", "SIGTERM", "pause-1"]);
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "pause ignored SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
 }
