@@ -168,18 +168,25 @@ fn bad_build_entries_name_the_package() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
     let root = tmp.path().join("ws");
-    for (name, extra) in [("nobin", ""), ("badmeta", "[package.metadata.preseed]\nentrypiont = [\"/x\"]\n")] {
+    for (name, file, code, extra) in [
+        ("nobin", "src/lib.rs", "", ""),
+        ("badmeta", "src/main.rs", "fn main() {}", "[package.metadata.preseed]\nentrypiont = [\"/x\"]\n"),
+        ("broken", "src/main.rs", "fn main() { undefined_thing() }", ""),
+    ] {
         let pkg = root.join(name);
         std::fs::create_dir_all(pkg.join("src")).unwrap();
-        let file = if name == "nobin" { "src/lib.rs" } else { "src/main.rs" };
-        std::fs::write(pkg.join(file), "").unwrap();
+        std::fs::write(pkg.join(file), code).unwrap();
         std::fs::write(
             pkg.join("Cargo.toml"),
             format!("[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n{extra}"),
         )
         .unwrap();
     }
-    std::fs::write(root.join("Cargo.toml"), "[workspace]\nmembers = [\"nobin\", \"badmeta\"]\n").unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        "[workspace]\nmembers = [\"nobin\", \"badmeta\", \"broken\"]\nresolver = \"2\"\n",
+    )
+    .unwrap();
     let opts = BuildOptions {
         workspace_manifest: root.join("Cargo.toml"),
         target_dir: tmp.path().join("target"),
@@ -193,11 +200,16 @@ fn bad_build_entries_name_the_package() {
     let err = build_image("no-such-image", &cache, &opts).unwrap_err();
     assert!(matches!(err, BuildError::NoSuchPackage { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("`no-such-image`") && msg.contains("badmeta, nobin"), "{msg}");
+    assert!(msg.contains("`no-such-image`") && msg.contains("badmeta, broken, nobin"), "{msg}");
 
     let err = build_image("badmeta", &cache, &opts).unwrap_err();
     assert!(matches!(err, BuildError::Metadata { .. }), "{err:?}");
     assert!(err.to_string().contains("`badmeta`") && err.to_string().contains("entrypiont"), "{err}");
+
+    // A compile error: the message names the package and carries rustc's words.
+    let err = build_image("broken", &cache, &opts).unwrap_err();
+    assert!(matches!(err, BuildError::Cargo { .. }), "{err:?}");
+    assert!(err.to_string().contains("`broken`") && err.to_string().contains("undefined_thing"), "{err}");
 }
 
 /// The children of `pid`, from procfs.
@@ -262,6 +274,15 @@ fn images_import_and_run_in_containerd() {
         let path = tmp.path().join(format!("{}.tar", image.root.digest.hex()));
         let mut file = std::fs::File::create(&path).unwrap();
         std::io::copy(&mut plan_tarball(&spec, &b.cache).reader(), &mut file).unwrap();
+        if let Some(skopeo) = support::require_tool("skopeo") {
+            let out = Command::new(skopeo)
+                .args(["inspect", "--config", &format!("oci-archive:{}", path.display())])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+            let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(config["architecture"], "amd64");
+        }
         containerd.ctr_ok(&["-n", "k8s.io", "images", "import", path.to_str().unwrap()]);
         let listed = containerd.ctr_ok(&["-n", "k8s.io", "images", "ls"]);
         let line = listed.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not in\n{listed}"));
