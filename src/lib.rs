@@ -12,7 +12,7 @@ pub mod bundle;
 pub mod digest;
 pub mod fetch;
 pub mod layout;
+pub mod manifest;
 pub mod oci;
 pub mod partition;
 pub mod resolve;
-pub mod manifest;
