@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod mount;
 pub mod images;
 pub mod registry;
 

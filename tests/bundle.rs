@@ -1,0 +1,316 @@
+//! Build side end to end: a real registry (Debian docker-registry) on
+//! loopback, generated images pushed to it, `preseed bundle` into a partition
+//! that the kernel mounts, tarballs checked with skopeo and imported by a
+//! real containerd.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use preseed::digest::Digest;
+use preseed::fetch::cache::BlobCache;
+use preseed::partition::index::PartitionIndex;
+use support::containerd::Containerd;
+use support::images::{self, Corpus, LayerSpec, Media};
+use support::mount::Mounted;
+use support::registry::Registry;
+
+fn preseed(args: &[&str], envs: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_preseed"));
+    cmd.args(args).env_remove("DOCKER_CONFIG").env("HOME", "/nonexistent");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "preseed failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// bundles.toml for the whole corpus; `multi` keeps both platforms.
+fn corpus_manifest(corpus: &Corpus, format: &str) -> String {
+    let host = &corpus.host;
+    let mut text = format!(
+        "# test corpus\n[partition]\nformat = \"{format}\"\nplatforms = [\"linux/amd64\"]\n\n[registries.\"{host}\"]\ninsecure = true\n"
+    );
+    for image in &corpus.images {
+        text += &format!("\n[[image]]\nref = \"{}\"\nfile = \"{}\"\n", image.reference(host), image.name);
+        if image.name == "multi" {
+            text += "platforms = [\"linux/amd64\", \"linux/arm64\"]\n";
+        }
+        if image.name == "app-a" {
+            text += "names = [\"registry.local/app-a:stable\"]\nnamespace = \"apps\"\n";
+        }
+    }
+    text
+}
+
+struct Bundle {
+    out: PathBuf,
+    cache: PathBuf,
+}
+
+fn bundle(dir: &Path, manifest_text: &str, extra: &[&str]) -> (Bundle, Output) {
+    let manifest = dir.join("bundles.toml");
+    std::fs::write(&manifest, manifest_text).unwrap();
+    let b = Bundle { out: dir.join("out"), cache: dir.join("cache") };
+    let mut args = vec!["bundle", "--no-progress", "--manifest", manifest.to_str().unwrap()];
+    args.extend(["--out", b.out.to_str().unwrap(), "--cache", b.cache.to_str().unwrap()]);
+    args.extend(extra);
+    let out = preseed(&args, &[]);
+    (b, out)
+}
+
+fn sha256_file(path: &Path) -> Digest {
+    let mut h = preseed::digest::Hasher::new();
+    std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut h).unwrap();
+    h.finish()
+}
+
+fn skopeo_inspect(tarball: &Path) -> serde_json::Value {
+    let out = Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", tarball.display())).output().unwrap();
+    assert!(out.status.success(), "skopeo inspect {}: {}", tarball.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The main acceptance path for one format.
+fn corpus_end_to_end(format: &str) {
+    if !support::require_root() || support::require_tool("skopeo").is_none() {
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let corpus = images::push_test_corpus(&reg);
+    let dir = tempfile::tempdir().unwrap();
+    let (b, out) = bundle(dir.path(), &corpus_manifest(&corpus, format), &[]);
+    let summary = ok(&out);
+    eprintln!("{summary}");
+    let partition = b.out.join(format!("preseed.{format}"));
+    let index: PartitionIndex = serde_json::from_slice(&std::fs::read(b.out.join("preseed.json")).unwrap()).unwrap();
+    assert_eq!(index.images.len(), corpus.images.len());
+
+    let mounted = Mounted::new(&partition, format);
+    let root = mounted.path();
+    assert_eq!(std::fs::read(root.join("preseed.json")).unwrap(), std::fs::read(b.out.join("preseed.json")).unwrap());
+
+    let Some(ctrd) = Containerd::start() else { return };
+    let mut tar_bytes = 0;
+    for entry in &index.images {
+        let tarball = root.join(&entry.path);
+        let meta = std::fs::metadata(&tarball).unwrap();
+        assert_eq!(meta.len(), entry.size, "{}", entry.path);
+        tar_bytes += meta.len();
+        assert_eq!(sha256_file(&tarball), entry.sha256, "{}: sha256 in preseed.json", entry.path);
+        let image = corpus.image(&entry.file);
+        assert_eq!(entry.digest.to_string(), image.digest);
+        assert_eq!(entry.name, format!("{}/{}:{}", corpus.host, image.repo, image.tag));
+
+        let inspected = skopeo_inspect(&tarball);
+        if !image.is_index() {
+            assert_eq!(inspected["Digest"], image.digest, "skopeo sees the pinned manifest of {}", entry.path);
+        }
+
+        let imported = ctrd.ctr_ok(&["-n", &entry.namespace, "images", "import", "--all-platforms", tarball.to_str().unwrap()]);
+        eprintln!("{imported}");
+        let listed = ctrd.ctr_ok(&["-n", &entry.namespace, "images", "ls", "-q"]);
+        assert!(listed.lines().any(|l| l == entry.name), "{} not in {listed}", entry.name);
+        let check = ctrd.ctr_ok(&["-n", &entry.namespace, "images", "check", &format!("name=={}", entry.name)]);
+        assert!(check.contains("complete"), "{check}");
+    }
+    // Extra names and namespaces made it into the index.
+    let app_a = index.images.iter().find(|i| i.file == "app-a").unwrap();
+    assert_eq!((app_a.namespace.as_str(), app_a.names.as_slice()), ("apps", &["registry.local/app-a:stable".to_string()][..]));
+    let multi = index.images.iter().find(|i| i.file == "multi").unwrap();
+    assert_eq!(multi.platforms, ["linux/amd64", "linux/arm64"]);
+
+    // The figures for the note: partition vs unique blobs.
+    let unique: u64 = corpus.unique_blob_bytes()
+        + corpus.images.iter().map(|i| i.manifest_bytes.len() as u64).sum::<u64>()
+        + corpus.images.iter().flat_map(|i| i.platforms.iter().map(|(_, p)| p.manifest_bytes.len() as u64)).sum::<u64>();
+    let part = std::fs::metadata(&partition).unwrap().len();
+    eprintln!(
+        "{format}: partition {part} bytes, tarballs {tar_bytes} bytes, unique blobs {unique} bytes, ratio {:.3}",
+        part as f64 / unique as f64
+    );
+}
+
+#[test]
+fn corpus_bundles_mounts_and_imports_squashfs() {
+    corpus_end_to_end("squashfs");
+}
+
+/// Same manifest, different caches, blobs created in another order:
+/// byte-identical partitions.
+#[test]
+fn bundles_are_byte_identical_across_caches() {
+    let Some(reg) = Registry::start() else { return };
+    let corpus = images::push_test_corpus(&reg);
+    for format in ["squashfs"] {
+        let text = corpus_manifest(&corpus, format);
+        let one = tempfile::tempdir().unwrap();
+        let (a, out) = bundle(one.path(), &text, &["--jobs", "8"]);
+        ok(&out);
+        // Second cache: the same blobs, written in reverse order, then offline.
+        let two = tempfile::tempdir().unwrap();
+        let cache_b = BlobCache::open(two.path().join("cache")).unwrap();
+        let mut blobs: Vec<_> = std::fs::read_dir(a.cache.join("blobs/sha256")).unwrap().map(|e| e.unwrap().path()).collect();
+        blobs.sort();
+        blobs.reverse();
+        for p in blobs {
+            cache_b.put_bytes(&std::fs::read(p).unwrap()).unwrap();
+        }
+        let (b, out) = bundle(two.path(), &text, &["--offline", "--jobs", "1"]);
+        ok(&out);
+        let name = format!("preseed.{format}");
+        assert_eq!(sha256_file(&a.out.join(&name)), sha256_file(&b.out.join(&name)), "{format} partitions differ");
+        assert_eq!(std::fs::read(a.out.join("preseed.json")).unwrap(), std::fs::read(b.out.join("preseed.json")).unwrap());
+    }
+}
+
+#[test]
+fn offline_uses_the_cache_or_names_the_missing_blob() {
+    let Some(reg) = Registry::start() else { return };
+    let corpus = images::push_test_corpus(&reg);
+    let text = corpus_manifest(&corpus, "squashfs");
+    let dir = tempfile::tempdir().unwrap();
+    let (_, out) = bundle(dir.path(), &text, &["--offline"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--offline but blob sha256:") && stderr.contains("is not in the cache"), "{stderr}");
+    // Warm the cache, then offline works without a single request.
+    let (_, out) = bundle(dir.path(), &text, &[]);
+    ok(&out);
+    let before = reg.request_count();
+    let (_, out) = bundle(dir.path(), &text, &["--offline"]);
+    ok(&out);
+    assert!(reg.requests_since(before).is_empty(), "offline bundle made requests");
+}
+
+#[test]
+fn basic_auth_from_docker_config() {
+    let Some(reg) = Registry::start_with_basic_auth("builder", "s3cret") else { return };
+    let pushed = images::push_image(&reg, "private/app", "v1", &[LayerSpec::new(77, 2, 4096)], Media::Oci);
+    let host = reg.host();
+    let text = format!(
+        "[registries.\"{host}\"]\ninsecure = true\n\n[[image]]\nref = \"{host}/private/app:v1@{}\"\n",
+        pushed.manifest_digest
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("bundles.toml");
+    std::fs::write(&manifest, &text).unwrap();
+    let args = |out: &str| {
+        vec![
+            "bundle".to_string(),
+            "--no-progress".into(),
+            "--format".into(),
+            "squashfs".into(),
+            "--manifest".into(),
+            manifest.display().to_string(),
+            "--out".into(),
+            dir.path().join(out).display().to_string(),
+            "--cache".into(),
+            dir.path().join(format!("cache-{out}")).display().to_string(),
+        ]
+    };
+    // Without credentials: a clear failure naming the registry and what to do.
+    let no_creds = preseed(&args("a").iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(!no_creds.status.success());
+    let stderr = String::from_utf8_lossy(&no_creds.stderr);
+    assert!(stderr.contains(&format!("registry {host}")) && stderr.contains("docker login"), "{stderr}");
+    // With a docker config holding them: works.
+    let docker = tempfile::tempdir().unwrap();
+    let auth = base64_encode(b"builder:s3cret");
+    std::fs::write(docker.path().join("config.json"), format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#)).unwrap();
+    let with = preseed(&args("b").iter().map(String::as_str).collect::<Vec<_>>(), &[("DOCKER_CONFIG", docker.path())]);
+    ok(&with);
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Killing a bundle mid-download leaves no wrong blob, and a rerun completes.
+#[test]
+fn killed_bundle_resumes_and_cache_stays_valid() {
+    let Some(reg) = Registry::start() else { return };
+    // Big enough that the download is still running when we kill it.
+    let pushed = images::push_image(&reg, "big/app", "v1", &[LayerSpec::new(901, 12, 8 << 20), LayerSpec::new(902, 12, 8 << 20)], Media::Oci);
+    let host = reg.host();
+    let text = format!(
+        "[partition]\nformat = \"squashfs\"\n[registries.\"{host}\"]\ninsecure = true\n\n[[image]]\nref = \"{host}/big/app:v1@{}\"\n",
+        pushed.manifest_digest
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("bundles.toml");
+    std::fs::write(&manifest, &text).unwrap();
+    let cache = dir.path().join("cache");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_preseed"))
+            .args(["bundle", "--no-progress", "--jobs", "1", "--manifest"])
+            .arg(&manifest)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .arg("--cache")
+            .arg(&cache)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = run();
+    // Wait until a layer is partly downloaded (a temp file with data), then kill.
+    let blobs = cache.join("blobs/sha256");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let killed_mid_blob = loop {
+        let partial = std::fs::read_dir(&blobs)
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp") && e.metadata().map(|m| m.len() > 0).unwrap_or(false)))
+            .unwrap_or(false);
+        if partial {
+            child.kill().unwrap();
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let _ = child.wait();
+    assert!(killed_mid_blob, "the bundle finished before it could be killed mid-download");
+    // Whatever is named in the cache is right.
+    let c = BlobCache::open(&cache).unwrap();
+    assert!(c.verify_all().unwrap().is_empty(), "a blob's content does not match its name");
+    let status = run().wait().unwrap();
+    assert!(status.success());
+    let names: BTreeSet<String> = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    for d in pushed.blob_digests.keys() {
+        assert!(names.contains(d.trim_start_matches("sha256:")), "{d} missing after resume");
+    }
+    assert!(c.verify_all().unwrap().is_empty());
+}
+
+/// `preseed pin` writes digests in place and keeps comments.
+#[test]
+fn pin_writes_digests_keeping_comments() {
+    let Some(reg) = Registry::start() else { return };
+    let pushed = images::push_image(&reg, "pin/app", "v2", &[LayerSpec::new(55, 1, 1024)], Media::Docker);
+    let host = reg.host();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("bundles.toml");
+    let text = format!(
+        "# release 42\n[registries.\"{host}\"]\ninsecure = true # local\n\n[[image]]\n# the app\nref = \"{host}/pin/app:v2\"   # tag only\npin = false\n"
+    );
+    std::fs::write(&manifest, &text).unwrap();
+    ok(&preseed(&["pin", "--manifest", manifest.to_str().unwrap()], &[]));
+    let after = std::fs::read_to_string(&manifest).unwrap();
+    let expected = text.replace(&format!("{host}/pin/app:v2\""), &format!("{host}/pin/app:v2@{}\"", pushed.manifest_digest));
+    assert_eq!(after, expected);
+    // Pinned now: bundling needs no --allow-unpinned.
+    let out = preseed(
+        &["bundle", "--no-progress", "--format", "squashfs", "--manifest", manifest.to_str().unwrap(), "--out", dir.path().join("out").to_str().unwrap()],
+        &[],
+    );
+    ok(&out);
+}

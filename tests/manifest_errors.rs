@@ -1,0 +1,77 @@
+//! Bad manifests fail before any network traffic, naming the line.
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::Command;
+
+const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// Runs `preseed bundle` on `text` with every registry pointed at a listener
+/// that counts connections; returns (exit ok, stderr, connections).
+fn bundle(text: &str) -> (bool, String, usize) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("bundles.toml");
+    std::fs::write(&manifest, text.replace("HOST", &host)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_preseed"))
+        .args(["bundle", "--no-progress", "--manifest"])
+        .arg(&manifest)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let mut connections = 0;
+    while listener.accept().is_ok() {
+        connections += 1;
+    }
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), connections)
+}
+
+fn assert_fails(text: &str, expected: &str) {
+    let (ok, stderr, connections) = bundle(text);
+    assert!(!ok, "bundle should fail for:\n{text}");
+    assert!(stderr.contains(expected), "stderr should contain {expected:?}, got:\n{stderr}");
+    assert_eq!(connections, 0, "no network traffic before validation");
+}
+
+#[test]
+fn unknown_key_names_its_line() {
+    let text = format!("[registries.\"HOST\"]\ninsecure = true\n\n[[image]]\nref = \"HOST/a:1@{D}\"\ncolour = \"red\"\n");
+    assert_fails(&text, "bundles.toml:6: unknown field `colour`");
+}
+
+#[test]
+fn bad_reference_names_its_line() {
+    let text = format!("[[image]]\nref = \"HOST/a:1@{D}\"\n\n[[image]]\nref = \"HOST/UPPER:1@{D}\"\n");
+    assert_fails(&text, "bundles.toml:5: image ref");
+}
+
+#[test]
+fn duplicate_namespace_file_names_both_lines() {
+    let text = format!("[[image]]\nref = \"HOST/a/app:1@{D}\"\n[[image]]\nref = \"HOST/b/app:2@{D}\"\n");
+    assert_fails(&text, "bundles.toml:4: k8s.io/app.tar is also written by the image on line 2");
+}
+
+#[test]
+fn two_sandbox_images_in_one_namespace() {
+    let text = format!(
+        "[[image]]\nref = \"HOST/p1:1@{D}\"\nsandbox = true\n[[image]]\nref = \"HOST/p2:1@{D}\"\nsandbox = true\n"
+    );
+    assert_fails(&text, "bundles.toml:5: namespace \"k8s.io\" already has a sandbox image (line 2)");
+}
+
+#[test]
+fn unpinned_remote_image_needs_a_flag() {
+    assert_fails("[[image]]\nref = \"HOST/a:1\"\n", "bundles.toml:2: image \"HOST/a:1\" is not pinned by digest");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = format!("[[image]]\nref = \"HOST/a:1\"\n[[image]]\nref = \"HOST/a:2@{D}\"\nnamespace = \"bad ns\"\n");
+    let (ok, stderr, _) = bundle(&text);
+    assert!(!ok);
+    assert!(stderr.contains("bundles.toml:2:") && stderr.contains("bundles.toml:5:"), "{stderr}");
+}
