@@ -1,0 +1,376 @@
+//! Acceptance tests of the native erofs writer (issue 3) against the real
+//! kernel driver (loop mounts, root) and erofs-utils' `fsck.erofs`.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use preseed::digest::Digest;
+use preseed::fetch::cache::BlobCache;
+use preseed::layout::{plan_tarball, TarballSpec};
+use preseed::oci::{self, Descriptor};
+use preseed::partition::erofs;
+use preseed::partition::tree::{Node, PlannedFile, Segment, Tree};
+use sha2::{Digest as _, Sha256};
+
+/// Deterministic, incompressible bytes.
+fn prng_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn blob(dir: &Path, bytes: &[u8]) -> Segment {
+    let digest = Digest::of(bytes);
+    let path = dir.join(digest.hex());
+    fs::write(&path, bytes).unwrap();
+    Segment::Blob { digest, size: bytes.len() as u64, path }
+}
+
+fn file(segments: Vec<Segment>) -> PlannedFile {
+    let mut f = PlannedFile::default();
+    for s in segments {
+        f.push(s);
+    }
+    f
+}
+
+fn inline(bytes: &[u8]) -> Segment {
+    Segment::Inline(Arc::from(bytes))
+}
+
+/// A loop mount of an image, unmounted on drop.
+struct Mount {
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    fn new(image: &Path) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "erofs", "-o", "loop,ro"])
+            .arg(image)
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t erofs {} failed", image.display());
+        Mount { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+fn fsck(image: &Path) {
+    let out = Command::new("fsck.erofs").arg(image).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fsck.erofs rejected {}:\n{}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Compares two readers block by block without holding either in memory.
+fn same_bytes(mut a: impl Read, mut b: impl Read, what: &str) {
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut offset = 0u64;
+    loop {
+        let na = read_full(&mut a, &mut ba);
+        let nb = read_full(&mut b, &mut bb);
+        assert_eq!(na, nb, "{what}: length differs near offset {offset}");
+        if ba[..na] != bb[..nb] {
+            let at = ba.iter().zip(&bb).position(|(x, y)| x != y).unwrap();
+            panic!("{what}: content differs at offset {}", offset + at as u64);
+        }
+        if na == 0 {
+            return;
+        }
+        offset += na as u64;
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]).unwrap() {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+/// Every directory lists exactly the tree's names; every file reads back as planned.
+fn verify_tree(tree: &Tree, dir: &Path) {
+    let listed: BTreeSet<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let planned: BTreeSet<String> = tree.entries.keys().cloned().collect();
+    assert_eq!(listed, planned, "listing of {}", dir.display());
+    for (name, node) in &tree.entries {
+        let path = dir.join(name);
+        match node {
+            Node::Dir(sub) => {
+                assert!(path.is_dir(), "{} is a directory", path.display());
+                verify_tree(sub, &path);
+            }
+            Node::File(f) => {
+                let meta = fs::metadata(&path).unwrap();
+                assert!(meta.is_file());
+                assert_eq!(meta.len(), f.len(), "size of {}", path.display());
+                same_bytes(File::open(&path).unwrap(), f.reader(), &path.display().to_string());
+            }
+        }
+    }
+}
+
+/// Writes, fsck's, mounts and compares; returns the image's stats.
+fn write_and_check(tree: &Tree, image: &Path) -> Option<erofs::Stats> {
+    let stats = erofs::write(tree, image).unwrap();
+    assert_eq!(stats.image_bytes, fs::metadata(image).unwrap().len());
+    assert_eq!(stats.image_bytes % 4096, 0);
+    support::require_tool("fsck.erofs")?;
+    fsck(image);
+    if !support::require_root() {
+        return None;
+    }
+    let mount = Mount::new(image);
+    verify_tree(tree, mount.path());
+    Some(stats)
+}
+
+#[test]
+fn edge_cases_mount_and_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    fs::create_dir(&blobs).unwrap();
+    let b1 = prng_bytes(1, 10_000);
+    let b4k = prng_bytes(2, 4096);
+    let mut tree = Tree::default();
+    tree.insert_dir("empty");
+    tree.insert_dir("deep/a/b/c/empty");
+    tree.insert_file("zero-length", PlannedFile::default());
+    tree.insert_file("one-byte", PlannedFile::from_bytes(&b"x"[..]));
+    tree.insert_file("exactly-one-block", file(vec![blob(&blobs, &b4k)]));
+    tree.insert_file("block-inline", PlannedFile::from_bytes(prng_bytes(3, 4096)));
+    tree.insert_file("almost-block", PlannedFile::from_bytes(prng_bytes(4, 4095)));
+    tree.insert_file("block-and-one", PlannedFile::from_bytes(prng_bytes(5, 4097)));
+    tree.insert_file("two-blocks", file(vec![inline(&[9; 100]), Segment::Zeros(8092)]));
+    tree.insert_file("zeros-only", file(vec![Segment::Zeros(3 * 4096 + 17)]));
+    tree.insert_file(
+        "mixed",
+        file(vec![inline(b"head"), Segment::Zeros(4092), blob(&blobs, &b1), inline(b"tail"), Segment::Zeros(5)]),
+    );
+    // The same blob at a 4096-aligned offset in two files: shared chunks.
+    tree.insert_file("shared-1", file(vec![inline(&[1; 4096]), blob(&blobs, &b1)]));
+    tree.insert_file("shared-2", file(vec![inline(&[2; 4096]), blob(&blobs, &b1), inline(b"!")]));
+    // Names sorting before "." and "..".
+    tree.insert_file("+plus", PlannedFile::from_bytes(&b"+"[..]));
+    tree.insert_file("-dash", PlannedFile::from_bytes(&b"-"[..]));
+    tree.insert_file(&"n".repeat(255), PlannedFile::from_bytes(&b"long name"[..]));
+    // A directory spanning several blocks.
+    for i in 0..300 {
+        tree.insert_file(&format!("many/image-{i:04}-with-a-longer-name.tar"), PlannedFile::from_bytes(format!("{i}").into_bytes()));
+    }
+    // Many namespaces.
+    for ns in 0..60 {
+        tree.insert_file(&format!("ns-{ns:02}/app.tar"), file(vec![inline(b"hdr"), blob(&blobs, &b1)]));
+    }
+    let image = tmp.path().join("out/preseed.erofs");
+    fs::create_dir(tmp.path().join("out")).unwrap();
+    let Some(stats) = write_and_check(&tree, &image) else { return };
+    assert!(stats.chunks_deduplicated > 0, "{stats:?}");
+    assert!(stats.hole_chunks > 0, "{stats:?}");
+    // No temp file left next to the image.
+    assert_eq!(fs::read_dir(tmp.path().join("out")).unwrap().count(), 1);
+}
+
+#[test]
+fn empty_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("empty.erofs");
+    write_and_check(&Tree::default(), &image);
+}
+
+#[test]
+fn file_over_4_gib() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    fs::create_dir(&blobs).unwrap();
+    let size = (4u64 << 30) + (100 << 20) + 123;
+    let tail = prng_bytes(7, 9000);
+    let mut tree = Tree::default();
+    tree.insert_file(
+        "k8s.io/huge.tar",
+        file(vec![inline(&prng_bytes(6, 4096)), Segment::Zeros(size), blob(&blobs, &tail), inline(b"end")]),
+    );
+    tree.insert_file("preseed.json", PlannedFile::from_bytes(&b"{}"[..]));
+    let image = tmp.path().join("huge.erofs");
+    let stats = write_and_check(&tree, &image);
+    let stats = stats.unwrap_or_else(|| erofs::write(&tree, &image).unwrap());
+    // Zeros are holes: the image holds the block map, not 4 GiB.
+    assert!(stats.image_bytes < 8 << 20, "{stats:?}");
+}
+
+struct Corpus {
+    tree: Tree,
+    unique_blob_bytes: u64,
+    tar_overhead_bytes: u64,
+}
+
+/// `images` tarballs sharing a `base`-byte layer, each with small unique layers.
+fn corpus(cache: &BlobCache, images: usize, base: usize, unique: usize) -> Corpus {
+    let base_layer = prng_bytes(1000, base);
+    let base_digest = cache.put_bytes(&base_layer).unwrap();
+    let mut unique_blob_bytes = base as u64;
+    let mut tar_overhead_bytes = 0;
+    let mut tree = Tree::default();
+    for i in 0..images {
+        let layer = prng_bytes(2000 + i as u64, unique + 1234 * i);
+        let layer_digest = cache.put_bytes(&layer).unwrap();
+        let config = format!("{{\"image\":{i}}}").into_bytes();
+        let config_digest = cache.put_bytes(&config).unwrap();
+        let manifest = format!("{{\"manifest\":{i},\"layers\":2}}").into_bytes();
+        let manifest_digest = cache.put_bytes(&manifest).unwrap();
+        let blobs = vec![
+            Descriptor::new(oci::OCI_MANIFEST, manifest_digest.clone(), manifest.len() as u64),
+            Descriptor::new(oci::OCI_CONFIG, config_digest, config.len() as u64),
+            Descriptor::new(oci::OCI_LAYER_GZIP, base_digest.clone(), base as u64),
+            Descriptor::new(oci::OCI_LAYER_GZIP, layer_digest, layer.len() as u64),
+        ];
+        let blob_bytes: u64 = blobs.iter().map(|b| b.size).sum();
+        unique_blob_bytes += blob_bytes - base as u64;
+        let spec = TarballSpec {
+            name: format!("registry.test/app{i}:1"),
+            tag: Some("1".into()),
+            extra_names: vec![],
+            root: Descriptor::new(oci::OCI_MANIFEST, manifest_digest, manifest.len() as u64),
+            blobs,
+        };
+        let tar = plan_tarball(&spec, cache);
+        tar_overhead_bytes += tar.len() - blob_bytes;
+        tree.insert_file(&format!("ns{}/app{i}.tar", i % 3), tar);
+    }
+    tree.insert_file("preseed.json", PlannedFile::from_bytes(&b"{\"version\":1}"[..]));
+    Corpus { tree, unique_blob_bytes, tar_overhead_bytes }
+}
+
+#[test]
+fn shared_layers_are_stored_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
+    let c = corpus(&cache, 10, 20 << 20, 300_000);
+    let image = tmp.path().join("preseed.erofs");
+    let stats = erofs::write(&c.tree, &image).unwrap();
+    let budget = (c.unique_blob_bytes + c.tar_overhead_bytes) as f64 * 1.02;
+    assert!(
+        (stats.image_bytes as f64) <= budget,
+        "image {} > 1.02 × (unique blobs {} + tar overhead {}): {stats:?}",
+        stats.image_bytes,
+        c.unique_blob_bytes,
+        c.tar_overhead_bytes
+    );
+    let logical: u64 = c.tree.files().iter().map(|(_, f)| f.len()).sum();
+    assert!(stats.image_bytes * 5 < logical, "{stats:?}, files total {logical}");
+
+    let Some(stats) = write_and_check(&c.tree, &image) else { return };
+    // Far below squashfs of the same tree (squashfs cannot share chunks of
+    // different files; the layers are incompressible).
+    let Some(mksquashfs) = support::require_tool("mksquashfs") else { return };
+    let mount = Mount::new(&image);
+    let sqfs = tmp.path().join("preseed.squashfs");
+    let status = Command::new(mksquashfs)
+        .arg(mount.path())
+        .arg(&sqfs)
+        .args(["-noappend", "-no-progress", "-quiet", "-processors", "2"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sq = fs::metadata(&sqfs).unwrap().len();
+    assert!(stats.image_bytes * 4 < sq, "erofs {} vs squashfs {sq}", stats.image_bytes);
+}
+
+/// A small tree touching every layout: inline, plain directory blocks, chunks,
+/// holes, shared chunks.
+fn fixed_tree(blob_dir: &Path) -> Tree {
+    let shared = prng_bytes(42, 3 * 4096 + 100);
+    let mut tree = Tree::default();
+    tree.insert_file("preseed.json", PlannedFile::from_bytes(&b"{\"version\":1}"[..]));
+    tree.insert_dir("k8s.io");
+    tree.insert_dir("empty");
+    for i in 0..3 {
+        tree.insert_file(
+            &format!("k8s.io/img{i}.tar"),
+            file(vec![inline(&[i as u8 + 1; 4096]), blob(blob_dir, &shared), Segment::Zeros(4096 * 2 + i)]),
+        );
+    }
+    for i in 0..200 {
+        tree.insert_file(&format!("many/entry-{i:03}"), PlannedFile::from_bytes(format!("{i}").into_bytes()));
+    }
+    tree
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = File::open(path).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+/// Pinned: a change to this digest is a change of the on-disk output.
+const FIXED_TREE_SHA256: &str = "268bd525637e34a8848509a0baba0b26b93f86ffa501ad5a67cfc26737f7741c";
+
+#[test]
+fn same_tree_gives_identical_bytes() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let ia = a.path().join("x.erofs");
+    let ib = b.path().join("x.erofs");
+    erofs::write(&fixed_tree(a.path()), &ia).unwrap();
+    erofs::write(&fixed_tree(b.path()), &ib).unwrap();
+    assert_eq!(fs::read(&ia).unwrap(), fs::read(&ib).unwrap());
+    assert_eq!(sha256_file(&ia), FIXED_TREE_SHA256);
+}
+
+#[test]
+fn fixed_tree_passes_fsck_and_mounts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = fixed_tree(tmp.path());
+    write_and_check(&tree, &tmp.path().join("fixed.erofs"));
+}
+
+#[test]
+fn output_replaces_existing_file_atomically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("p.erofs");
+    File::create(&image).unwrap().write_all(b"old").unwrap();
+    erofs::write(&fixed_tree(tmp.path()), &image).unwrap();
+    let header = fs::read(&image).unwrap();
+    assert_eq!(preseed::partition::Format::sniff(&header[..2048]), Some(preseed::partition::Format::Erofs));
+    let leftovers: Vec<PathBuf> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".preseed-erofs"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
