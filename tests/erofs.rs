@@ -121,6 +121,46 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
     n
 }
 
+/// Files larger than this are compared in windows (start, around the 4 GiB
+/// boundary, end): reading gigabytes of holes back through the kernel is slow.
+const SAMPLE_ABOVE: u64 = 256 << 20;
+
+fn same_samples(path: &Path, f: &PlannedFile) {
+    let len = f.len();
+    let window = 8u64 << 20;
+    let mounted = File::open(path).unwrap();
+    for start in [0, (4u64 << 30).saturating_sub(window / 2), len.saturating_sub(window)] {
+        let end = (start + window).min(len);
+        let mut got = vec![0u8; (end - start) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&mounted, &mut got, start).unwrap();
+        assert!(got == planned_range(f, start, end), "{}: bytes {start}..{end} differ", path.display());
+    }
+}
+
+/// The planned bytes `start..end` of a file, straight from its segments.
+fn planned_range(f: &PlannedFile, start: u64, end: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut seg_start = 0;
+    for seg in &f.segments {
+        let seg_end = seg_start + seg.len();
+        let (from, to) = (start.max(seg_start), end.min(seg_end));
+        if from < to {
+            let (off, n) = (from - seg_start, (to - from) as usize);
+            match seg {
+                Segment::Inline(b) => out.extend_from_slice(&b[off as usize..off as usize + n]),
+                Segment::Zeros(_) => out.resize(out.len() + n, 0),
+                Segment::Blob { path, .. } => {
+                    let mut buf = vec![0u8; n];
+                    std::os::unix::fs::FileExt::read_exact_at(&File::open(path).unwrap(), &mut buf, off).unwrap();
+                    out.extend_from_slice(&buf);
+                }
+            }
+        }
+        seg_start = seg_end;
+    }
+    out
+}
+
 /// Every directory lists exactly the tree's names; every file reads back as planned.
 fn verify_tree(tree: &Tree, dir: &Path) {
     let listed: BTreeSet<String> =
@@ -138,7 +178,11 @@ fn verify_tree(tree: &Tree, dir: &Path) {
                 let meta = fs::metadata(&path).unwrap();
                 assert!(meta.is_file());
                 assert_eq!(meta.len(), f.len(), "size of {}", path.display());
-                same_bytes(File::open(&path).unwrap(), f.reader(), &path.display().to_string());
+                if f.len() <= SAMPLE_ABOVE {
+                    same_bytes(File::open(&path).unwrap(), f.reader(), &path.display().to_string());
+                } else {
+                    same_samples(&path, f);
+                }
             }
         }
     }
@@ -238,11 +282,16 @@ struct Corpus {
     tar_overhead_bytes: u64,
 }
 
-/// `images` tarballs sharing a `base`-byte layer, each with small unique layers.
-fn corpus(cache: &BlobCache, images: usize, base: usize, unique: usize) -> Corpus {
-    let base_layer = prng_bytes(1000, base);
-    let base_digest = cache.put_bytes(&base_layer).unwrap();
-    let mut unique_blob_bytes = base as u64;
+/// `images` tarballs over shared base layers: image `i` carries base
+/// `i % bases.len()` (every third image one more base), and a unique layer of
+/// about `unique` bytes.
+fn corpus(cache: &BlobCache, bases: &[usize], images: usize, unique: usize) -> Corpus {
+    let bases: Vec<(Digest, u64)> = bases
+        .iter()
+        .enumerate()
+        .map(|(n, &size)| (cache.put_bytes(&prng_bytes(1000 + n as u64, size)).unwrap(), size as u64))
+        .collect();
+    let mut unique_blob_bytes: u64 = bases.iter().map(|b| b.1).sum();
     let mut tar_overhead_bytes = 0;
     let mut tree = Tree::default();
     for i in 0..images {
@@ -250,16 +299,23 @@ fn corpus(cache: &BlobCache, images: usize, base: usize, unique: usize) -> Corpu
         let layer_digest = cache.put_bytes(&layer).unwrap();
         let config = format!("{{\"image\":{i}}}").into_bytes();
         let config_digest = cache.put_bytes(&config).unwrap();
-        let manifest = format!("{{\"manifest\":{i},\"layers\":2}}").into_bytes();
+        let manifest = format!("{{\"manifest\":{i}}}").into_bytes();
         let manifest_digest = cache.put_bytes(&manifest).unwrap();
-        let blobs = vec![
+        let mut blobs = vec![
             Descriptor::new(oci::OCI_MANIFEST, manifest_digest.clone(), manifest.len() as u64),
             Descriptor::new(oci::OCI_CONFIG, config_digest, config.len() as u64),
-            Descriptor::new(oci::OCI_LAYER_GZIP, base_digest.clone(), base as u64),
-            Descriptor::new(oci::OCI_LAYER_GZIP, layer_digest, layer.len() as u64),
         ];
+        let mut shared = vec![i % bases.len()];
+        if bases.len() > 1 && i % 3 == 0 {
+            shared.push((i + 1) % bases.len());
+        }
+        for b in &shared {
+            blobs.push(Descriptor::new(oci::OCI_LAYER_GZIP, bases[*b].0.clone(), bases[*b].1));
+        }
+        blobs.push(Descriptor::new(oci::OCI_LAYER_GZIP, layer_digest, layer.len() as u64));
         let blob_bytes: u64 = blobs.iter().map(|b| b.size).sum();
-        unique_blob_bytes += blob_bytes - base as u64;
+        let shared_bytes: u64 = shared.iter().map(|b| bases[*b].1).sum();
+        unique_blob_bytes += blob_bytes - shared_bytes;
         let spec = TarballSpec {
             name: format!("registry.test/app{i}:1"),
             tag: Some("1".into()),
@@ -279,7 +335,7 @@ fn corpus(cache: &BlobCache, images: usize, base: usize, unique: usize) -> Corpu
 fn shared_layers_are_stored_once() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
-    let c = corpus(&cache, 10, 20 << 20, 300_000);
+    let c = corpus(&cache, &[20 << 20], 10, 300_000);
     let image = tmp.path().join("preseed.erofs");
     let stats = erofs::write(&c.tree, &image).unwrap();
     let budget = (c.unique_blob_bytes + c.tar_overhead_bytes) as f64 * 1.02;
@@ -373,4 +429,67 @@ fn output_replaces_existing_file_atomically() {
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".preseed-erofs"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+
+/// Size and time against erofs-utils and squashfs-tools on a ~300 MB corpus:
+/// `PRESEED_BENCH_DIR=/var/tmp/bench cargo test --release --test erofs bench -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: minutes of I/O, run by hand"]
+fn bench_against_mkfs_erofs_and_mksquashfs() {
+    use std::time::Instant;
+    let root = PathBuf::from(std::env::var("PRESEED_BENCH_DIR").unwrap_or("/var/tmp/preseed-bench".into()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).unwrap();
+    let cache = BlobCache::open(root.join("cache")).unwrap();
+    let c = corpus(&cache, &[120_000_123, 80_000_321, 40_000_555], 8, 7_000_000);
+    let logical: u64 = c.tree.files().iter().map(|(_, f)| f.len()).sum();
+    println!(
+        "corpus: {} tarballs, {} bytes of tarballs, unique blobs {} bytes, tar overhead {} bytes",
+        c.tree.files().len() - 1,
+        logical,
+        c.unique_blob_bytes,
+        c.tar_overhead_bytes
+    );
+    let extracted = root.join("tree");
+    for (path, f) in c.tree.files() {
+        let dest = extracted.join(&path);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::io::copy(&mut f.reader(), &mut File::create(&dest).unwrap()).unwrap();
+    }
+    let run = |what: &str, out: &Path, f: &mut dyn FnMut()| {
+        Command::new("sync").status().unwrap();
+        let t = Instant::now();
+        f();
+        Command::new("sync").status().unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let size = fs::metadata(out).unwrap().len();
+        println!("{what:<40} {size:>12} bytes  {:>6.3} × unique  {secs:>7.2} s", size as f64 / c.unique_blob_bytes as f64);
+    };
+    let ours = root.join("ours.erofs");
+    run("preseed erofs writer", &ours, &mut || {
+        let stats = erofs::write(&c.tree, &ours).unwrap();
+        println!("  {stats:?}");
+    });
+    fsck(&ours);
+    let tool = |out: &Path, cmd: &mut Command| {
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let _ = out;
+    };
+    let mkfs = root.join("mkfs.erofs");
+    run("mkfs.erofs --chunksize=4096", &mkfs, &mut || {
+        tool(&mkfs, Command::new("mkfs.erofs").args(["--chunksize=4096", "-T0"]).arg(&mkfs).arg(&extracted))
+    });
+    let sq_plain = root.join("plain.squashfs");
+    run("mksquashfs -noD -noF -noX", &sq_plain, &mut || {
+        tool(
+            &sq_plain,
+            Command::new("mksquashfs").arg(&extracted).arg(&sq_plain).args(["-noD", "-noF", "-noX", "-noappend", "-no-progress"]),
+        )
+    });
+    let sq = root.join("default.squashfs");
+    run("mksquashfs (default: gzip)", &sq, &mut || {
+        tool(&sq, Command::new("mksquashfs").arg(&extracted).arg(&sq).args(["-noappend", "-no-progress"]))
+    });
 }
