@@ -430,7 +430,7 @@ impl<'a> Plan<'a> {
             }
         }
         sink.w.flush().map_err(io_err(out))?;
-        debug_assert_eq!(sink.pos, self.blocks * BLOCK);
+        assert_eq!(sink.pos, self.blocks * BLOCK, "every assigned block written exactly once");
         self.stats.image_bytes = sink.pos;
         Ok(())
     }
@@ -742,6 +742,16 @@ mod tests {
         for b in &blocks {
             let used: usize = entries[b.clone()].iter().map(|e| 12 + e.name.len()).sum();
             assert!(used <= BLOCK as usize);
+        }
+    }
+
+    #[test]
+    fn names_erofs_cannot_store_are_rejected() {
+        for bad in ["", "a/b", "nul\0", ".", "..", &"x".repeat(256)] {
+            let mut tree = Tree::default();
+            tree.entries.insert(bad.to_string(), Node::File(PlannedFile::default()));
+            let err = Plan::new(&tree).err().expect("rejected");
+            assert!(matches!(err, Error::BadName { .. }), "{bad:?}: {err}");
         }
     }
 
