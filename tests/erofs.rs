@@ -348,6 +348,8 @@ fn shared_layers_are_stored_once() {
     );
     let logical: u64 = c.tree.files().iter().map(|(_, f)| f.len()).sum();
     assert!(stats.image_bytes * 5 < logical, "{stats:?}, files total {logical}");
+    // The base layer's 5120 chunks are written once, referenced ten times.
+    assert!(stats.chunks_deduplicated >= 9 * 5120, "{stats:?}");
 
     let Some(stats) = write_and_check(&c.tree, &image) else { return };
     // Far below squashfs of the same tree (squashfs cannot share chunks of
@@ -492,4 +494,19 @@ fn bench_against_mkfs_erofs_and_mksquashfs() {
     run("mksquashfs (default: gzip)", &sq, &mut || {
         tool(&sq, Command::new("mksquashfs").arg(&extracted).arg(&sq).args(["-noappend", "-no-progress"]))
     });
+}
+
+#[test]
+fn short_blob_is_an_error_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("blob");
+    fs::write(&path, vec![5u8; 5000]).unwrap();
+    let mut tree = Tree::default();
+    // Planned as 9000 bytes; the file holds 5000.
+    tree.insert_file("a.tar", file(vec![Segment::Blob { digest: Digest::of(b"x"), size: 9000, path }]));
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let err = erofs::write(&tree, &out.join("p.erofs")).unwrap_err();
+    assert!(matches!(err, erofs::Error::ShortBlob { .. }), "{err}");
+    assert_eq!(fs::read_dir(&out).unwrap().count(), 0);
 }
