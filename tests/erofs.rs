@@ -215,6 +215,8 @@ fn edge_cases_mount_and_read_back() {
     tree.insert_dir("deep/a/b/c/empty");
     tree.insert_file("zero-length", PlannedFile::default());
     tree.insert_file("one-byte", PlannedFile::from_bytes(&b"x"[..]));
+    // Small enough to be inlined, read from a blob file.
+    tree.insert_file("small-from-blob", file(vec![inline(b"<"), blob(&blobs, &prng_bytes(8, 3000)), inline(b">")]));
     tree.insert_file("exactly-one-block", file(vec![blob(&blobs, &b4k)]));
     tree.insert_file("block-inline", PlannedFile::from_bytes(prng_bytes(3, 4096)));
     tree.insert_file("almost-block", PlannedFile::from_bytes(prng_bytes(4, 4095)));
