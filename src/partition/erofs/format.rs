@@ -17,6 +17,9 @@ pub const BLOCK: u64 = 1 << BLOCK_BITS;
 /// Inode slots are addressed in 32-byte units: `nid = offset / 32`.
 pub const NID_UNIT: u64 = 32;
 
+/// `EROFS_FEATURE_COMPAT_SB_CHKSUM`: `checksum` holds the superblock's crc32c.
+pub const FEATURE_COMPAT_SB_CHKSUM: u32 = 0x0000_0001;
+
 /// `EROFS_FEATURE_INCOMPAT_CHUNKED_FILE`: the image has chunk-based inodes.
 pub const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x0000_0004;
 
@@ -279,6 +282,27 @@ impl Dirent {
     }
 }
 
+/// The superblock checksum as the kernel verifies it: `crc32c(~0, …)` (no
+/// final inversion) over the first block from byte 1024 on, with the
+/// `checksum` field zeroed.
+pub fn superblock_checksum(first_block: &[u8]) -> u32 {
+    let mut region = first_block[SUPER_OFFSET as usize..BLOCK as usize].to_vec();
+    region[4..8].fill(0);
+    crc32c_raw(!0, &region)
+}
+
+/// Bitwise crc32c (Castagnoli, reflected polynomial 0x82F63B78): runs once
+/// per image over 3 KiB, so no table.
+fn crc32c_raw(mut crc: u32, bytes: &[u8]) -> u32 {
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
+        }
+    }
+    crc
+}
+
 fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
     buf[at..at + bytes.len()].copy_from_slice(bytes);
 }
@@ -298,6 +322,12 @@ mod tests {
         assert_eq!(i_format(false, DataLayout::FlatPlain), 0);
         assert_eq!(i_format(true, DataLayout::FlatInline), 0b101);
         assert_eq!(i_format(false, DataLayout::ChunkBased), 0b1000);
+    }
+
+    #[test]
+    fn crc32c_check_value() {
+        // The standard check value of CRC-32C is 0xE3069283 (with final inversion).
+        assert_eq!(!crc32c_raw(!0, b"123456789"), 0xE306_9283);
     }
 
     #[test]

@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use self::format::{
-    chunk_format, i_format, DataLayout, Dirent, InodeCompact, InodeExtended, SuperBlock, BLOCK, BLOCK_BITS,
-    FEATURE_INCOMPAT_CHUNKED_FILE, FT_DIR, FT_REG_FILE, NID_UNIT, NULL_ADDR, SUPER_MAGIC, SUPER_OFFSET,
+    chunk_format, i_format, superblock_checksum, DataLayout, Dirent, InodeCompact, InodeExtended, SuperBlock,
+    BLOCK, BLOCK_BITS, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_CHUNKED_FILE, FT_DIR, FT_REG_FILE, NID_UNIT, NULL_ADDR, SUPER_MAGIC, SUPER_OFFSET,
 };
 use super::tree::{Node, PlannedFile, Segment, Tree};
 use crate::digest::Digest;
@@ -374,6 +374,7 @@ impl<'a> Plan<'a> {
         let chunked = self.inodes.iter().any(|i| matches!(i.layout, Layout::Chunked { .. }));
         let sb = SuperBlock {
             magic: SUPER_MAGIC,
+            feature_compat: FEATURE_COMPAT_SB_CHKSUM,
             blkszbits: BLOCK_BITS,
             root_nid: self.inodes[0].nid() as u16,
             inos: self.inodes.len() as u64,
@@ -385,6 +386,9 @@ impl<'a> Plan<'a> {
         }
         .encode();
         meta[SUPER_OFFSET as usize..SUPER_OFFSET as usize + sb.len()].copy_from_slice(&sb);
+        // Last: the checksum covers the rest of block 0 (the first inodes).
+        let checksum = superblock_checksum(&meta[..BLOCK as usize]);
+        meta[SUPER_OFFSET as usize + 4..SUPER_OFFSET as usize + 8].copy_from_slice(&checksum.to_le_bytes());
         Ok(meta)
     }
 
