@@ -1,0 +1,771 @@
+//! Native erofs writer: the bundle [`Tree`] as an uncompressed erofs image
+//! (4 KiB blocks) in which every shared 4 KiB chunk is stored once.
+//!
+//! Regular files use the chunk-based layout (kernel 5.15+): after the inode
+//! comes a block map with one 4-byte block address per 4 KiB chunk, so chunks
+//! of different files may point at the same block. Chunks are recognised as
+//! identical by what the bundler planned, not by reading them: a chunk lying
+//! inside one blob is keyed by (blob digest, offset, length); any other chunk
+//! (tar headers, a blob's tail with the next header) by a hash of its piece
+//! list, where inline bytes are hashed and blob pieces are named by digest and
+//! range. All-zero chunks become holes. Blob data is never re-hashed.
+//!
+//! Two passes: the first lays out inodes, directories and block maps and
+//! assigns every data block; the second writes the metadata area and then
+//! streams the data blocks in ascending order straight from the blob cache
+//! (`copy_file_range` where the kernel allows). Memory is bounded by the
+//! metadata (about 4 bytes per 4 KiB of file data), never by file contents.
+//!
+//! Output is deterministic: inodes in depth-first name order, build time 0,
+//! a UUID derived from the metadata and the chunk keys. The image is written
+//! to a temp file next to `out` and renamed into place when complete.
+
+mod format;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use self::format::{
+    chunk_format, i_format, superblock_checksum, DataLayout, Dirent, InodeCompact, InodeExtended, SuperBlock,
+    BLOCK, BLOCK_BITS, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_CHUNKED_FILE, FT_DIR, FT_REG_FILE, NID_UNIT, NULL_ADDR, SUPER_MAGIC, SUPER_OFFSET,
+};
+use super::tree::{Node, PlannedFile, Segment, Tree};
+use crate::digest::Digest;
+
+/// Statistics of a written image.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Bytes of the image file.
+    pub image_bytes: u64,
+    /// Inodes (directories and files).
+    pub inodes: u64,
+    /// Sum of the sizes of all regular files.
+    pub file_bytes: u64,
+    /// Bytes of the metadata area (superblock, inodes, inline data, block maps).
+    pub metadata_bytes: u64,
+    /// File data blocks written (each distinct non-zero chunk once).
+    pub data_blocks: u64,
+    /// Chunks that point at a block another chunk already wrote.
+    pub chunks_deduplicated: u64,
+    /// All-zero chunks stored as holes.
+    pub hole_chunks: u64,
+}
+
+/// Errors of the erofs writer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A directory entry name erofs cannot store.
+    #[error("invalid file name {name:?}: must be 1..=255 bytes without '/' or NUL, and not . or ..")]
+    BadName {
+        /// The name.
+        name: String,
+    },
+    /// The image would exceed erofs' 32-bit block addresses (16 TiB).
+    #[error("the image needs {blocks} blocks, more than erofs' 2^32 - 1")]
+    TooLarge {
+        /// Blocks needed.
+        blocks: u64,
+    },
+    /// A blob in the cache is shorter than the plan says.
+    #[error("{path}: blob is shorter than planned (wanted {wanted} bytes at offset {offset})")]
+    ShortBlob {
+        /// The blob's file.
+        path: PathBuf,
+        /// Offset of the read.
+        offset: u64,
+        /// Bytes wanted.
+        wanted: u64,
+    },
+    /// I/O on the output or a blob.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path concerned.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// Chunk size of chunk-based files: one block, the alignment of blob data
+/// inside tarballs.
+const CHUNK: u64 = BLOCK;
+const S_IFDIR: u16 = 0o040000;
+const S_IFREG: u16 = 0o100000;
+const VOLUME_NAME: &[u8] = b"preseed";
+
+/// Writes `tree` as an erofs image at `out`.
+pub fn write(tree: &Tree, out: &Path) -> Result<Stats, Error> {
+    let mut plan = Plan::new(tree)?;
+    plan.assign_data()?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new().prefix(".preseed-erofs-").tempfile_in(dir).map_err(io_err(dir))?;
+    plan.write_image(tmp.as_file(), out)?;
+    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err(out))?;
+    tmp.as_file().sync_all().map_err(io_err(out))?;
+    tmp.persist(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e.error })?;
+    Ok(plan.stats)
+}
+
+/// One directory entry, `.` and `..` included.
+struct Entry {
+    name: Vec<u8>,
+    inode: usize,
+    file_type: u8,
+}
+
+enum Body<'a> {
+    /// Entries sorted by name bytes (what the kernel's binary search expects).
+    Dir(Vec<Entry>),
+    File(&'a PlannedFile),
+}
+
+/// Where an inode's data lives.
+enum Layout {
+    /// `blocks` contiguous blocks from `blkaddr` (an empty file has none).
+    Plain { blkaddr: u32, blocks: u64 },
+    /// `full` blocks from `blkaddr`, then `tail` bytes right after the inode.
+    Inline { blkaddr: u32, full: u64, tail: u64 },
+    /// One block address (or hole) per chunk, stored after the inode.
+    Chunked { map: Vec<u32> },
+}
+
+struct Inode<'a> {
+    body: Body<'a>,
+    size: u64,
+    nlink: u32,
+    extended: bool,
+    layout: Layout,
+    /// Byte offset of the inode in the image (`meta_blkaddr` is 0).
+    offset: u64,
+}
+
+impl Inode<'_> {
+    fn nid(&self) -> u64 {
+        self.offset / NID_UNIT
+    }
+
+    fn inode_size(&self) -> u64 {
+        if self.extended {
+            InodeExtended::SIZE as u64
+        } else {
+            InodeCompact::SIZE as u64
+        }
+    }
+}
+
+/// What makes a chunk's content: equal keys mean equal bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum ChunkKey {
+    /// `len` bytes at `offset` of one blob (interned digest number).
+    Blob { blob: u32, offset: u64, len: u64 },
+    /// sha256 of the chunk's piece list (see [`piece_list_hash`]).
+    Mixed([u8; 32]),
+}
+
+struct Plan<'a> {
+    inodes: Vec<Inode<'a>>,
+    /// First block after the metadata area.
+    data_start: u64,
+    /// Total blocks of the image.
+    blocks: u64,
+    /// Hash of every chunk key in order, for the UUID.
+    content: Sha256,
+    stats: Stats,
+}
+
+impl<'a> Plan<'a> {
+    /// First pass, part one: inodes in depth-first name order, and their
+    /// places in the metadata area.
+    fn new(tree: &'a Tree) -> Result<Self, Error> {
+        let mut inodes = Vec::new();
+        collect(tree, 0, &mut inodes)?;
+        let mut cursor = SUPER_OFFSET + SuperBlock::SIZE as u64;
+        for inode in &mut inodes {
+            let isize = inode.inode_size();
+            if cursor % BLOCK + isize > BLOCK {
+                cursor = cursor.next_multiple_of(BLOCK);
+            }
+            let inline_tail = match inode.body {
+                Body::Dir(_) => true,
+                Body::File(_) => inode.size < BLOCK,
+            };
+            let tail = inode.size % BLOCK;
+            let full = inode.size / BLOCK;
+            let room = BLOCK - cursor % BLOCK;
+            let extra;
+            inode.layout = if inode.size == 0 {
+                extra = 0;
+                Layout::Plain { blkaddr: 0, blocks: 0 }
+            } else if inline_tail && tail != 0 && isize + tail <= room {
+                extra = tail;
+                Layout::Inline { blkaddr: 0, full, tail }
+            } else if inline_tail && tail != 0 && isize + tail <= BLOCK && room < BLOCK - tail {
+                // Padding to a fresh metadata block wastes less than a data
+                // block holding only the tail.
+                cursor = cursor.next_multiple_of(BLOCK);
+                extra = tail;
+                Layout::Inline { blkaddr: 0, full, tail }
+            } else if let Body::File(_) = inode.body {
+                let chunks = inode.size.div_ceil(CHUNK);
+                extra = chunks * 4;
+                Layout::Chunked { map: Vec::with_capacity(chunks as usize) }
+            } else {
+                extra = 0;
+                Layout::Plain { blkaddr: 0, blocks: inode.size.div_ceil(BLOCK) }
+            };
+            inode.offset = cursor;
+            cursor = (cursor + isize + extra).next_multiple_of(NID_UNIT);
+        }
+        debug_assert!(inodes[0].nid() <= u64::from(u16::MAX), "root comes first");
+        let data_start = cursor.div_ceil(BLOCK);
+        let stats = Stats {
+            inodes: inodes.len() as u64,
+            metadata_bytes: data_start * BLOCK,
+            file_bytes: inodes.iter().filter(|i| matches!(i.body, Body::File(_))).map(|i| i.size).sum(),
+            ..Stats::default()
+        };
+        Ok(Plan { inodes, data_start, blocks: data_start, content: Sha256::new(), stats })
+    }
+
+    /// First pass, part two: data blocks for directories and distinct chunks,
+    /// in inode order (the order the second pass writes them).
+    fn assign_data(&mut self) -> Result<(), Error> {
+        let mut next = self.data_start;
+        let mut seen: HashMap<ChunkKey, u32> = HashMap::new();
+        let mut blobs: HashMap<&'a Digest, u32> = HashMap::new();
+        for inode in &mut self.inodes {
+            match (&mut inode.layout, &inode.body) {
+                (Layout::Plain { blkaddr, blocks }, _) if *blocks > 0 => {
+                    *blkaddr = block_addr(next)?;
+                    next += *blocks;
+                }
+                (Layout::Inline { blkaddr, full, .. }, _) if *full > 0 => {
+                    *blkaddr = block_addr(next)?;
+                    next += *full;
+                }
+                (Layout::Chunked { map }, Body::File(file)) => {
+                    let pieces = Pieces::new(file);
+                    for start in (0..inode.size).step_by(CHUNK as usize) {
+                        let end = (start + CHUNK).min(inode.size);
+                        let Some(key) = chunk_key(&pieces, start, end, &mut blobs) else {
+                            self.content.update(b"H");
+                            self.stats.hole_chunks += 1;
+                            map.push(NULL_ADDR);
+                            continue;
+                        };
+                        match &key {
+                            ChunkKey::Blob { blob, offset, len } => {
+                                self.content.update(b"B");
+                                self.content.update(blob.to_le_bytes());
+                                self.content.update(offset.to_le_bytes());
+                                self.content.update(len.to_le_bytes());
+                            }
+                            ChunkKey::Mixed(hash) => {
+                                self.content.update(b"M");
+                                self.content.update(hash);
+                            }
+                        }
+                        let addr = match seen.get(&key) {
+                            Some(&addr) => {
+                                self.stats.chunks_deduplicated += 1;
+                                addr
+                            }
+                            None => {
+                                let addr = block_addr(next)?;
+                                next += 1;
+                                self.stats.data_blocks += 1;
+                                seen.insert(key, addr);
+                                addr
+                            }
+                        };
+                        map.push(addr);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Blob numbers are interned in first-use order, so they are stable;
+        // name the blobs themselves in the content hash too.
+        let mut named: Vec<(&u32, &&Digest)> = blobs.iter().map(|(d, n)| (n, d)).collect();
+        named.sort();
+        for (_, digest) in named {
+            self.content.update(digest.hex().as_bytes());
+        }
+        self.blocks = next;
+        block_addr(next)?;
+        Ok(())
+    }
+
+    /// The metadata area: superblock, inodes, inline tails, block maps.
+    fn metadata(&self) -> Result<Vec<u8>, Error> {
+        let mut meta = vec![0u8; (self.data_start * BLOCK) as usize];
+        for (ino, inode) in self.inodes.iter().enumerate() {
+            let (layout, i_u) = match &inode.layout {
+                Layout::Plain { blkaddr, .. } => (DataLayout::FlatPlain, *blkaddr),
+                Layout::Inline { blkaddr, .. } => (DataLayout::FlatInline, *blkaddr),
+                Layout::Chunked { .. } => (DataLayout::ChunkBased, u32::from(chunk_format(0))),
+            };
+            let mode = match inode.body {
+                Body::Dir(_) => S_IFDIR | 0o755,
+                Body::File(_) => S_IFREG | 0o644,
+            };
+            let at = inode.offset as usize;
+            let end = if inode.extended {
+                let raw = InodeExtended {
+                    i_format: i_format(true, layout),
+                    i_mode: mode,
+                    i_size: inode.size,
+                    i_u,
+                    i_ino: ino as u32 + 1,
+                    i_nlink: inode.nlink,
+                    ..Default::default()
+                }
+                .encode();
+                meta[at..at + raw.len()].copy_from_slice(&raw);
+                at + raw.len()
+            } else {
+                let raw = InodeCompact {
+                    i_format: i_format(false, layout),
+                    i_mode: mode,
+                    i_nlink: inode.nlink as u16,
+                    i_size: inode.size as u32,
+                    i_u,
+                    i_ino: ino as u32 + 1,
+                    ..Default::default()
+                }
+                .encode();
+                meta[at..at + raw.len()].copy_from_slice(&raw);
+                at + raw.len()
+            };
+            match &inode.layout {
+                Layout::Inline { full, tail, .. } => {
+                    let tail_bytes = self.data_of(inode, *full * BLOCK, *tail)?;
+                    meta[end..end + tail_bytes.len()].copy_from_slice(&tail_bytes);
+                }
+                Layout::Chunked { map } => {
+                    for (i, addr) in map.iter().enumerate() {
+                        meta[end + 4 * i..end + 4 * i + 4].copy_from_slice(&addr.to_le_bytes());
+                    }
+                }
+                Layout::Plain { .. } => {}
+            }
+        }
+        let mut uuid_hash = self.content.clone();
+        uuid_hash.update(&meta);
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&uuid_hash.finalize()[..16]);
+        // RFC 9562 version 8 (custom), variant 0b10.
+        uuid[6] = (uuid[6] & 0x0F) | 0x80;
+        uuid[8] = (uuid[8] & 0x3F) | 0x80;
+        let mut volume_name = [0u8; 16];
+        volume_name[..VOLUME_NAME.len()].copy_from_slice(VOLUME_NAME);
+        let chunked = self.inodes.iter().any(|i| matches!(i.layout, Layout::Chunked { .. }));
+        let sb = SuperBlock {
+            magic: SUPER_MAGIC,
+            feature_compat: FEATURE_COMPAT_SB_CHKSUM,
+            blkszbits: BLOCK_BITS,
+            root_nid: self.inodes[0].nid() as u16,
+            inos: self.inodes.len() as u64,
+            blocks: self.blocks as u32,
+            uuid,
+            volume_name,
+            feature_incompat: if chunked { FEATURE_INCOMPAT_CHUNKED_FILE } else { 0 },
+            ..Default::default()
+        }
+        .encode();
+        meta[SUPER_OFFSET as usize..SUPER_OFFSET as usize + sb.len()].copy_from_slice(&sb);
+        // Last: the checksum covers the rest of block 0 (the first inodes).
+        let checksum = superblock_checksum(&meta[..BLOCK as usize]);
+        meta[SUPER_OFFSET as usize + 4..SUPER_OFFSET as usize + 8].copy_from_slice(&checksum.to_le_bytes());
+        Ok(meta)
+    }
+
+    /// `len` bytes at `offset` of a directory or small (inlined) file.
+    fn data_of(&self, inode: &Inode<'_>, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+        let range = offset as usize..(offset + len) as usize;
+        Ok(match &inode.body {
+            Body::Dir(entries) => dir_bytes(entries, &self.inodes)[range].to_vec(),
+            Body::File(file) => {
+                // Only files under one block are inlined: cheap to read whole.
+                let mut bytes = Vec::with_capacity(inode.size as usize);
+                file.reader().take(inode.size).read_to_end(&mut bytes).map_err(|e| Error::Io {
+                    path: PathBuf::from("<small file>"),
+                    source: e,
+                })?;
+                if (bytes.len() as u64) < inode.size {
+                    return Err(Error::ShortBlob { path: PathBuf::from("<small file>"), offset: 0, wanted: inode.size });
+                }
+                bytes[range].to_vec()
+            }
+        })
+    }
+
+    /// Second pass: metadata, then every data block in ascending order.
+    fn write_image(&mut self, file: &File, out: &Path) -> Result<(), Error> {
+        let meta = self.metadata()?;
+        let mut sink = Sink { w: BufWriter::with_capacity(1 << 20, file), pos: 0, path: out };
+        sink.write(&meta)?;
+        for inode in &self.inodes {
+            match (&inode.layout, &inode.body) {
+                (Layout::Plain { blkaddr, blocks }, Body::Dir(entries)) if *blocks > 0 => {
+                    sink.expect_block(*blkaddr);
+                    sink.write(&dir_bytes(entries, &self.inodes))?;
+                    sink.pad_to_block()?;
+                }
+                (Layout::Inline { blkaddr, full, .. }, Body::Dir(entries)) if *full > 0 => {
+                    sink.expect_block(*blkaddr);
+                    sink.write(&dir_bytes(entries, &self.inodes)[..(*full * BLOCK) as usize])?;
+                }
+                (Layout::Chunked { map }, Body::File(file)) => write_chunks(&mut sink, file, inode.size, map)?,
+                (Layout::Plain { blocks, .. }, Body::File(_)) => debug_assert_eq!(*blocks, 0),
+                _ => {}
+            }
+        }
+        sink.w.flush().map_err(io_err(out))?;
+        assert_eq!(sink.pos, self.blocks * BLOCK, "every assigned block written exactly once");
+        self.stats.image_bytes = sink.pos;
+        Ok(())
+    }
+}
+
+fn block_addr(block: u64) -> Result<u32, Error> {
+    u32::try_from(block).ok().filter(|&b| b != NULL_ADDR).ok_or(Error::TooLarge { blocks: block })
+}
+
+/// Pushes `tree` and everything below it, depth-first in name order; returns
+/// the directory's inode number (index).
+fn collect<'a>(tree: &'a Tree, parent: usize, inodes: &mut Vec<Inode<'a>>) -> Result<usize, Error> {
+    let me = inodes.len();
+    inodes.push(Inode {
+        body: Body::Dir(Vec::new()),
+        size: 0,
+        nlink: 2,
+        extended: false,
+        layout: Layout::Plain { blkaddr: 0, blocks: 0 },
+        offset: 0,
+    });
+    let parent = if me == 0 { me } else { parent };
+    let mut entries = vec![
+        Entry { name: b".".to_vec(), inode: me, file_type: FT_DIR },
+        Entry { name: b"..".to_vec(), inode: parent, file_type: FT_DIR },
+    ];
+    let mut subdirs = 0u32;
+    for (name, node) in &tree.entries {
+        if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) || name == "." || name == ".." {
+            return Err(Error::BadName { name: name.clone() });
+        }
+        let (inode, file_type) = match node {
+            Node::Dir(sub) => {
+                subdirs += 1;
+                (collect(sub, me, inodes)?, FT_DIR)
+            }
+            Node::File(file) => {
+                let size = file.len();
+                inodes.push(Inode {
+                    body: Body::File(file),
+                    size,
+                    nlink: 1,
+                    extended: size > u64::from(u32::MAX),
+                    layout: Layout::Plain { blkaddr: 0, blocks: 0 },
+                    offset: 0,
+                });
+                (inodes.len() - 1, FT_REG_FILE)
+            }
+        };
+        entries.push(Entry { name: name.as_bytes().to_vec(), inode, file_type });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let dir = &mut inodes[me];
+    dir.size = dir_size(&entries);
+    dir.nlink = 2 + subdirs;
+    dir.extended = dir.nlink > u32::from(u16::MAX) || dir.size > u64::from(u32::MAX);
+    dir.body = Body::Dir(entries);
+    Ok(me)
+}
+
+/// Splits sorted entries into directory blocks: each block holds its dirents
+/// then their names, and no name crosses a block.
+fn dir_blocks(entries: &[Entry]) -> Vec<std::ops::Range<usize>> {
+    let mut blocks = Vec::new();
+    let (mut start, mut used) = (0, 0u64);
+    for (i, e) in entries.iter().enumerate() {
+        let need = Dirent::SIZE as u64 + e.name.len() as u64;
+        if used + need > BLOCK {
+            blocks.push(start..i);
+            (start, used) = (i, 0);
+        }
+        used += need;
+    }
+    blocks.push(start..entries.len());
+    blocks
+}
+
+fn dir_size(entries: &[Entry]) -> u64 {
+    let blocks = dir_blocks(entries);
+    let last = blocks.last().expect("at least . and ..");
+    let last_used: u64 = entries[last.clone()].iter().map(|e| Dirent::SIZE as u64 + e.name.len() as u64).sum();
+    (blocks.len() as u64 - 1) * BLOCK + last_used
+}
+
+/// The directory's bytes: full blocks zero-padded, the last one exact.
+fn dir_bytes(entries: &[Entry], inodes: &[Inode<'_>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for range in dir_blocks(entries) {
+        out.resize(out.len().next_multiple_of(BLOCK as usize), 0);
+        let block = &entries[range];
+        let mut nameoff = block.len() * Dirent::SIZE;
+        for e in block {
+            let d = Dirent { nid: inodes[e.inode].nid(), nameoff: nameoff as u16, file_type: e.file_type, reserved: 0 };
+            out.extend_from_slice(&d.encode());
+            nameoff += e.name.len();
+        }
+        for e in block {
+            out.extend_from_slice(&e.name);
+        }
+    }
+    debug_assert_eq!(out.len() as u64, dir_size(entries));
+    out
+}
+
+/// A planned file's segments with their end offsets, to find the pieces of
+/// a byte range.
+struct Pieces<'a> {
+    segments: &'a [Segment],
+    ends: Vec<u64>,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(file: &'a PlannedFile) -> Self {
+        let mut end = 0;
+        let ends = file.segments.iter().map(|s| {
+            end += s.len();
+            end
+        });
+        Pieces { segments: &file.segments, ends: ends.collect() }
+    }
+
+    /// `(segment index, offset inside it, length)` covering `start..end`.
+    fn of(&self, start: u64, end: u64) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
+        let first = self.ends.partition_point(|&e| e <= start);
+        (first..self.segments.len()).map_while(move |i| {
+            let seg_start = self.ends[i] - self.segments[i].len();
+            if seg_start >= end {
+                return None;
+            }
+            let from = start.max(seg_start);
+            let to = end.min(self.ends[i]);
+            Some((i, from - seg_start, to - from))
+        })
+    }
+
+    /// If `start..end` lies inside one blob: its segment index and offset.
+    fn single_blob(&self, start: u64, end: u64) -> Option<(usize, u64)> {
+        let i = self.ends.partition_point(|&e| e <= start);
+        let seg = self.segments.get(i)?;
+        let seg_start = self.ends[i] - seg.len();
+        (matches!(seg, Segment::Blob { .. }) && self.ends[i] >= end).then_some((i, start - seg_start))
+    }
+}
+
+/// The key of chunk `start..end`, or `None` if it is all zeros.
+fn chunk_key<'a>(pieces: &Pieces<'a>, start: u64, end: u64, blobs: &mut HashMap<&'a Digest, u32>) -> Option<ChunkKey> {
+    let mut zero = true;
+    for (i, off, len) in pieces.of(start, end) {
+        zero &= match &pieces.segments[i] {
+            Segment::Zeros(_) => true,
+            Segment::Inline(bytes) => bytes[off as usize..(off + len) as usize].iter().all(|&b| b == 0),
+            Segment::Blob { .. } => false,
+        };
+    }
+    if zero {
+        return None;
+    }
+    if let Some((i, offset)) = pieces.single_blob(start, end) {
+        let Segment::Blob { digest, .. } = &pieces.segments[i] else { unreachable!("single_blob checks") };
+        let next = blobs.len() as u32;
+        let blob = *blobs.entry(digest).or_insert(next);
+        return Some(ChunkKey::Blob { blob, offset, len: end - start });
+    }
+    Some(ChunkKey::Mixed(piece_list_hash(pieces, start, end)))
+}
+
+/// sha256 of a canonical description of the chunk's pieces: inline bytes
+/// verbatim, zeros by length, blob ranges by digest, offset and length.
+/// Equal descriptions mean equal bytes; only inline bytes are hashed.
+fn piece_list_hash(pieces: &Pieces<'_>, start: u64, end: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for (i, off, len) in pieces.of(start, end) {
+        match &pieces.segments[i] {
+            Segment::Inline(bytes) => {
+                h.update(b"I");
+                h.update(len.to_le_bytes());
+                h.update(&bytes[off as usize..(off + len) as usize]);
+            }
+            Segment::Zeros(_) => {
+                h.update(b"Z");
+                h.update(len.to_le_bytes());
+            }
+            Segment::Blob { digest, .. } => {
+                h.update(b"B");
+                h.update(digest.hex().as_bytes());
+                h.update(off.to_le_bytes());
+                h.update(len.to_le_bytes());
+            }
+        }
+    }
+    h.finalize().into()
+}
+
+/// Writes the chunks of `file` that own their block (first occurrences):
+/// block addresses were assigned in this same order, so a chunk is new
+/// exactly when its address is the sink's next block.
+fn write_chunks(sink: &mut Sink<'_, '_>, file: &PlannedFile, size: u64, map: &[u32]) -> Result<(), Error> {
+    let pieces = Pieces::new(file);
+    let chunk_range = |i: usize| (i as u64 * CHUNK, ((i as u64 + 1) * CHUNK).min(size));
+    let mut i = 0;
+    while i < map.len() {
+        if u64::from(map[i]) != sink.block() || map[i] == NULL_ADDR {
+            i += 1;
+            continue;
+        }
+        let (start, end) = chunk_range(i);
+        if let Some((seg, offset)) = pieces.single_blob(start, end) {
+            // A run of new chunks inside the same blob: one copy.
+            let mut j = i + 1;
+            while j < map.len()
+                && u64::from(map[j]) == u64::from(map[i]) + (j - i) as u64
+                && pieces.single_blob(chunk_range(j).0, chunk_range(j).1).map(|(s, _)| s) == Some(seg)
+            {
+                j += 1;
+            }
+            let Segment::Blob { path, .. } = &pieces.segments[seg] else { unreachable!("single_blob checks") };
+            sink.copy_blob(path, offset, chunk_range(j - 1).1 - start)?;
+            sink.pad_to_block()?;
+            i = j;
+            continue;
+        }
+        let mut block = vec![0u8; CHUNK as usize];
+        let mut at = 0usize;
+        for (s, off, len) in pieces.of(start, end) {
+            let dst = &mut block[at..at + len as usize];
+            match &pieces.segments[s] {
+                Segment::Inline(bytes) => dst.copy_from_slice(&bytes[off as usize..(off + len) as usize]),
+                Segment::Zeros(_) => {}
+                Segment::Blob { path, .. } => {
+                    let f = File::open(path).map_err(io_err(path))?;
+                    f.read_exact_at(dst, off).map_err(|e| match e.kind() {
+                        io::ErrorKind::UnexpectedEof => Error::ShortBlob { path: path.clone(), offset: off, wanted: len },
+                        _ => Error::Io { path: path.clone(), source: e },
+                    })?;
+                }
+            }
+            at += len as usize;
+        }
+        sink.write(&block)?;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The image file, written strictly front to back.
+struct Sink<'f, 'p> {
+    w: BufWriter<&'f File>,
+    pos: u64,
+    path: &'p Path,
+}
+
+impl Sink<'_, '_> {
+    fn block(&self) -> u64 {
+        debug_assert_eq!(self.pos % BLOCK, 0);
+        self.pos / BLOCK
+    }
+
+    fn expect_block(&self, blkaddr: u32) {
+        debug_assert_eq!(self.block(), u64::from(blkaddr), "data written in assignment order");
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.w.write_all(bytes).map_err(io_err(self.path))?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn pad_to_block(&mut self) -> Result<(), Error> {
+        let pad = self.pos.next_multiple_of(BLOCK) - self.pos;
+        self.write(&vec![0u8; pad as usize])
+    }
+
+    /// Copies `len` bytes at `offset` of a blob file (in-kernel where possible).
+    fn copy_blob(&mut self, path: &Path, offset: u64, len: u64) -> Result<(), Error> {
+        let mut f = File::open(path).map_err(io_err(path))?;
+        f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
+        let copied = io::copy(&mut f.take(len), &mut self.w).map_err(io_err(path))?;
+        if copied != len {
+            return Err(Error::ShortBlob { path: path.to_path_buf(), offset, wanted: len });
+        }
+        self.pos += len;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(entries: &[&str]) -> Vec<Entry> {
+        let mut v: Vec<Entry> =
+            entries.iter().map(|n| Entry { name: n.as_bytes().to_vec(), inode: 0, file_type: FT_REG_FILE }).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    #[test]
+    fn empty_dir_is_dot_and_dotdot() {
+        assert_eq!(dir_size(&names(&[".", ".."])), 2 * 12 + 3);
+    }
+
+    #[test]
+    fn directory_blocks_never_split_a_name() {
+        let many: Vec<String> = (0..400).map(|i| format!("file-{i:04}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let entries = names(&refs);
+        let blocks = dir_blocks(&entries);
+        assert!(blocks.len() > 1);
+        for b in &blocks {
+            let used: usize = entries[b.clone()].iter().map(|e| 12 + e.name.len()).sum();
+            assert!(used <= BLOCK as usize);
+        }
+    }
+
+    #[test]
+    fn names_erofs_cannot_store_are_rejected() {
+        for bad in ["", "a/b", "nul\0", ".", "..", &"x".repeat(256)] {
+            let mut tree = Tree::default();
+            tree.entries.insert(bad.to_string(), Node::File(PlannedFile::default()));
+            let err = Plan::new(&tree).err().expect("rejected");
+            assert!(matches!(err, Error::BadName { .. }), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn pieces_cover_ranges_across_segments() {
+        let mut f = PlannedFile::from_bytes(vec![1u8; 100]);
+        f.push(Segment::Zeros(5000));
+        let p = Pieces::new(&f);
+        let got: Vec<_> = p.of(50, 4146).collect();
+        assert_eq!(got, vec![(0, 50, 50), (1, 0, 4046)]);
+        assert!(p.single_blob(0, 4096).is_none());
+    }
+}
