@@ -65,7 +65,7 @@ fn two_sandbox_images_in_one_namespace() {
 
 #[test]
 fn unpinned_remote_image_needs_a_flag() {
-    assert_fails("[[image]]\nref = \"HOST/a:1\"\n", "bundles.toml:2: image \"HOST/a:1\" is not pinned by digest");
+    assert_fails("[[image]]\nref = \"HOST/a:1\"\n", "/a:1\" is not pinned by digest: run `preseed pin`");
 }
 
 #[test]
