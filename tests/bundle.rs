@@ -142,13 +142,18 @@ fn corpus_bundles_mounts_and_imports_squashfs() {
     corpus_end_to_end("squashfs");
 }
 
+#[test]
+fn corpus_bundles_mounts_and_imports_erofs() {
+    corpus_end_to_end("erofs");
+}
+
 /// Same manifest, different caches, blobs created in another order:
 /// byte-identical partitions.
 #[test]
 fn bundles_are_byte_identical_across_caches() {
     let Some(reg) = Registry::start() else { return };
     let corpus = images::push_test_corpus(&reg);
-    for format in ["squashfs"] {
+    for format in ["erofs", "squashfs"] {
         let text = corpus_manifest(&corpus, format);
         let one = tempfile::tempdir().unwrap();
         let (a, out) = bundle(one.path(), &text, &["--jobs", "8"]);
