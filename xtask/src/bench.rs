@@ -1,8 +1,34 @@
-//! `cargo xtask bench`: see issue 6. Not implemented yet.
+//! `cargo xtask bench [--scale S]`: the benchmarks of issue 6.
+//!
+//! The benchmark itself is the ignored test `tests/bench.rs`, so it shares the
+//! integration tests' harness (registry, corpus generator, containerd, mounts).
+//! This runs it in release and has it rewrite `BENCHMARKS.md`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-/// Runs the benchmarks.
-pub fn run(_args: &[String]) -> Result<()> {
-    bail!("cargo xtask bench is not implemented yet")
+/// Runs the benchmark; `--scale S` multiplies the corpus (default 1 ≈ 500 MB).
+pub fn run(args: &[String]) -> Result<()> {
+    let mut scale = "1".to_string();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--scale" => scale = it.next().context("--scale needs a value")?.clone(),
+            s if s.starts_with("--scale=") => scale = s["--scale=".len()..].to_string(),
+            other => bail!("unknown argument {other}\nusage: cargo xtask bench [--scale S]"),
+        }
+    }
+    match scale.parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() => {}
+        _ => bail!("--scale must be a positive number, not {scale}"),
+    }
+    let root = crate::workspace_root()?;
+    let mut cmd = crate::cargo();
+    cmd.current_dir(&root)
+        .args(["test", "--release", "--test", "bench", "--", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("PRESEED_BENCH_SCALE", &scale)
+        .env("PRESEED_BENCH_OUT", root.join("BENCHMARKS.md"));
+    if let Some(protoc) = crate::protoc() {
+        cmd.env("PROTOC", protoc);
+    }
+    crate::run_status(&mut cmd)
 }

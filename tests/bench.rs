@@ -1,0 +1,707 @@
+//! Benchmarks (issue 6), run by `cargo xtask bench [--scale S]` as
+//! `cargo test --release --test bench -- --ignored --nocapture`.
+//!
+//! One ignored test does it all, on the same machinery as the integration
+//! tests: a seeded, incompressible corpus pushed to a real registry on
+//! loopback, then alternating rounds of `preseed bundle` / `preseed load`
+//! against what a release engineer would script instead (skopeo + mksquashfs,
+//! ctr fetch + export, a `ctr images import` loop). Medians, ratios and the
+//! issue's goals are printed and written to `PRESEED_BENCH_OUT` (BENCHMARKS.md).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use sha2::{Digest as _, Sha256};
+use support::containerd::Containerd;
+use support::images::{self, LayerSpec, Media};
+use support::mount::Mounted;
+use support::registry::Registry;
+
+const MIB: usize = 1 << 20;
+
+/// The bundle contenders, in table order.
+const NAMES: [&str; 4] = ["preseed erofs", "preseed squashfs", "skopeo + mksquashfs", "ctr fetch + export + mksquashfs"];
+
+/// Rounds per contender (alternating). At least 3.
+fn rounds() -> usize {
+    std::env::var("PRESEED_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(3)
+}
+
+fn scale() -> f64 {
+    std::env::var("PRESEED_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0)
+}
+
+/// `count` scaled, at least 1.
+fn scaled(count: usize, scale: f64) -> usize {
+    ((count as f64 * scale).round() as usize).max(1)
+}
+
+/// One image of the benchmark corpus.
+struct BenchImage {
+    file: String,
+    repo: String,
+    tag: String,
+    digest: String,
+    /// Platforms kept (two for the sandbox image).
+    platforms: Vec<&'static str>,
+    sandbox: bool,
+}
+
+struct BenchCorpus {
+    host: String,
+    images: Vec<BenchImage>,
+    unique_blobs: BTreeMap<String, u64>,
+    /// Manifests and indexes (also stored in every partition).
+    manifest_bytes: u64,
+    /// Layers of the `many` image.
+    many_layers: usize,
+}
+
+impl BenchCorpus {
+    fn unique_blob_bytes(&self) -> u64 {
+        self.unique_blobs.values().sum()
+    }
+
+    fn reference(&self, img: &BenchImage) -> String {
+        format!("{}/{}:{}@{}", self.host, img.repo, img.tag, img.digest)
+    }
+
+    /// What skopeo and ctr are given: pinned by digest, no tag.
+    fn pinned(&self, img: &BenchImage) -> String {
+        format!("{}/{}@{}", self.host, img.repo, img.digest)
+    }
+
+    fn manifest(&self) -> String {
+        let host = &self.host;
+        let mut text = format!(
+            "# preseed benchmark corpus\n[partition]\nplatforms = [\"linux/amd64\"]\n\n[registries.\"{host}\"]\ninsecure = true\n"
+        );
+        for img in &self.images {
+            text += &format!("\n[[image]]\nref = \"{}\"\nfile = \"{}\"\n", self.reference(img), img.file);
+            if img.platforms.len() > 1 {
+                let list: Vec<String> = img.platforms.iter().map(|p| format!("\"{p}\"")).collect();
+                text += &format!("platforms = [{}]\n", list.join(", "));
+            }
+            if img.sandbox {
+                text += "sandbox = true\n";
+            }
+        }
+        text
+    }
+}
+
+/// The corpus (scale 1 ≈ 500 MB of unique blobs):
+/// * `bench/pause`: the sandbox image, an OCI index for amd64 + arm64;
+/// * `bench/app-1..4`: a shared 64 MiB base layer + 16 MiB of their own,
+///   two with OCI and two with Docker media types;
+/// * `bench/many`: 50 layers of one 512 KiB file;
+/// * `bench/large`: 4 layers of 80 MiB (Docker media types).
+///
+/// Layers are real gzip'd tars of seeded random files; they are built on all
+/// cores first (the generator memoizes them), then pushed.
+fn push_corpus(reg: &Registry, s: f64) -> BenchCorpus {
+    let base = LayerSpec::new(20, scaled(8, s), 8 * MIB);
+    let apps: Vec<LayerSpec> = (0..4).map(|i| LayerSpec::new(30 + i, scaled(2, s), 8 * MIB)).collect();
+    let many: Vec<LayerSpec> = (0..scaled(50, s) as u64).map(|i| LayerSpec::new(100 + i, 1, MIB / 2)).collect();
+    let large: Vec<LayerSpec> = (0..4).map(|i| LayerSpec::new(200 + i, scaled(10, s), 8 * MIB)).collect();
+    let pause_layer = (scaled(2, s), MIB);
+
+    // Build every layer up front, spread over the cores.
+    let mut all: Vec<LayerSpec> = vec![base];
+    all.extend(&apps);
+    all.extend(&many);
+    all.extend(&large);
+    all.extend((0..2).map(|i| LayerSpec::new(10 + i, pause_layer.0, pause_layer.1)));
+    all.sort_by_key(|l| std::cmp::Reverse(l.files * l.file_size));
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(spec) = all.get(i) else { break };
+                images::build_layer(spec);
+            });
+        }
+    });
+
+    let mut out = Vec::new();
+    let mut unique = BTreeMap::new();
+    let mut manifest_bytes = 0u64;
+    let idx = images::push_index(reg, "bench/pause", "3.10", &[("linux", "amd64"), ("linux", "arm64")], 10, pause_layer, Media::Oci);
+    manifest_bytes += idx.index_bytes.len() as u64;
+    for (_, p) in &idx.platforms {
+        unique.extend(p.blob_digests.clone());
+        manifest_bytes += p.manifest_bytes.len() as u64;
+    }
+    out.push(BenchImage {
+        file: "pause".into(),
+        repo: idx.repo.clone(),
+        tag: "3.10".into(),
+        digest: idx.index_digest.clone(),
+        platforms: vec!["linux/amd64", "linux/arm64"],
+        sandbox: true,
+    });
+    let mut single = |file: &str, layers: &[LayerSpec], media: Media| {
+        let repo = format!("bench/{file}");
+        let img = images::push_image(reg, &repo, "v1", layers, media);
+        unique.extend(img.blob_digests.clone());
+        manifest_bytes += img.manifest_bytes.len() as u64;
+        out.push(BenchImage {
+            file: file.into(),
+            repo,
+            tag: "v1".into(),
+            digest: img.manifest_digest,
+            platforms: vec!["linux/amd64"],
+            sandbox: false,
+        });
+    };
+    for (i, own) in apps.iter().enumerate() {
+        let media = if i < 2 { Media::Oci } else { Media::Docker };
+        single(&format!("app-{}", i + 1), &[base, *own], media);
+    }
+    single("many", &many, Media::Oci);
+    single("large", &large, Media::Docker);
+    BenchCorpus { host: reg.host(), images: out, unique_blobs: unique, manifest_bytes, many_layers: many.len() }
+}
+
+/// One timed run: wall seconds and peak RSS (KiB) of the largest process.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    secs: f64,
+    rss_kib: u64,
+}
+
+/// Runs `cmd` under `/usr/bin/time -f %M`, failing the benchmark if it fails.
+fn timed(program: &Path, args: &[&str]) -> Sample {
+    let rss_file = tempfile::NamedTempFile::new().unwrap();
+    let start = Instant::now();
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(rss_file.path())
+        .arg(program)
+        .args(args)
+        .env_remove("DOCKER_CONFIG")
+        .output()
+        .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed:\n{}\n{}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let rss = std::fs::read_to_string(rss_file.path()).unwrap();
+    let rss_kib = rss.lines().rev().find_map(|l| l.trim().parse().ok()).unwrap_or(0);
+    Sample { secs, rss_kib }
+}
+
+/// Several commands in sequence: total time, largest peak RSS.
+#[derive(Default)]
+struct Seq(Sample);
+
+impl Seq {
+    fn add(&mut self, s: Sample) {
+        self.0.secs += s.secs;
+        self.0.rss_kib = self.0.rss_kib.max(s.rss_kib);
+    }
+}
+
+fn preseed() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_preseed"))
+}
+
+fn tool(name: &str) -> PathBuf {
+    support::require_tool(name).unwrap_or_else(|| panic!("the benchmark needs {name}"))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// `preseed bundle` into `work/out-<format>` with cache `work/cache-<format>`.
+fn preseed_bundle(manifest: &Path, work: &Path, format: &str) -> (Sample, PathBuf, String) {
+    let out = work.join(format!("out-{format}"));
+    let cache = work.join(format!("cache-{format}"));
+    let bin = preseed();
+    let out_s = out.display().to_string();
+    let cache_s = cache.display().to_string();
+    let args = ["bundle", "--no-progress", "--manifest", s(manifest), "--out", &out_s, "--cache", &cache_s, "--format", format];
+    let sample = timed(&bin, &args);
+    (sample, out.join(format!("preseed.{format}")), cache_s)
+}
+
+/// What a release engineer scripts with skopeo: every image to an
+/// `oci-archive:` under `<namespace>/`, then mksquashfs without compression.
+fn skopeo_mksquashfs(corpus: &BenchCorpus, work: &Path) -> (Sample, Sample, u64) {
+    let tree = work.join("skopeo-tree");
+    std::fs::create_dir_all(tree.join("k8s.io")).unwrap();
+    let skopeo = tool("skopeo");
+    let mut copy = Seq::default();
+    for img in &corpus.images {
+        let src = format!("docker://{}", corpus.pinned(img));
+        let dst = format!("oci-archive:{}:{}", tree.join(format!("k8s.io/{}.tar", img.file)).display(), img.tag);
+        let mut args = vec!["copy", "--quiet", "--src-tls-verify=false"];
+        if img.platforms.len() > 1 {
+            args.extend(["--multi-arch", "all"]);
+        }
+        args.extend([src.as_str(), dst.as_str()]);
+        copy.add(timed(&skopeo, &args));
+    }
+    let img = work.join("skopeo.squashfs");
+    let mk = mksquashfs(&tree, &img);
+    (copy.0, mk, dir_bytes(&img))
+}
+
+fn mksquashfs(tree: &Path, img: &Path) -> Sample {
+    timed(&tool("mksquashfs"), &[s(tree), s(img), "-noD", "-noF", "-noX", "-quiet", "-no-progress", "-noappend"])
+}
+
+/// `ctr content fetch` (pull without unpacking, the strongest ctr variant for
+/// this job) + `ctr images export` per image into a fresh containerd, then
+/// the same mksquashfs. Containerd start-up is not timed.
+fn ctr_export(corpus: &BenchCorpus, work: &Path) -> (Sample, Sample, u64) {
+    let ctrd = Containerd::start().expect("containerd");
+    let ctr = tool("ctr");
+    let sock = ctrd.socket().display().to_string();
+    let tree = work.join("ctr-tree");
+    std::fs::create_dir_all(tree.join("k8s.io")).unwrap();
+    let mut seq = Seq::default();
+    for img in &corpus.images {
+        let r = corpus.pinned(img);
+        let mut plats = Vec::new();
+        for p in &img.platforms {
+            plats.extend(["--platform", p]);
+        }
+        let mut fetch = vec!["--address", &sock, "-n", "bench", "content", "fetch", "--plain-http"];
+        fetch.extend(&plats);
+        fetch.push(&r);
+        seq.add(timed(&ctr, &fetch));
+        let tar = tree.join(format!("k8s.io/{}.tar", img.file));
+        let mut export = vec!["--address", &sock, "-n", "bench", "images", "export"];
+        export.extend(&plats);
+        export.extend([s(&tar), r.as_str()]);
+        seq.add(timed(&ctr, &export));
+    }
+    drop(ctrd);
+    let img = work.join("ctr.squashfs");
+    let mk = mksquashfs(&tree, &img);
+    (seq.0, mk, dir_bytes(&img))
+}
+
+/// Whether this build of preseed has the node-side loader.
+fn have_loader() -> bool {
+    Command::new(preseed()).args(["load", "--help"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// `preseed load --image` into a fresh containerd, twice (cold, warm).
+fn preseed_load(partition: &Path) -> (Sample, Sample) {
+    let ctrd = Containerd::start().expect("containerd");
+    let sock = ctrd.socket().display().to_string();
+    let args = ["load", "--image", s(partition), "--address", &sock];
+    let cold = timed(&preseed(), &args);
+    let warm = timed(&preseed(), &args);
+    let listed = ctrd.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(listed.lines().count() >= 1, "preseed load imported nothing");
+    (cold, warm)
+}
+
+/// What existing preload loaders do: mount the partition, `ctr -n <ns>
+/// images import` every tarball in turn (no unpack, like `preseed load`
+/// without `--unpack`), into a fresh containerd; then again (warm).
+fn ctr_import_loop(partition: &Path) -> (Sample, Sample) {
+    let ctrd = Containerd::start().expect("containerd");
+    let ctr = tool("ctr");
+    let sock = ctrd.socket().display().to_string();
+    let run = || {
+        let start = Instant::now();
+        let mounted = Mounted::new(partition, "erofs");
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(mounted.path().join("preseed.json")).unwrap()).unwrap();
+        let mut seq = Seq::default();
+        for img in index["images"].as_array().unwrap() {
+            let tar = mounted.path().join(img["path"].as_str().unwrap());
+            let ns = img["namespace"].as_str().unwrap();
+            seq.add(timed(&ctr, &["--address", &sock, "-n", ns, "images", "import", "--all-platforms", "--no-unpack", s(&tar)]));
+        }
+        drop(mounted);
+        Sample { secs: start.elapsed().as_secs_f64(), rss_kib: seq.0.rss_kib }
+    };
+    let cold = run();
+    let warm = run();
+    (cold, warm)
+}
+
+/// The machine's limit for a cold bundle: read the unique blobs once and
+/// sha256 them once, on all cores (files spread over threads by size).
+fn machine_limit(cache: &Path, unique: &BTreeMap<String, u64>) -> f64 {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut shares: Vec<(u64, Vec<PathBuf>)> = vec![(0, Vec::new()); threads];
+    let mut blobs: Vec<(&String, &u64)> = unique.iter().collect();
+    blobs.sort_by_key(|(_, size)| std::cmp::Reverse(**size));
+    for (digest, size) in blobs {
+        let share = shares.iter_mut().min_by_key(|(n, _)| *n).unwrap();
+        share.0 += size;
+        share.1.push(cache.join("blobs/sha256").join(digest.trim_start_matches("sha256:")));
+    }
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for (_, files) in &shares {
+            sc.spawn(move || {
+                let mut buf = vec![0u8; MIB];
+                for f in files {
+                    let mut file = std::fs::File::open(f).unwrap();
+                    let mut h = Sha256::new();
+                    loop {
+                        let n = file.read(&mut buf).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                    }
+                    let hex = hex::encode(h.finalize());
+                    assert!(f.ends_with(&hex), "{} does not hash to its name", f.display());
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Samples of one contender.
+#[derive(Default)]
+struct Series(Vec<Sample>);
+
+impl Series {
+    fn secs(&self) -> f64 {
+        median(&self.0.iter().map(|s| s.secs).collect::<Vec<_>>())
+    }
+    fn rss_mib(&self) -> f64 {
+        self.0.iter().map(|s| s.rss_kib).max().unwrap_or(0) as f64 / 1024.0
+    }
+    fn all(&self) -> String {
+        self.0.iter().map(|s| format!("{:.2}", s.secs)).collect::<Vec<_>>().join(" / ")
+    }
+}
+
+fn mb(n: u64) -> String {
+    format!("{:.1} MB", n as f64 / 1e6)
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown", |(_, v)| v.trim())
+        .to_string();
+    let kernel = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    format!("{cores} cores ({cpu}), {:.1} GiB memory, Linux {kernel}", mem_kib as f64 / 1024.0 / 1024.0)
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn bench() {
+    if !support::require_root() {
+        return;
+    }
+    for t in ["skopeo", "mksquashfs", "ctr", "containerd", "docker-registry"] {
+        tool(t);
+    }
+    let total = Instant::now();
+    let scale = scale();
+    let rounds = rounds();
+    let reg = Registry::start().expect("docker-registry");
+
+    let gen_start = Instant::now();
+    let corpus = push_corpus(&reg, scale);
+    let gen_secs = gen_start.elapsed().as_secs_f64();
+    let unique = corpus.unique_blob_bytes();
+    eprintln!(
+        "bench: corpus of {} images, {} unique blobs ({}), generated and pushed in {gen_secs:.1}s",
+        corpus.images.len(),
+        corpus.unique_blobs.len(),
+        mb(unique)
+    );
+
+    let work = tempfile::Builder::new().prefix("preseed-bench-").tempdir().unwrap();
+    let manifest = work.path().join("bundles.toml");
+    std::fs::write(&manifest, corpus.manifest()).unwrap();
+
+    let mut cold: BTreeMap<&str, Series> = BTreeMap::new();
+    let mut warm: BTreeMap<&str, Series> = BTreeMap::new();
+    let mut parts: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut skopeo_copy = Series::default();
+    let mut mk_skopeo = Series::default();
+    let mut ctr_copy = Series::default();
+    let mut mk_ctr = Series::default();
+    let mut limits = Vec::new();
+    let mut summaries = Vec::new();
+    let mut erofs_partition = PathBuf::new();
+
+    for round in 0..rounds {
+        // Rotate the order so no contender always runs first (or last).
+        for k in 0..NAMES.len() {
+            let name = NAMES[(k + round) % NAMES.len()];
+            let dir = work.path().join(format!("r{round}-{k}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            match name {
+                "preseed erofs" | "preseed squashfs" => {
+                    let format = if name == "preseed erofs" { "erofs" } else { "squashfs" };
+                    let (c, part, cache) = preseed_bundle(&manifest, &dir, format);
+                    let (w, _, _) = preseed_bundle(&manifest, &dir, format);
+                    cold.entry(name).or_default().0.push(c);
+                    warm.entry(name).or_default().0.push(w);
+                    parts.insert(name, dir_bytes(&part));
+                    if format == "erofs" {
+                        limits.push(machine_limit(Path::new(&cache), &corpus.unique_blobs));
+                        let keep = work.path().join("preseed.erofs");
+                        std::fs::rename(&part, &keep).unwrap();
+                        erofs_partition = keep;
+                    }
+                    summaries.push(format!("{name}: cold {:.2}s, warm {:.2}s", c.secs, w.secs));
+                }
+                "skopeo + mksquashfs" => {
+                    let (copy, mk, bytes) = skopeo_mksquashfs(&corpus, &dir);
+                    skopeo_copy.0.push(copy);
+                    mk_skopeo.0.push(mk);
+                    cold.entry(name).or_default().0.push(Sample { secs: copy.secs + mk.secs, rss_kib: copy.rss_kib.max(mk.rss_kib) });
+                    parts.insert(name, bytes);
+                    summaries.push(format!("{name}: {:.2}s + {:.2}s", copy.secs, mk.secs));
+                }
+                _ => {
+                    let (copy, mk, bytes) = ctr_export(&corpus, &dir);
+                    ctr_copy.0.push(copy);
+                    mk_ctr.0.push(mk);
+                    cold.entry(name).or_default().0.push(Sample { secs: copy.secs + mk.secs, rss_kib: copy.rss_kib.max(mk.rss_kib) });
+                    parts.insert(name, bytes);
+                    summaries.push(format!("{name}: {:.2}s + {:.2}s", copy.secs, mk.secs));
+                }
+            }
+            eprintln!("bench: round {} {}", round + 1, summaries.last().unwrap());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    // Load: alternating, into a fresh containerd each time.
+    let loader = have_loader();
+    let (mut load_cold, mut load_warm, mut import_cold, mut import_warm) =
+        (Series::default(), Series::default(), Series::default(), Series::default());
+    for round in 0..rounds {
+        let order: [bool; 2] = if round % 2 == 0 { [true, false] } else { [false, true] };
+        for ours in order {
+            if ours {
+                if !loader {
+                    continue;
+                }
+                let (c, w) = preseed_load(&erofs_partition);
+                load_cold.0.push(c);
+                load_warm.0.push(w);
+                eprintln!("bench: round {} preseed load: cold {:.2}s, warm {:.2}s", round + 1, c.secs, w.secs);
+            } else {
+                let (c, w) = ctr_import_loop(&erofs_partition);
+                import_cold.0.push(c);
+                import_warm.0.push(w);
+                eprintln!("bench: round {} ctr import loop: cold {:.2}s, warm {:.2}s", round + 1, c.secs, w.secs);
+            }
+        }
+    }
+
+    let limit = median(&limits);
+    let report = Report {
+        scale,
+        rounds,
+        gen_secs,
+        corpus: &corpus,
+        cold: &cold,
+        warm: &warm,
+        parts: &parts,
+        phases: [("skopeo copy", &skopeo_copy), ("mksquashfs (skopeo tree)", &mk_skopeo), ("ctr fetch + export", &ctr_copy), ("mksquashfs (ctr tree)", &mk_ctr)],
+        limit,
+        loader,
+        load: [&load_cold, &load_warm, &import_cold, &import_warm],
+        total_secs: total.elapsed().as_secs_f64(),
+    }
+    .render();
+    println!("{report}");
+    if let Ok(out) = std::env::var("PRESEED_BENCH_OUT") {
+        std::fs::write(&out, &report).unwrap();
+        eprintln!("bench: wrote {out}");
+    }
+}
+
+struct Report<'a> {
+    scale: f64,
+    rounds: usize,
+    gen_secs: f64,
+    corpus: &'a BenchCorpus,
+    cold: &'a BTreeMap<&'a str, Series>,
+    warm: &'a BTreeMap<&'a str, Series>,
+    parts: &'a BTreeMap<&'a str, u64>,
+    phases: [(&'a str, &'a Series); 4],
+    limit: f64,
+    loader: bool,
+    /// preseed cold, preseed warm, ctr import cold, ctr import warm.
+    load: [&'a Series; 4],
+    total_secs: f64,
+}
+
+impl Report<'_> {
+    fn render(&self) -> String {
+        let mut o = String::new();
+        let unique = self.corpus.unique_blob_bytes();
+        let scale_arg = if self.scale == 1.0 { String::new() } else { format!(" --scale {}", self.scale) };
+        let ours = &self.cold["preseed erofs"];
+        let ours_s = ours.secs();
+        let _ = writeln!(o, "# Benchmarks\n");
+        let _ = writeln!(o, "Generated by `cargo xtask bench{scale_arg}` (tests/bench.rs); do not edit by hand.\n");
+        let _ = writeln!(o, "* Machine: {}", machine());
+        let _ = writeln!(o, "* Command: `cargo xtask bench{scale_arg}` = `PRESEED_BENCH_SCALE={} cargo test --release --test bench -- --ignored --nocapture --test-threads 1`", self.scale);
+        let _ = writeln!(
+            o,
+            "* Corpus (scale {}): {} images ({}), {} unique blobs, {} of unique blob bytes (+ {} KB of manifests); sandbox index for 2 platforms, 4 images sharing a base layer (OCI and Docker media types), {} layers in `many`, a large image; generated and pushed to a loopback `docker-registry` in {:.1}s (not counted below)",
+            self.scale,
+            self.corpus.images.len(),
+            self.corpus.images.iter().map(|i| i.file.as_str()).collect::<Vec<_>>().join(", "),
+            self.corpus.unique_blobs.len(),
+            mb(unique),
+            self.corpus.manifest_bytes / 1000,
+            self.corpus.many_layers,
+            self.gen_secs,
+        );
+        let _ = writeln!(o, "* {} alternating rounds per contender, medians (all runs listed); each cold run gets an empty cache / fresh containerd; whole benchmark took {:.0}s\n", self.rounds, self.total_secs);
+
+        let _ = writeln!(o, "## Bundle\n");
+        let _ = writeln!(o, "| contender | cold (median) | runs | ratio to preseed erofs | warm (median) | cold / warm | peak RSS | partition bytes | partition / unique blobs |");
+        let _ = writeln!(o, "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for name in NAMES {
+            let series = &self.cold[name];
+            let warm = self.warm.get(name);
+            let part = self.parts.get(name).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "| {name} | {:.2}s | {} | {:.2}× | {} | {} | {:.0} MiB | {} | {:.4} |",
+                series.secs(),
+                series.all(),
+                series.secs() / ours_s,
+                warm.map_or("—".into(), |w| format!("{:.3}s", w.secs())),
+                warm.map_or("—".into(), |w| format!("{:.0}×", series.secs() / w.secs())),
+                series.rss_mib().max(warm.map_or(0.0, Series::rss_mib)),
+                mb(part),
+                part as f64 / unique as f64,
+            );
+        }
+        let _ = writeln!(o, "| machine limit (read + sha256 the unique blobs once, all cores) | {:.2}s | | {:.2}× | | | | {} | 1 |\n", self.limit, self.limit / ours_s, mb(unique));
+        let _ = writeln!(o, "Peer phases (medians): {}.\n", self.phases.iter().map(|(n, s)| format!("{n} {:.2}s", s.secs())).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(o, "Peers at their strongest: mksquashfs `-noD -noF -noX` (no compression; layers are compressed already), `ctr content fetch` (a pull without unpacking) then `ctr images export`; both peers' trees are the same `k8s.io/<file>.tar` layout. Peak RSS is the largest process of a contender (`/usr/bin/time -f %M`).\n");
+
+        let _ = writeln!(o, "## Load\n");
+        let [lc, lw, ic, iw] = self.load;
+        if self.loader {
+            let _ = writeln!(o, "| contender | cold (median) | runs | warm (median) | runs | peak RSS |");
+            let _ = writeln!(o, "| --- | ---: | --- | ---: | --- | ---: |");
+            let _ = writeln!(o, "| `preseed load --image` | {:.2}s | {} | {:.3}s | {} | {:.0} MiB |", lc.secs(), lc.all(), lw.secs(), lw.all(), lc.rss_mib().max(lw.rss_mib()));
+            let _ = writeln!(o, "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} | (ctr client) |", ic.secs(), ic.all(), iw.secs(), iw.all());
+            let _ = writeln!(o, "| ratio (ctr / preseed) | {:.2}× | | {:.1}× | | |\n", ic.secs() / lc.secs(), iw.secs() / lw.secs());
+        } else {
+            let _ = writeln!(o, "`preseed load`: n/a (loader not merged).\n");
+            let _ = writeln!(o, "| contender | cold (median) | runs | warm (median) | runs |");
+            let _ = writeln!(o, "| --- | ---: | --- | ---: | --- |");
+            let _ = writeln!(o, "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} |\n", ic.secs(), ic.all(), iw.secs(), iw.all());
+        }
+
+        let _ = writeln!(o, "## Goals (issue 6)\n");
+        let _ = writeln!(o, "| goal | measured | result |");
+        let _ = writeln!(o, "| --- | --- | --- |");
+        let goal = |o: &mut String, what: &str, measured: String, pass: Option<bool>| {
+            let r = match pass {
+                Some(true) => "pass",
+                Some(false) => "FAIL",
+                None => "n/a",
+            };
+            let _ = writeln!(o, "| {what} | {measured} | {r} |");
+        };
+        let skopeo = self.cold["skopeo + mksquashfs"].secs();
+        goal(&mut o, "bundle cold ≥ 3× faster than skopeo + mksquashfs", format!("{:.2}×", skopeo / ours_s), Some(skopeo / ours_s >= 3.0));
+        let w = self.warm["preseed erofs"].secs();
+        goal(&mut o, "bundle warm ≥ 10× faster than cold", format!("{:.0}×", ours_s / w), Some(ours_s / w >= 10.0));
+        goal(&mut o, "bundle cold within 3× of the machine's limit", format!("{:.2}×", ours_s / self.limit), Some(ours_s / self.limit <= 3.0));
+        for name in ["preseed erofs", "preseed squashfs"] {
+            let r = self.parts[name] as f64 / unique as f64;
+            goal(&mut o, &format!("partition ({name}) ≤ 1.02 × unique blob bytes"), format!("{r:.4}"), Some(r <= 1.02));
+        }
+        if self.loader {
+            goal(&mut o, "load cold ≥ 4× faster than the ctr import loop", format!("{:.2}×", ic.secs() / lc.secs()), Some(ic.secs() / lc.secs() >= 4.0));
+            goal(&mut o, "load warm ≥ 50× faster than the ctr import loop", format!("{:.1}×", iw.secs() / lw.secs()), Some(iw.secs() / lw.secs() >= 50.0));
+        } else {
+            goal(&mut o, "load cold ≥ 4× faster than the ctr import loop", "loader not merged".into(), None);
+            goal(&mut o, "load warm ≥ 50× faster than the ctr import loop", "loader not merged".into(), None);
+        }
+        let bundle_rss = ["preseed erofs", "preseed squashfs"]
+            .iter()
+            .map(|n| self.cold[n].rss_mib().max(self.warm[n].rss_mib()))
+            .fold(0.0, f64::max);
+        goal(&mut o, "peak RSS of bundle ≤ 128 MiB", format!("{bundle_rss:.0} MiB"), Some(bundle_rss <= 128.0));
+        if self.loader {
+            let r = lc.rss_mib().max(lw.rss_mib());
+            goal(&mut o, "peak RSS of load ≤ 128 MiB", format!("{r:.0} MiB"), Some(r <= 128.0));
+        } else {
+            goal(&mut o, "peak RSS of load ≤ 128 MiB", "loader not merged".into(), None);
+        }
+        o
+    }
+}
+
+/// For profiling by hand: pushes the benchmark corpus, writes
+/// `$PRESEED_BENCH_SERVE/bundles.toml` and keeps the registry up until
+/// `$PRESEED_BENCH_SERVE/stop` exists. E.g.
+/// `PRESEED_BENCH_SERVE=/tmp/p cargo test --release --test bench serve_corpus -- --ignored`,
+/// then `perf record -g target/release/preseed bundle --manifest /tmp/p/bundles.toml …`.
+#[test]
+#[ignore = "profiling helper: needs PRESEED_BENCH_SERVE"]
+fn serve_corpus() {
+    let Ok(dir) = std::env::var("PRESEED_BENCH_SERVE") else { return };
+    let dir = PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("stop"));
+    let reg = Registry::start().expect("docker-registry");
+    let corpus = push_corpus(&reg, scale());
+    std::fs::write(dir.join("bundles.toml"), corpus.manifest()).unwrap();
+    eprintln!("serving {} at {}; touch {} to stop", mb(corpus.unique_blob_bytes()), reg.host(), dir.join("stop").display());
+    while !dir.join("stop").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
