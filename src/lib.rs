@@ -12,3 +12,5 @@ pub mod fetch;
 pub mod layout;
 pub mod oci;
 pub mod partition;
+#[cfg(feature = "containerd")]
+pub mod load;
