@@ -255,10 +255,8 @@ fn parse_pax(data: &[u8]) -> Result<Vec<(String, String)>, String> {
             break;
         }
         let sp = rest.iter().position(|&b| b == b' ').ok_or("record without length")?;
-        let len: usize = std::str::from_utf8(&rest[..sp])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or("bad record length")?;
+        let len: usize =
+            std::str::from_utf8(&rest[..sp]).ok().and_then(|s| s.parse().ok()).ok_or("bad record length")?;
         if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
             return Err(format!("record length {len} does not fit"));
         }
@@ -343,7 +341,8 @@ fn scan(file: &File, path: &Path) -> Result<BTreeMap<String, Entry>, ArchiveErro
                     (None, Some(l)) => l,
                     (None, None) => {
                         let name = cstr(&header[0..100]);
-                        let prefix = if &header[257..262] == b"ustar" { cstr(&header[345..500]) } else { String::new() };
+                        let prefix =
+                            if &header[257..262] == b"ustar" { cstr(&header[345..500]) } else { String::new() };
                         if prefix.is_empty() {
                             name
                         } else {

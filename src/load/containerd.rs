@@ -321,7 +321,14 @@ impl Client {
     }
 
     /// Commits an active snapshot under `name`.
-    pub async fn snapshot_commit(&self, ns: &str, lease: &str, snapshotter: &str, name: &str, key: &str) -> Result<(), Status> {
+    pub async fn snapshot_commit(
+        &self,
+        ns: &str,
+        lease: &str,
+        snapshotter: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<(), Status> {
         let req = snap::CommitSnapshotRequest {
             snapshotter: snapshotter.into(),
             name: name.into(),

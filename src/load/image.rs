@@ -339,12 +339,7 @@ fn docker_save(archive: &Archive) -> Result<Vec<ArchiveImage>, ImageError> {
         if config.rootfs.diff_ids.len() != e.layers.len() {
             return Err(ImageError::Invalid {
                 path,
-                why: format!(
-                    "{}: {} diff_ids for {} layers",
-                    e.config,
-                    config.rootfs.diff_ids.len(),
-                    e.layers.len()
-                ),
+                why: format!("{}: {} diff_ids for {} layers", e.config, config.rootfs.diff_ids.len(), e.layers.len()),
             });
         }
         let config_desc = Descriptor::new(oci::DOCKER_CONFIG, config_digest, config_bytes.len() as u64);
@@ -352,9 +347,10 @@ fn docker_save(archive: &Archive) -> Result<Vec<ArchiveImage>, ImageError> {
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
         for (layer_path, diff_id) in e.layers.iter().zip(&config.rootfs.diff_ids) {
-            let entry = archive
-                .entry(layer_path)
-                .ok_or_else(|| ArchiveError::Missing { path: archive.path().to_path_buf(), entry: layer_path.clone() })?;
+            let entry = archive.entry(layer_path).ok_or_else(|| ArchiveError::Missing {
+                path: archive.path().to_path_buf(),
+                entry: layer_path.clone(),
+            })?;
             let mut head = [0u8; 4];
             let n = std::os::unix::fs::FileExt::read_at(&**archive.file(), &mut head, entry.offset)
                 .map_err(|source| ArchiveError::Io { path: archive.path().to_path_buf(), source })?;
@@ -374,7 +370,11 @@ fn docker_save(archive: &Archive) -> Result<Vec<ArchiveImage>, ImageError> {
             layers.push(desc);
         }
         let config_entry = archive.entry(&e.config).expect("read above");
-        blobs.push(Blob { descriptor: config_desc.clone(), data: BlobData::Entry(config_entry), labels: BTreeMap::new() });
+        blobs.push(Blob {
+            descriptor: config_desc.clone(),
+            data: BlobData::Entry(config_entry),
+            labels: BTreeMap::new(),
+        });
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": oci::DOCKER_MANIFEST,
@@ -385,8 +385,7 @@ fn docker_save(archive: &Archive) -> Result<Vec<ArchiveImage>, ImageError> {
         let root = Descriptor::new(oci::DOCKER_MANIFEST, Digest::of(&manifest_bytes), manifest_bytes.len() as u64);
         let labels = gc_labels(std::iter::once(&config_desc).chain(&layers));
         blobs.push(Blob { descriptor: root.clone(), data: BlobData::Inline(manifest_bytes), labels });
-        let mut names: Vec<String> =
-            e.repo_tags.unwrap_or_default().iter().filter_map(|t| normalize_name(t)).collect();
+        let mut names: Vec<String> = e.repo_tags.unwrap_or_default().iter().filter_map(|t| normalize_name(t)).collect();
         dedup(&mut names);
         out.push(ArchiveImage {
             names,
@@ -423,7 +422,10 @@ pub fn normalize_name(name: &str) -> Option<String> {
     }
     let (first, _) = name.split_once('/').unwrap_or(("", name));
     let has_domain = name.contains('/')
-        && (first.contains('.') || first.contains(':') || first == "localhost" || first.chars().any(|c| c.is_ascii_uppercase()));
+        && (first.contains('.')
+            || first.contains(':')
+            || first == "localhost"
+            || first.chars().any(|c| c.is_ascii_uppercase()));
     let mut full = if has_domain {
         name.to_string()
     } else if name.contains('/') {
@@ -464,12 +466,14 @@ mod tests {
     #[test]
     fn gc_labels_number_each_kind_separately() {
         let d = |mt: &str, b: u8| Descriptor::new(mt, Digest::of(&[b]), 1);
-        let l = gc_labels(
-            [d(oci::OCI_CONFIG, 0), d(oci::OCI_LAYER_GZIP, 1), d(oci::OCI_LAYER_GZIP, 2)].iter(),
-        );
+        let l = gc_labels([d(oci::OCI_CONFIG, 0), d(oci::OCI_LAYER_GZIP, 1), d(oci::OCI_LAYER_GZIP, 2)].iter());
         assert_eq!(
             l.keys().collect::<Vec<_>>(),
-            ["containerd.io/gc.ref.content.config", "containerd.io/gc.ref.content.l.0", "containerd.io/gc.ref.content.l.1"]
+            [
+                "containerd.io/gc.ref.content.config",
+                "containerd.io/gc.ref.content.l.0",
+                "containerd.io/gc.ref.content.l.1"
+            ]
         );
         let l = gc_labels([d(oci::OCI_MANIFEST, 0), d(oci::DOCKER_MANIFEST, 1)].iter());
         assert!(l.contains_key("containerd.io/gc.ref.content.m.1"));

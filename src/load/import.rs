@@ -96,10 +96,8 @@ pub struct Context {
 impl Context {
     /// A context for one load.
     pub fn new(client: Client, opts: &LoadOptions, source_id: String) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Context {
             client,
             source_id,
@@ -169,7 +167,9 @@ impl Context {
         let opened = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<ArchiveImage>), ImportError> {
             if let Some(expected) = expected_size {
                 let found = std::fs::metadata(&path)
-                    .map_err(|source| image::ImageError::from(super::archive::ArchiveError::Io { path: path.clone(), source }))?
+                    .map_err(|source| {
+                        image::ImageError::from(super::archive::ArchiveError::Io { path: path.clone(), source })
+                    })?
                     .len();
                 if found != expected {
                     return Err(ImportError::TarballSize { expected, found });
@@ -246,9 +246,9 @@ impl Context {
         }
         let target = to_wire(&ai.root);
         let retarget = records.iter().any(|r| {
-            r.as_ref().and_then(|i| i.target.as_ref()).is_none_or(|t| {
-                t.digest != target.digest || t.media_type != target.media_type || t.size != target.size
-            })
+            r.as_ref()
+                .and_then(|i| i.target.as_ref())
+                .is_none_or(|t| t.digest != target.digest || t.media_type != target.media_type || t.size != target.size)
         });
         let missing = present.iter().any(Option::is_none);
         let mut changed = false;
@@ -294,8 +294,12 @@ impl Context {
         // Parents that were there already but lack (some of) their GC labels.
         for (b, p) in ai.blobs.iter().zip(&present) {
             let Some(have) = p else { continue };
-            let lacking: BTreeMap<String, String> =
-                b.labels.iter().filter(|(k, v)| have.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let lacking: BTreeMap<String, String> = b
+                .labels
+                .iter()
+                .filter(|(k, v)| have.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             if !lacking.is_empty() {
                 c.content_set_labels(ns, &b.descriptor.digest, &lacking)
                     .await
@@ -349,9 +353,11 @@ impl Context {
         } else {
             "layer"
         };
-        let written = self.client.write_blob(ns, lease, reference, d, bytes, &blob.labels).await.map_err(|source| {
-            ImportError::Write { what, digest: d.digest.to_string(), source }
-        })?;
+        let written = self
+            .client
+            .write_blob(ns, lease, reference, d, bytes, &blob.labels)
+            .await
+            .map_err(|source| ImportError::Write { what, digest: d.digest.to_string(), source })?;
         Ok(written.then_some(d.size))
     }
 
@@ -404,8 +410,12 @@ impl Context {
         if paths.is_empty() {
             return Ok(Record::Unchanged);
         }
-        let image =
-            Image { name: name.to_string(), labels: want.into_iter().collect(), target: Some(target.clone()), ..Default::default() };
+        let image = Image {
+            name: name.to_string(),
+            labels: want.into_iter().collect(),
+            target: Some(target.clone()),
+            ..Default::default()
+        };
         c.image_update(ns, image, paths).await.map_err(grpc("image update", name))?;
         Ok(Record::Updated)
     }

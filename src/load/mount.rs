@@ -142,7 +142,9 @@ pub fn mount(path: &Path, loop_file: bool, sys: Arc<dyn MountSys>) -> Result<Mou
     if let Err(source) = sys.mount_ro(&device, &dir, format.extension()) {
         let _ = std::fs::remove_dir(&dir);
         let hint = match source.raw_os_error() {
-            Some(libc::ENODEV) => " (is the kernel's filesystem driver loaded? try `modprobe erofs` or `modprobe squashfs`)",
+            Some(libc::ENODEV) => {
+                " (is the kernel's filesystem driver loaded? try `modprobe erofs` or `modprobe squashfs`)"
+            }
             Some(libc::EPERM) => " (mounting needs root or CAP_SYS_ADMIN)",
             _ => "",
         };

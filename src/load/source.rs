@@ -186,22 +186,16 @@ fn compat(root: &Path) -> Result<Listing, SourceError> {
         } else if meta.is_file() && is_k3s_archive(&name) {
             listing.images.push(compat_image(K3S_NAMESPACE, path, name));
         } else {
-            listing.warnings.push(format!("{name}: not an image archive (.tar, .tar.gz, .tgz, .tar.zst, .tzst), skipped"));
+            listing
+                .warnings
+                .push(format!("{name}: not an image archive (.tar, .tar.gz, .tgz, .tar.zst, .tzst), skipped"));
         }
     }
     Ok(listing)
 }
 
 fn compat_image(namespace: &str, path: PathBuf, rel: String) -> SourceImage {
-    SourceImage {
-        namespace: namespace.to_string(),
-        path,
-        rel,
-        names: Vec::new(),
-        digest: None,
-        size: None,
-        pin: true,
-    }
+    SourceImage { namespace: namespace.to_string(), path, rel, names: Vec::new(), digest: None, size: None, pin: true }
 }
 
 #[cfg(test)]
@@ -235,7 +229,12 @@ mod tests {
         let got: Vec<(&str, &str)> = l.images.iter().map(|i| (i.namespace.as_str(), i.rel.as_str())).collect();
         assert_eq!(
             got,
-            [("k8s.io", "b.tar.zst"), ("k8s.io", "c.tgz"), ("default", "default/a.tar"), ("k8s.io", "k8s.io/pause.tar")]
+            [
+                ("k8s.io", "b.tar.zst"),
+                ("k8s.io", "c.tgz"),
+                ("default", "default/a.tar"),
+                ("k8s.io", "k8s.io/pause.tar")
+            ]
         );
         assert_eq!(l.warnings.len(), 3, "{:?}", l.warnings);
         assert!(!l.indexed);

@@ -42,7 +42,10 @@ pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
     out
 }
 
-fn host_manifest<'a>(ai: &'a ArchiveImage, archive: &Archive) -> Result<Option<(&'a PlatformManifest, Config)>, ImportError> {
+fn host_manifest<'a>(
+    ai: &'a ArchiveImage,
+    archive: &Archive,
+) -> Result<Option<(&'a PlatformManifest, Config)>, ImportError> {
     let host = Platform::host();
     for m in &ai.manifests {
         if let Some(p) = &m.descriptor.platform {
@@ -54,8 +57,8 @@ fn host_manifest<'a>(ai: &'a ArchiveImage, archive: &Archive) -> Result<Option<(
             .blob(&m.config.digest)
             .ok_or_else(|| ImportError::Unpack(format!("config {} not in the archive", m.config.digest)))?;
         let bytes = archive.read_entry(entry).map_err(|e| ImportError::Unpack(e.to_string()))?;
-        let config: Config =
-            serde_json::from_slice(&bytes).map_err(|e| ImportError::Unpack(format!("config {}: {e}", m.config.digest)))?;
+        let config: Config = serde_json::from_slice(&bytes)
+            .map_err(|e| ImportError::Unpack(format!("config {}: {e}", m.config.digest)))?;
         if (config.os.is_empty() || config.os == host.os)
             && (config.architecture.is_empty() || config.architecture == host.architecture)
         {
@@ -98,8 +101,12 @@ pub async fn unpack(ctx: &Context, ns: &str, archive: &Archive, ai: &ArchiveImag
             let mounts = c.snapshot_prepare(ns, &lease, sn, &key, &parent).await.map_err(grpc("snapshot prepare"))?;
             let applied = c.diff_apply(ns, layer, mounts).await;
             let result = match applied {
-                Ok(d) if d == diff_id.to_string() => c.snapshot_commit(ns, &lease, sn, &name, &key).await.map_err(grpc("snapshot commit")),
-                Ok(d) => Err(ImportError::Unpack(format!("layer {} unpacks to {d}, config says {diff_id}", layer.digest))),
+                Ok(d) if d == diff_id.to_string() => {
+                    c.snapshot_commit(ns, &lease, sn, &name, &key).await.map_err(grpc("snapshot commit"))
+                }
+                Ok(d) => {
+                    Err(ImportError::Unpack(format!("layer {} unpacks to {d}, config says {diff_id}", layer.digest)))
+                }
                 Err(s) => Err(grpc("diff apply")(s)),
             };
             if let Err(e) = result {
