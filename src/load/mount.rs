@@ -160,6 +160,8 @@ pub struct LinuxMount;
 
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
@@ -182,6 +184,15 @@ struct LoopInfo64 {
     lo_init: [u64; 2],
 }
 
+/// `struct loop_config` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
 fn cpath(p: &Path) -> io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
@@ -201,6 +212,23 @@ impl MountSys for LinuxMount {
             }
             let device = PathBuf::from(format!("/dev/loop{n}"));
             let dev = std::fs::OpenOptions::new().read(true).open(&device)?;
+            let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+            info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+            let name = file.as_os_str().as_encoded_bytes();
+            let len = name.len().min(63);
+            info.lo_file_name[..len].copy_from_slice(&name[..len]);
+            // LOOP_CONFIGURE (Linux 5.8+) sets fd and flags in one step;
+            // older kernels get LOOP_SET_FD + LOOP_SET_STATUS64.
+            let config = LoopConfig { fd: backing.as_raw_fd() as u32, block_size: 0, info, reserved: [0; 8] };
+            if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &config as *const LoopConfig) } == 0 {
+                return Ok(LoopHandle { device, _fd: Some(dev) });
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EBUSY) => continue,
+                Some(libc::EINVAL) | Some(libc::ENOTTY) => {}
+                _ => return Err(e),
+            }
             if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD as _, backing.as_raw_fd()) } < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EBUSY) {
@@ -208,14 +236,8 @@ impl MountSys for LinuxMount {
                 }
                 return Err(e);
             }
-            let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-            info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
-            let name = file.as_os_str().as_encoded_bytes();
-            let len = name.len().min(63);
-            info.lo_file_name[..len].copy_from_slice(&name[..len]);
-            if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_STATUS64 as _, &info as *const LoopInfo64) } < 0 {
+            if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_STATUS64 as _, &config.info as *const LoopInfo64) } < 0 {
                 let e = io::Error::last_os_error();
-                const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
                 unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD as _, 0) };
                 return Err(e);
             }
