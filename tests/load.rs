@@ -475,3 +475,21 @@ fn cri_starts_a_pod_sandbox_offline_with_the_loaded_pause_image() {
         rs.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();
     });
 }
+
+#[test]
+fn device_source_mounts_the_block_device() {
+    use preseed::load::mount::{LinuxMount, MountSys};
+    let Some(c) = prerequisites("erofs") else { return };
+    let w = world();
+    let e = Entry::new("k8s.io", "dev", "preseed.local/dev:1", fixtures::single(&w.cache, "hello", 70, 0, 0));
+    let img = make_partition(&w, std::slice::from_ref(&e), "erofs", "dev");
+    // A loop device stands in for the node's partition; the handle keeps it
+    // attached (it detaches itself when the handle and mounts are gone).
+    let dev = LinuxMount.attach_loop(&img).unwrap();
+    let before = mountinfo();
+    let r = run(&opts(Source::Device(dev.device.clone()), &c));
+    assert!(!r.failed(), "{}", r.to_json());
+    assert_eq!(r.source, dev.device.display().to_string());
+    assert_eq!(names(&c, "k8s.io"), ["preseed.local/dev:1"]);
+    assert_nothing_mounted_from(&before);
+}

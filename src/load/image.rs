@@ -369,7 +369,9 @@ fn docker_save(archive: &Archive) -> Result<Vec<ArchiveImage>, ImageError> {
             }
             layers.push(desc);
         }
-        let config_entry = archive.entry(&e.config).expect("read above");
+        let config_entry = archive
+            .entry(&e.config)
+            .ok_or_else(|| ArchiveError::Missing { path: archive.path().to_path_buf(), entry: e.config.clone() })?;
         blobs.push(Blob {
             descriptor: config_desc.clone(),
             data: BlobData::Entry(config_entry),

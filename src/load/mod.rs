@@ -11,6 +11,47 @@
 //! `io.cri-containerd.image` (containerd's CRI adds it on the image event);
 //! a second load of the same partition writes no content; one bad tarball
 //! never stops the others.
+//!
+//! Labels on image records: `io.cri-containerd.pinned=pinned` where the
+//! image is pinned (the sandbox image always is), and `dev.preseed.source=`
+//! the source path (`--image` file canonicalized, `--device` path as given,
+//! `--dir` canonicalized). A later load from the same source removes the pin
+//! from images carrying that source label whose names it no longer has; the
+//! images themselves stay, for kubelet's GC to decide.
+//!
+//! # Running it at boot
+//!
+//! A oneshot unit between containerd and kubelet:
+//!
+//! ```ini
+//! # /etc/systemd/system/preseed-load.service
+//! [Unit]
+//! Description=Import preseeded container images into containerd
+//! After=containerd.service
+//! Requires=containerd.service
+//! Before=kubelet.service
+//!
+//! [Service]
+//! Type=oneshot
+//! RemainAfterExit=yes
+//! ExecStart=/usr/bin/preseed load --device /dev/disk/by-partlabel/preseed
+//!
+//! [Install]
+//! WantedBy=multi-user.target
+//! RequiredBy=kubelet.service
+//! ```
+//!
+//! containerd's CRI must use the preseeded sandbox image, or the first pod
+//! start tries to pull its default one (containerd 1.6/1.7, config version 2):
+//!
+//! ```toml
+//! [plugins."io.containerd.grpc.v1.cri"]
+//!   sandbox_image = "registry.k8s.io/pause:3.10"   # the name in bundles.toml
+//! ```
+//!
+//! (containerd 2.x: `[plugins."io.containerd.cri.v1.images".pinned_images]
+//! sandbox = "…"`.) Without CAP_SYS_RESOURCE (some sandboxes, nested
+//! containers) the CRI plugin also needs `restrict_oom_score_adj = true`.
 
 pub mod archive;
 pub mod containerd;

@@ -125,13 +125,12 @@ impl LoadReport {
             let name = i.names.first().map(String::as_str).unwrap_or(&i.tarball);
             let secs = i.duration_ms as f64 / 1000.0;
             match &i.error {
-                Some(e) => writeln!(out, "{:<9} {}/{}: {e}", i.outcome.word(), i.namespace, name)?,
+                Some(e) => writeln!(out, "{:<9} {name} [{}]: {e}", i.outcome.word(), i.namespace)?,
                 None => writeln!(
                     out,
-                    "{:<9} {}/{} ({} blobs, {}{}, {secs:.2}s)",
+                    "{:<9} {name} [{}] ({} blobs, {}{}, {secs:.2}s)",
                     i.outcome.word(),
                     i.namespace,
-                    name,
                     i.blobs_written,
                     human_bytes(i.bytes_written),
                     if i.unpacked { ", unpacked" } else { "" },
@@ -139,7 +138,7 @@ impl LoadReport {
             }
         }
         for u in &self.unpinned {
-            writeln!(out, "unpinned  {}/{} (no longer in {})", u.namespace, u.name, self.source)?;
+            writeln!(out, "unpinned  {} [{}] (no longer in {})", u.name, u.namespace, self.source)?;
         }
         writeln!(
             out,
@@ -184,9 +183,9 @@ mod tests {
         let mut out = Vec::new();
         r.print_human(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("imported  k8s.io/docker.io/library/x:1 (2 blobs, 2.0 KiB, 0.12s)"), "{text}");
-        assert!(text.contains("FAILED    k8s.io/docker.io/library/x:1: digest mismatch"), "{text}");
-        assert!(text.contains("unpinned  k8s.io/docker.io/library/old:1"), "{text}");
+        assert!(text.contains("imported  docker.io/library/x:1 [k8s.io] (2 blobs, 2.0 KiB, 0.12s)"), "{text}");
+        assert!(text.contains("FAILED    docker.io/library/x:1 [k8s.io]: digest mismatch"), "{text}");
+        assert!(text.contains("unpinned  docker.io/library/old:1 [k8s.io]"), "{text}");
         assert!(text.contains("2 images: 1 imported, 0 updated, 0 already present, 1 failed"), "{text}");
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["images"][1]["outcome"], "failed");
