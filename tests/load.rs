@@ -493,3 +493,38 @@ fn device_source_mounts_the_block_device() {
     assert_eq!(names(&c, "k8s.io"), ["preseed.local/dev:1"]);
     assert_nothing_mounted_from(&before);
 }
+
+#[test]
+fn content_writes_are_verified_and_not_repeated() {
+    use preseed::load::containerd::{BlobBytes, Client, WriteError};
+    use preseed::oci::{Descriptor, OCI_LAYER_GZIP};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let Some(c) = Containerd::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(c.socket(), Duration::from_secs(5)).await.unwrap();
+        client.lease_create("t", "l", Duration::from_secs(600)).await.unwrap();
+        let data: Arc<[u8]> = fixtures::noise(90, 3 << 20).into();
+        let d = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&data), data.len() as u64);
+        let write = |r: &str, d: Descriptor, b: Arc<[u8]>| {
+            let client = client.clone();
+            let r = r.to_string();
+            async move { client.write_blob("t", "l", r, &d, BlobBytes::Memory(b), &BTreeMap::new()).await }
+        };
+        assert!(write("a", d.clone(), data.clone()).await.unwrap(), "first write writes");
+        assert!(!write("b", d.clone(), data.clone()).await.unwrap(), "second write finds it");
+        // Same size, wrong bytes: containerd refuses the commit.
+        let mut wrong = data.to_vec();
+        wrong[12345] ^= 1;
+        let d2 = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&[1, 2, 3]), wrong.len() as u64);
+        let err = write("c", d2, wrong.into()).await.unwrap_err();
+        assert!(matches!(&err, WriteError::Grpc(_)) && err.to_string().contains("unexpected commit digest"), "{err}");
+        // Empty blob.
+        let empty: Arc<[u8]> = Vec::new().into();
+        let d3 = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&[]), 0);
+        assert!(write("d", d3, empty).await.unwrap());
+        client.lease_delete("t", "l", true).await.unwrap();
+    });
+    assert!(!c.ctr_ok(&["-n", "t", "content", "ls", "-q"]).contains("sha256"), "lease gone, GC removed all");
+}

@@ -15,6 +15,7 @@ use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::{self, Code, Request, Status};
 use containerd_client::types as ctypes;
+use futures_util::StreamExt;
 use tonic::transport::Channel;
 
 use crate::digest::Digest;
@@ -173,44 +174,63 @@ impl Client {
         bytes: BlobBytes,
         labels: &BTreeMap<String, String>,
     ) -> Result<bool, WriteError> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<api::WriteContentRequest>(4);
         let total = desc.size as i64;
         let expected = desc.digest.to_string();
         let labels: HashMap<String, String> = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let size = desc.size;
-        let producer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut offset = 0u64;
-            let mut first = true;
-            loop {
-                let n = (size - offset).min(CHUNK as u64) as usize;
-                let mut data = vec![0u8; n];
-                match &bytes {
-                    BlobBytes::File { file, offset: base } => file.read_exact_at(&mut data, base + offset)?,
-                    BlobBytes::Memory(m) => data.copy_from_slice(&m[offset as usize..offset as usize + n]),
+        // One message per chunk (at least one: the commit); the stream reads
+        // ahead two chunks. It is dropped when the call ends, whatever the
+        // outcome, so nothing waits on an abandoned reader.
+        let mut chunks: Vec<(u64, usize)> =
+            (0..size).step_by(CHUNK).map(|o| (o, (size - o).min(CHUNK as u64) as usize)).collect();
+        if chunks.is_empty() {
+            chunks.push((0, 0));
+        }
+        let count = chunks.len();
+        let read_error: Arc<std::sync::Mutex<Option<std::io::Error>>> = Arc::default();
+        let slot = read_error.clone();
+        let stream = futures_util::stream::iter(chunks.into_iter().enumerate())
+            .map(move |(i, (offset, n))| {
+                let bytes = bytes.clone();
+                async move {
+                    let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                        let mut data = vec![0u8; n];
+                        match &bytes {
+                            BlobBytes::File { file, offset: base } => file.read_exact_at(&mut data, base + offset)?,
+                            BlobBytes::Memory(m) => data.copy_from_slice(&m[offset as usize..offset as usize + n]),
+                        }
+                        Ok(data)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    (i, offset, data)
                 }
-                let last = offset + n as u64 == size;
-                let msg = api::WriteContentRequest {
-                    action: if last { api::WriteAction::Commit } else { api::WriteAction::Write } as i32,
-                    r#ref: reference.clone(),
-                    // Total and digest on the first message let containerd
-                    // refuse at once a blob it already has.
-                    total: if first || last { total } else { 0 },
-                    expected: if first || last { expected.clone() } else { String::new() },
-                    offset: offset as i64,
-                    data,
-                    labels: if last { labels.clone() } else { HashMap::new() },
+            })
+            .buffered(2)
+            .scan((), move |_, (i, offset, data)| {
+                let msg = match data {
+                    Err(e) => {
+                        // End without committing; containerd drops the ingest.
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        None
+                    }
+                    Ok(data) => {
+                        let (first, last) = (i == 0, i + 1 == count);
+                        Some(api::WriteContentRequest {
+                            action: if last { api::WriteAction::Commit } else { api::WriteAction::Write } as i32,
+                            r#ref: reference.clone(),
+                            // Total and digest on the first message let
+                            // containerd refuse at once a blob it already has.
+                            total: if first || last { total } else { 0 },
+                            expected: if first || last { expected.clone() } else { String::new() },
+                            offset: offset as i64,
+                            data,
+                            labels: if last { labels.clone() } else { HashMap::new() },
+                        })
+                    }
                 };
-                if tx.blocking_send(msg).is_err() {
-                    return Ok(()); // the call ended early (error or already exists)
-                }
-                first = false;
-                offset += n as u64;
-                if last {
-                    return Ok(());
-                }
-            }
-        });
-        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                std::future::ready(msg)
+            });
         let result = async {
             let req = metadata(stream, ns, Some(lease))?;
             let mut responses = self.content().write(req).await?.into_inner();
@@ -218,14 +238,13 @@ impl Client {
             Ok::<(), Status>(())
         }
         .await;
-        let read = producer.await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(WriteError::Read(e));
+        }
         match result {
             Err(s) if s.code() == Code::AlreadyExists => Ok(false),
             Err(s) => Err(WriteError::Grpc(s)),
-            Ok(()) => {
-                read.map_err(WriteError::Read)?;
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
         }
     }
 
