@@ -1,5 +1,6 @@
 //! The node-side loader against a real containerd (and runc) started by the
 //! test, with partitions made by the real mksquashfs / mkfs.erofs.
+#![cfg(feature = "containerd")]
 
 #[path = "load/fixtures.rs"]
 mod fixtures;

@@ -256,7 +256,8 @@ pub fn partition(dir: &Path, out: &Path, format: &str) -> PathBuf {
         "squashfs" => {
             Command::new("mksquashfs").arg(dir).arg(out).args(["-noappend", "-quiet", "-no-progress"]).output()
         }
-        "erofs" => Command::new("mkfs.erofs").arg(out).arg(dir).output(),
+        // Chunked, like preseed's own writer: shared 4 KiB-aligned chunks stored once.
+        "erofs" => Command::new("mkfs.erofs").arg("--chunksize=4096").arg(out).arg(dir).output(),
         _ => unreachable!(),
     }
     .unwrap();
