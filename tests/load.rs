@@ -529,3 +529,28 @@ fn content_writes_are_verified_and_not_repeated() {
     });
     assert!(!c.ctr_ok(&["-n", "t", "content", "ls", "-q"]).contains("sha256"), "lease gone, GC removed all");
 }
+
+#[test]
+fn unreadable_compat_tarball_unpins_nothing() {
+    let Some(c) = prerequisites("squashfs") else { return };
+    let w = world();
+    let dir = w.root.join("k3s");
+    let a = Entry::new("k8s.io", "a", "docker.io/library/a:1", fixtures::single(&w.cache, "hello", 95, 0, 0));
+    let b = Entry::new("k8s.io", "b", "docker.io/library/b:1", fixtures::single(&w.cache, "pause", 96, 0, 0));
+    fixtures::write_tarball(&w.cache, &a, &dir.join("a.tar"));
+    fixtures::write_tarball(&w.cache, &b, &dir.join("b.tar"));
+    let o = opts(Source::Dir(dir.clone()), &c);
+    assert!(!run(&o).failed());
+    // b.tar is damaged: its names are unknown, so no pin may be removed.
+    std::fs::write(dir.join("b.tar"), fixtures::noise(97, 10_000)).unwrap();
+    let r = run(&o);
+    assert!(r.failed());
+    assert!(r.unpinned.is_empty());
+    assert!(r.warnings.iter().any(|w| w.contains("not unpinning")), "{:?}", r.warnings);
+    assert!(labels_of(&c, "k8s.io", "docker.io/library/b:1").contains("io.cri-containerd.pinned=pinned"));
+    // Gone for good: now it is unpinned.
+    std::fs::remove_file(dir.join("b.tar")).unwrap();
+    let r = run(&o);
+    assert_eq!(r.unpinned.len(), 1);
+    assert!(!labels_of(&c, "k8s.io", "docker.io/library/b:1").contains("io.cri-containerd.pinned"));
+}

@@ -189,15 +189,26 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
     // Names still in the source keep their pin, failed or not.
     let keep: HashSet<(String, String)> =
         images.iter().flat_map(|i| i.names.iter().map(|n| (i.namespace.clone(), n.clone()))).collect();
-    let unpinned = match unpin_gone(&client, &source_id, &keep).await {
-        Ok(u) => u,
-        Err(e) => {
-            warnings.push(format!("could not unpin images no longer in the source: {e}"));
-            Vec::new()
+    // A tarball that failed before its names were known might hold any of
+    // the pinned images: unpin nothing rather than the wrong thing.
+    let unknown: Vec<&str> = images.iter().filter(|i| i.names.is_empty()).map(|i| i.tarball.as_str()).collect();
+    let unpinned = if !unknown.is_empty() {
+        warnings.push(format!(
+            "not unpinning anything: the names in {} are unknown (it failed to read)",
+            unknown.join(", ")
+        ));
+        Vec::new()
+    } else {
+        match unpin_gone(&client, &source_id, &keep).await {
+            Ok(u) => u,
+            Err(e) => {
+                warnings.push(format!("could not unpin images no longer in the source: {}", e.message()));
+                Vec::new()
+            }
         }
     };
     if let Err(e) = ctx.release_leases().await {
-        warnings.push(format!("could not delete the import lease (it expires on its own): {e}"));
+        warnings.push(format!("could not delete the import lease (it expires on its own): {}", e.message()));
     }
     drop(mounted);
     let bytes_written = images.iter().map(|i| i.bytes_written).sum();
