@@ -245,6 +245,7 @@ impl Context {
             records.push(c.image_get(ns, name).await.map_err(grpc("image get", name))?);
         }
         let target = to_wire(&ai.root);
+        // Some name has no record yet, or one pointing elsewhere.
         let retarget = records.iter().any(|r| {
             r.as_ref()
                 .and_then(|i| i.target.as_ref())
