@@ -416,7 +416,6 @@ fn unpack_puts_layers_in_the_snapshotter() {
 
 #[test]
 fn cri_starts_a_pod_sandbox_offline_with_the_loaded_pause_image() {
-    use k8s_cri::v1 as cri;
     if support::require_tool("gcc").is_none() || fixtures::static_binary().is_none() {
         return;
     }
@@ -431,50 +430,7 @@ fn cri_starts_a_pod_sandbox_offline_with_the_loaded_pause_image() {
     let report = run(&opts(Source::Dir(tree), &c));
     assert!(!report.failed(), "{}", report.to_json());
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let channel = containerd_client::connect(c.socket()).await.unwrap();
-        let mut rs = cri::runtime_service_client::RuntimeServiceClient::new(channel);
-        let host = cri::NamespaceOption {
-            network: cri::NamespaceMode::Node as i32,
-            pid: cri::NamespaceMode::Pod as i32,
-            ipc: cri::NamespaceMode::Pod as i32,
-            ..Default::default()
-        };
-        let config = cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: "preseed-test".into(),
-                uid: "preseed-test-uid".into(),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            // Host network: no CNI needed, and no hostname may be set.
-            linux: Some(cri::LinuxPodSandboxConfig {
-                security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(host),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let id = rs
-            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() })
-            .await
-            .unwrap_or_else(|s| panic!("RunPodSandbox: {s:?}\ncontainerd log:\n{}", c.log()))
-            .into_inner()
-            .pod_sandbox_id;
-        let status = rs
-            .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: false })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
-        assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
-        rs.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
-        rs.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();
-    });
+    support::cri::run_host_network_pod_sandbox(c.socket(), || c.log());
 }
 
 #[test]

@@ -42,8 +42,9 @@ pub struct BundleOptions {
     pub allow_unpinned: bool,
     /// Concurrent downloads.
     pub jobs: usize,
-    /// Target directory for in-tree image builds.
-    pub build_target_dir: PathBuf,
+    /// The cargo workspace whose packages `build` entries name
+    /// (default: the manifest's directory).
+    pub workspace: Option<PathBuf>,
     /// Progress display.
     pub progress: Progress,
 }
@@ -96,7 +97,7 @@ pub enum BundleError {
     #[error(transparent)]
     Build(#[from] BuildError),
     /// In-tree images need the manifest to sit at a cargo workspace root.
-    #[error("{image}: `build` entries need bundles.toml next to the workspace's Cargo.toml ({manifest} not found)")]
+    #[error("{image}: `build` entries need a cargo workspace: {manifest} not found; put bundles.toml at the workspace root or pass --workspace DIR")]
     NoWorkspace {
         /// Image label.
         image: String,
@@ -168,15 +169,17 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
                 continue;
             }
             ImageSource::Build(package) => {
-                let workspace_manifest = opts.manifest.parent().unwrap_or(Path::new(".")).join("Cargo.toml");
+                let workspace = match &opts.workspace {
+                    Some(w) => w.clone(),
+                    None => opts.manifest.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                };
+                let workspace_manifest = workspace.join("Cargo.toml");
                 if !workspace_manifest.is_file() {
                     return Err(BundleError::NoWorkspace { image: entry.label(), manifest: workspace_manifest });
                 }
-                let build_opts = BuildOptions {
-                    workspace_manifest,
-                    target_dir: opts.build_target_dir.clone(),
-                    offline: opts.offline,
-                };
+                // Built in <workspace>/target/preseed-images, apart from normal builds.
+                let mut build_opts = BuildOptions::new(workspace_manifest);
+                build_opts.offline = opts.offline;
                 progress.line(&format!("building {} from package {package}", entry.label()));
                 let built = build::build_image(package, &cache, &build_opts)?;
                 ResolvedImage { root: built.root, blobs: built.blobs, platforms: vec![built.platform] }

@@ -54,10 +54,11 @@
 //! containers) the CRI plugin also needs `restrict_oom_score_adj = true`.
 
 pub mod archive;
+pub use crate::partition::mount;
 pub mod containerd;
 pub mod image;
 pub mod import;
-pub mod mount;
+
 pub mod report;
 pub mod source;
 pub mod unpack;
