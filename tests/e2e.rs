@@ -85,5 +85,5 @@ fn default_bundle_boots_a_node_offline() {
         assert_eq!(i["bytes_written"], 0, "{i}");
     }
     let listed = c.ctr_ok(&["-n", "k8s.io", "images", "ls"]);
-    assert_eq!(listed.matches("io.cri-containerd.pinned=pinned").count() >= 3, true, "{listed}");
+    assert!(listed.matches("io.cri-containerd.pinned=pinned").count() >= 3, "{listed}");
 }
