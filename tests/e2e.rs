@@ -58,6 +58,15 @@ fn default_bundle_boots_a_node_offline() {
         eprintln!("{}", ok("preseed bundle", &out));
         // The registry stops here: the node has none.
     }
+    // `inspect` reads the partition image itself (mounted read-only for the moment).
+    let inspected: serde_json::Value =
+        serde_json::from_str(&ok("preseed inspect", &preseed(&["inspect", "--json", partition.to_str().unwrap()]))).unwrap();
+    let paths: Vec<&str> = inspected["images"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["k8s.io/pause.tar", "k8s.io/hello.tar", "k8s.io/tool.tar"]);
+    assert_eq!(inspected["images"][0]["sandbox"], true);
+    let human = ok("preseed inspect", &preseed(&["inspect", partition.to_str().unwrap()]));
+    assert!(human.contains("k8s.io/hello.tar") && human.contains("also registry.local/tool:1.0"), "{human}");
+
     let opts = ContainerdOptions { sandbox_image: SANDBOX.into(), ..Default::default() };
     let Some(c) = Containerd::start_with(opts) else { return };
 
