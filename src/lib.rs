@@ -12,6 +12,8 @@ pub mod bundle;
 pub mod digest;
 pub mod fetch;
 pub mod layout;
+#[cfg(feature = "containerd")]
+pub mod load;
 pub mod manifest;
 pub mod oci;
 pub mod partition;

@@ -44,6 +44,9 @@ enum Command {
         /// Plain log lines even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// Cargo workspace holding the packages of `build` entries [default: the manifest's directory].
+        #[arg(long)]
+        workspace: Option<PathBuf>,
     },
     /// Resolve tags to digests and write them into bundles.toml in place.
     Pin {
@@ -54,7 +57,38 @@ enum Command {
         #[arg(long)]
         update: bool,
     },
-    /// Show what a partition (image file or directory) holds.
+    /// Import a partition's images into containerd (the node side, at boot).
+    #[cfg(feature = "containerd")]
+    Load {
+        /// A partition image file (loop-mounted read-only).
+        #[arg(long, group = "source")]
+        image: Option<PathBuf>,
+        /// A block device holding the partition (mounted read-only).
+        #[arg(long, group = "source")]
+        device: Option<PathBuf>,
+        /// A directory: a mounted partition, or a Monogon/k3s preload directory.
+        #[arg(long, group = "source")]
+        dir: Option<PathBuf>,
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = preseed::load::DEFAULT_ADDRESS)]
+        address: PathBuf,
+        /// Seconds to wait for containerd's socket.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Blob writes in flight at once.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Also unpack layers into the snapshotter, so the first start does not.
+        #[arg(long)]
+        unpack: bool,
+        /// Snapshotter for --unpack.
+        #[arg(long, default_value = "overlayfs")]
+        snapshotter: String,
+        /// Machine-readable report on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a partition (image file, device, directory or preseed.json) holds.
     Inspect {
         /// Partition image or directory.
         partition: PathBuf,
@@ -78,9 +112,8 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Bundle { manifest, out, format, cache, offline, allow_unpinned, jobs, no_progress } => {
+        Command::Bundle { manifest, out, format, cache, offline, allow_unpinned, jobs, no_progress, workspace } => {
             let cache = cache.unwrap_or_else(|| out.parent().unwrap_or(&out).join("preseed-cache"));
-            let build_target_dir = out.parent().unwrap_or(&out).join("preseed-images");
             let opts = BundleOptions {
                 manifest,
                 out,
@@ -89,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 offline,
                 allow_unpinned,
                 jobs,
-                build_target_dir,
+                workspace,
                 progress: if no_progress { Progress::Lines } else { Progress::Auto },
             };
             let summary = bundle::bundle(&opts).await?;
@@ -101,6 +134,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}:{}: {} -> {}", manifest.display(), c.line, c.before, c.after);
             }
             println!("{} reference(s) pinned", changes.len());
+        }
+        #[cfg(feature = "containerd")]
+        Command::Load { image, device, dir, address, timeout, jobs, unpack, snapshotter, json } => {
+            use preseed::load::{LoadOptions, Source};
+            let source = match (image, device, dir) {
+                (Some(p), _, _) => Source::Image(p),
+                (_, Some(p), _) => Source::Device(p),
+                (_, _, Some(p)) => Source::Dir(p),
+                _ => anyhow::bail!("say where the partition is: --image FILE, --device DEV or --dir DIR"),
+            };
+            let mut opts = LoadOptions::new(source);
+            opts.address = address;
+            opts.timeout = std::time::Duration::from_secs(timeout);
+            opts.jobs = jobs;
+            opts.unpack = unpack;
+            opts.snapshotter = snapshotter;
+            let report = preseed::load::load(&opts).await?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                report.print_human(&mut std::io::stdout())?;
+            }
+            if report.failed() {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Inspect { partition, json } => {
             let index = preseed::partition::inspect::read_index(&partition)

@@ -42,8 +42,9 @@ pub struct BundleOptions {
     pub allow_unpinned: bool,
     /// Concurrent downloads.
     pub jobs: usize,
-    /// Target directory for in-tree image builds.
-    pub build_target_dir: PathBuf,
+    /// The cargo workspace whose packages `build` entries name
+    /// (default: the manifest's directory).
+    pub workspace: Option<PathBuf>,
     /// Progress display.
     pub progress: Progress,
 }
@@ -96,7 +97,7 @@ pub enum BundleError {
     #[error(transparent)]
     Build(#[from] BuildError),
     /// In-tree images need the manifest to sit at a cargo workspace root.
-    #[error("{image}: `build` entries need bundles.toml next to the workspace's Cargo.toml ({manifest} not found)")]
+    #[error("{image}: `build` entries need a cargo workspace: {manifest} not found; put bundles.toml at the workspace root or pass --workspace DIR")]
     NoWorkspace {
         /// Image label.
         image: String,
@@ -168,15 +169,17 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
                 continue;
             }
             ImageSource::Build(package) => {
-                let workspace_manifest = opts.manifest.parent().unwrap_or(Path::new(".")).join("Cargo.toml");
+                let workspace = match &opts.workspace {
+                    Some(w) => w.clone(),
+                    None => opts.manifest.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                };
+                let workspace_manifest = workspace.join("Cargo.toml");
                 if !workspace_manifest.is_file() {
                     return Err(BundleError::NoWorkspace { image: entry.label(), manifest: workspace_manifest });
                 }
-                let build_opts = BuildOptions {
-                    workspace_manifest,
-                    target_dir: opts.build_target_dir.clone(),
-                    offline: opts.offline,
-                };
+                // Built in <workspace>/target/preseed-images, apart from normal builds.
+                let mut build_opts = BuildOptions::new(workspace_manifest);
+                build_opts.offline = opts.offline;
                 progress.line(&format!("building {} from package {package}", entry.label()));
                 let built = build::build_image(package, &cache, &build_opts)?;
                 ResolvedImage { root: built.root, blobs: built.blobs, platforms: vec![built.platform] }
@@ -228,20 +231,26 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
     }
 
     // 3. Plan the tree: one tarball per image, then the index.
+    let planned: Vec<(TarballSpec, PlannedFile)> = images
+        .iter()
+        .map(|img| {
+            let e = &img.entry;
+            let spec = TarballSpec {
+                name: e.reference.name(),
+                tag: e.reference.tag.clone(),
+                extra_names: e.names.clone(),
+                root: img.resolved.root.clone(),
+                blobs: img.resolved.blobs.clone(),
+            };
+            let file = layout::plan_tarball(&spec, &cache);
+            (spec, file)
+        })
+        .collect();
+    let sums = TarballSums::open(&cache).all(&planned).map_err(io_err(cache.root()))?;
     let mut tree = Tree::default();
     let mut indexed = Vec::new();
-    let sums = TarballSums::open(&cache);
-    for img in &images {
+    for ((img, (spec, file)), sha256) in images.iter().zip(planned).zip(sums) {
         let e = &img.entry;
-        let spec = TarballSpec {
-            name: e.reference.name(),
-            tag: e.reference.tag.clone(),
-            extra_names: e.names.clone(),
-            root: img.resolved.root.clone(),
-            blobs: img.resolved.blobs.clone(),
-        };
-        let file = layout::plan_tarball(&spec, &cache);
-        let sha256 = sums.get_or_compute(&spec, &file).map_err(io_err(cache.root()))?;
         indexed.push(IndexedImage {
             namespace: e.namespace.clone(),
             file: e.file.clone(),
@@ -311,6 +320,28 @@ impl TarballSums {
         TarballSums { dir: cache.root().join("tarballs") }
     }
 
+    /// Sums of every tarball, hashing the unknown ones on all cores.
+    fn all(&self, planned: &[(TarballSpec, PlannedFile)]) -> std::io::Result<Vec<Digest>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<std::sync::Mutex<Option<std::io::Result<Digest>>>> =
+            planned.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(planned.len().max(1));
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((spec, file)) = planned.get(i) else { break };
+                    let sum = self.get_or_compute(spec, file);
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(sum);
+                });
+            }
+        });
+        results
+            .into_iter()
+            .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every tarball was hashed"))
+            .collect()
+    }
+
     fn get_or_compute(&self, spec: &TarballSpec, file: &PlannedFile) -> std::io::Result<Digest> {
         let mut key = Hasher::new();
         key.update(&layout::index_json(spec));
@@ -338,9 +369,9 @@ impl TarballSums {
         }
         let sha256 = h.finish();
         std::fs::create_dir_all(&self.dir)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&TarballSum { size: file.len(), sha256: sha256.clone() })?)?;
-        std::fs::rename(&tmp, &path)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        serde_json::to_writer(&mut tmp, &TarballSum { size: file.len(), sha256: sha256.clone() })?;
+        tmp.persist(&path).map_err(|e| e.error)?;
         Ok(sha256)
     }
 }

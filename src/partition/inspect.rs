@@ -24,22 +24,29 @@ pub enum InspectError {
         /// What is wrong.
         message: String,
     },
-    /// Image files need mounting, which is not available here.
-    #[error("{path}: reading a partition image needs the loader (mount); inspect its directory or the preseed.json beside it")]
-    NeedsMount {
-        /// The path.
-        path: String,
-    },
+    /// The partition image could not be mounted.
+    #[error(transparent)]
+    Mount(#[from] super::mount::MountError),
 }
 
-/// Reads the index of a partition directory, or of an index file itself.
+/// Reads the index of a partition: an image file or block device (mounted
+/// read-only for the moment, which needs root), a directory, or a
+/// `preseed.json` itself.
 pub fn read_index(path: &Path) -> Result<PartitionIndex, InspectError> {
-    let file = if path.is_dir() { path.join(INDEX_FILE) } else { path.to_path_buf() };
-    let shown = file.display().to_string();
-    let bytes = std::fs::read(&file).map_err(|source| InspectError::Io { path: shown.clone(), source })?;
-    if super::Format::sniff(&bytes[..bytes.len().min(4096)]).is_some() {
-        return Err(InspectError::NeedsMount { path: shown });
+    if path.is_dir() {
+        return read_json(&path.join(INDEX_FILE));
     }
+    if super::mount::sniff(path).is_ok() {
+        let loop_file = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(true);
+        let mounted = super::mount::mount(path, loop_file, std::sync::Arc::new(super::mount::LinuxMount))?;
+        return read_json(&mounted.path().join(INDEX_FILE));
+    }
+    read_json(path)
+}
+
+fn read_json(file: &Path) -> Result<PartitionIndex, InspectError> {
+    let shown = file.display().to_string();
+    let bytes = std::fs::read(file).map_err(|source| InspectError::Io { path: shown.clone(), source })?;
     serde_json::from_slice(&bytes).map_err(|e| InspectError::Invalid { path: shown, message: e.to_string() })
 }
 

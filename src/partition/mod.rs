@@ -5,6 +5,7 @@
 pub mod erofs;
 pub mod index;
 pub mod inspect;
+pub mod mount;
 pub mod squashfs;
 pub mod tree;
 

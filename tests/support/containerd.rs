@@ -20,10 +20,7 @@ pub struct ContainerdOptions {
 
 impl Default for ContainerdOptions {
     fn default() -> Self {
-        ContainerdOptions {
-            sandbox_image: "registry.k8s.io/pause:3.10".into(),
-            start_timeout: Duration::from_secs(30),
-        }
+        ContainerdOptions { sandbox_image: "registry.k8s.io/pause:3.10".into(), start_timeout: Duration::from_secs(30) }
     }
 }
 

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+#[cfg(feature = "containerd")]
+pub mod cri;
 pub mod mount;
 pub mod images;
 pub mod registry;

@@ -1,0 +1,416 @@
+//! containerd's gRPC API over its unix socket, reduced to what the loader
+//! uses: content (info, write, label updates), leases, images, namespaces,
+//! and the snapshot and diff services for unpacking. Every call names its
+//! namespace (`containerd-namespace` metadata) and, where it creates
+//! resources, the lease that holds them (`containerd-lease`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1 as api;
+use containerd_client::services::v1::snapshots as snap;
+use containerd_client::tonic::{self, Code, Request, Status};
+use containerd_client::types as ctypes;
+use futures_util::StreamExt;
+use tonic::transport::Channel;
+
+use crate::digest::Digest;
+use crate::oci::Descriptor;
+
+/// gRPC metadata key naming the namespace of a call.
+pub const NAMESPACE_HEADER: &str = "containerd-namespace";
+/// gRPC metadata key naming the lease that holds what a call creates.
+pub const LEASE_HEADER: &str = "containerd-lease";
+/// Bytes per content write message (containerd accepts up to 16 MiB).
+const CHUNK: usize = 1 << 20;
+
+/// containerd could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "containerd is not answering on {socket} (waited {waited:?}): {last_error}; \
+     is containerd running, and is this its socket (--address)?"
+)]
+pub struct Unreachable {
+    /// The socket.
+    pub socket: PathBuf,
+    /// How long we waited.
+    pub waited: Duration,
+    /// The last connection error.
+    pub last_error: String,
+}
+
+/// Where a blob's bytes come from when writing it.
+#[derive(Clone)]
+pub enum BlobBytes {
+    /// A byte range of a file.
+    File {
+        /// The file.
+        file: Arc<File>,
+        /// Offset of the first byte.
+        offset: u64,
+    },
+    /// In memory.
+    Memory(Arc<[u8]>),
+}
+
+/// A connection to containerd.
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+fn metadata<T>(msg: T, namespace: &str, lease: Option<&str>) -> Result<Request<T>, Status> {
+    let mut req = Request::new(msg);
+    let md = req.metadata_mut();
+    let ns = namespace.parse().map_err(|_| Status::invalid_argument(format!("bad namespace {namespace:?}")))?;
+    md.insert(NAMESPACE_HEADER, ns);
+    if let Some(lease) = lease {
+        let l = lease.parse().map_err(|_| Status::invalid_argument(format!("bad lease id {lease:?}")))?;
+        md.insert(LEASE_HEADER, l);
+    }
+    Ok(req)
+}
+
+fn not_found<T>(r: Result<T, Status>) -> Result<Option<T>, Status> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(s) if s.code() == Code::NotFound => Ok(None),
+        Err(s) => Err(s),
+    }
+}
+
+/// A descriptor in containerd's wire form.
+pub fn to_wire(d: &Descriptor) -> ctypes::Descriptor {
+    ctypes::Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.to_string(),
+        size: d.size as i64,
+        annotations: HashMap::new(),
+    }
+}
+
+impl Client {
+    /// Connects to `socket`, retrying until containerd answers a version
+    /// request or `timeout` has passed.
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Client, Unreachable> {
+        let start = Instant::now();
+        let mut last_error;
+        loop {
+            last_error = match containerd_client::connect(socket).await {
+                Ok(channel) => {
+                    let mut v = api::version_client::VersionClient::new(channel.clone());
+                    match v.version(()).await {
+                        Ok(_) => return Ok(Client { channel }),
+                        Err(s) => format!("version request failed: {}", s.message()),
+                    }
+                }
+                Err(e) => {
+                    let mut msg = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(s) = src {
+                        msg = format!("{msg}: {s}");
+                        src = s.source();
+                    }
+                    msg
+                }
+            };
+            if start.elapsed() >= timeout {
+                return Err(Unreachable { socket: socket.to_path_buf(), waited: start.elapsed(), last_error });
+            }
+            tokio::time::sleep(Duration::from_millis(200).min(timeout.saturating_sub(start.elapsed()))).await;
+        }
+    }
+
+    fn content(&self) -> api::content_client::ContentClient<Channel> {
+        api::content_client::ContentClient::new(self.channel.clone())
+    }
+
+    fn images(&self) -> api::images_client::ImagesClient<Channel> {
+        api::images_client::ImagesClient::new(self.channel.clone())
+    }
+
+    fn leases(&self) -> api::leases_client::LeasesClient<Channel> {
+        api::leases_client::LeasesClient::new(self.channel.clone())
+    }
+
+    /// The labels of a blob, or `None` if the namespace does not have it.
+    pub async fn content_labels(&self, ns: &str, digest: &Digest) -> Result<Option<HashMap<String, String>>, Status> {
+        let req = metadata(api::InfoRequest { digest: digest.to_string() }, ns, None)?;
+        let info = not_found(self.content().info(req).await)?;
+        Ok(info.map(|r| r.into_inner().info.map(|i| i.labels).unwrap_or_default()))
+    }
+
+    /// Sets the given labels on a blob (other labels are kept).
+    pub async fn content_set_labels(
+        &self,
+        ns: &str,
+        digest: &Digest,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), Status> {
+        let info = api::Info {
+            digest: digest.to_string(),
+            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ..Default::default()
+        };
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        let req = api::UpdateRequest { info: Some(info), update_mask: Some(prost_types::FieldMask { paths }) };
+        self.content().update(metadata(req, ns, None)?).await?;
+        Ok(())
+    }
+
+    /// Writes a blob with its expected digest and size (containerd verifies
+    /// both at commit) and the labels to give it. Returns `false` if
+    /// containerd already had it.
+    pub async fn write_blob(
+        &self,
+        ns: &str,
+        lease: &str,
+        reference: String,
+        desc: &Descriptor,
+        bytes: BlobBytes,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool, WriteError> {
+        let total = desc.size as i64;
+        let expected = desc.digest.to_string();
+        let labels: HashMap<String, String> = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let size = desc.size;
+        // One message per chunk (at least one: the commit); the stream reads
+        // ahead two chunks. It is dropped when the call ends, whatever the
+        // outcome, so nothing waits on an abandoned reader.
+        let mut chunks: Vec<(u64, usize)> =
+            (0..size).step_by(CHUNK).map(|o| (o, (size - o).min(CHUNK as u64) as usize)).collect();
+        if chunks.is_empty() {
+            chunks.push((0, 0));
+        }
+        let count = chunks.len();
+        let read_error: Arc<std::sync::Mutex<Option<std::io::Error>>> = Arc::default();
+        let slot = read_error.clone();
+        let stream = futures_util::stream::iter(chunks.into_iter().enumerate())
+            .map(move |(i, (offset, n))| {
+                let bytes = bytes.clone();
+                async move {
+                    let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                        let mut data = vec![0u8; n];
+                        match &bytes {
+                            BlobBytes::File { file, offset: base } => file.read_exact_at(&mut data, base + offset)?,
+                            BlobBytes::Memory(m) => data.copy_from_slice(&m[offset as usize..offset as usize + n]),
+                        }
+                        Ok(data)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    (i, offset, data)
+                }
+            })
+            .buffered(2)
+            .scan((), move |_, (i, offset, data)| {
+                let msg = match data {
+                    Err(e) => {
+                        // End without committing; containerd drops the ingest.
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        None
+                    }
+                    Ok(data) => {
+                        let (first, last) = (i == 0, i + 1 == count);
+                        Some(api::WriteContentRequest {
+                            action: if last { api::WriteAction::Commit } else { api::WriteAction::Write } as i32,
+                            r#ref: reference.clone(),
+                            // Total and digest on the first message let
+                            // containerd refuse at once a blob it already has.
+                            total: if first || last { total } else { 0 },
+                            expected: if first || last { expected.clone() } else { String::new() },
+                            offset: offset as i64,
+                            data,
+                            labels: if last { labels.clone() } else { HashMap::new() },
+                        })
+                    }
+                };
+                std::future::ready(msg)
+            });
+        let result = async {
+            let req = metadata(stream, ns, Some(lease))?;
+            let mut responses = self.content().write(req).await?.into_inner();
+            while responses.message().await?.is_some() {}
+            Ok::<(), Status>(())
+        }
+        .await;
+        if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(WriteError::Read(e));
+        }
+        match result {
+            Err(s) if s.code() == Code::AlreadyExists => Ok(false),
+            Err(s) => Err(WriteError::Grpc(s)),
+            Ok(()) => Ok(true),
+        }
+    }
+
+    /// Creates a lease that expires on its own after `expire` (in case the
+    /// loader dies before deleting it).
+    pub async fn lease_create(&self, ns: &str, id: &str, expire: Duration) -> Result<(), Status> {
+        let until = std::time::SystemTime::now() + expire;
+        let mut labels = HashMap::new();
+        labels.insert("containerd.io/gc.expire".to_string(), rfc3339(until));
+        let req = api::CreateRequest { id: id.to_string(), labels };
+        self.leases().create(metadata(req, ns, None)?).await?;
+        Ok(())
+    }
+
+    /// Adds an existing blob to a lease, so GC keeps it until the image record exists.
+    pub async fn lease_add_content(&self, ns: &str, id: &str, digest: &Digest) -> Result<(), Status> {
+        let resource = api::Resource { id: digest.to_string(), r#type: "content".into() };
+        let req = api::AddResourceRequest { id: id.to_string(), resource: Some(resource) };
+        self.leases().add_resource(metadata(req, ns, None)?).await?;
+        Ok(())
+    }
+
+    /// Deletes a lease; `sync` waits for the garbage collection it triggers.
+    pub async fn lease_delete(&self, ns: &str, id: &str, sync: bool) -> Result<(), Status> {
+        let req = api::DeleteRequest { id: id.to_string(), sync };
+        not_found(self.leases().delete(metadata(req, ns, None)?).await)?;
+        Ok(())
+    }
+
+    /// An image record, if it exists.
+    pub async fn image_get(&self, ns: &str, name: &str) -> Result<Option<api::Image>, Status> {
+        let req = metadata(api::GetImageRequest { name: name.to_string() }, ns, None)?;
+        Ok(not_found(self.images().get(req).await)?.and_then(|r| r.into_inner().image))
+    }
+
+    /// Creates an image record.
+    pub async fn image_create(&self, ns: &str, image: api::Image) -> Result<(), Status> {
+        let req = api::CreateImageRequest { image: Some(image), source_date_epoch: None };
+        self.images().create(metadata(req, ns, None)?).await?;
+        Ok(())
+    }
+
+    /// Updates the given fields (`target`, `labels.<key>`) of an image record.
+    pub async fn image_update(&self, ns: &str, image: api::Image, paths: Vec<String>) -> Result<(), Status> {
+        let req = api::UpdateImageRequest {
+            image: Some(image),
+            update_mask: Some(prost_types::FieldMask { paths }),
+            source_date_epoch: None,
+        };
+        self.images().update(metadata(req, ns, None)?).await?;
+        Ok(())
+    }
+
+    /// Every image record of a namespace.
+    pub async fn images_list(&self, ns: &str) -> Result<Vec<api::Image>, Status> {
+        let req = metadata(api::ListImagesRequest { filters: vec![] }, ns, None)?;
+        Ok(self.images().list(req).await?.into_inner().images)
+    }
+
+    /// Every namespace.
+    pub async fn namespaces(&self) -> Result<Vec<String>, Status> {
+        let mut c = api::namespaces_client::NamespacesClient::new(self.channel.clone());
+        let resp = c.list(api::ListNamespacesRequest { filter: String::new() }).await?;
+        Ok(resp.into_inner().namespaces.into_iter().map(|n| n.name).collect())
+    }
+
+    fn snapshots(&self) -> snap::snapshots_client::SnapshotsClient<Channel> {
+        snap::snapshots_client::SnapshotsClient::new(self.channel.clone())
+    }
+
+    /// Whether a committed snapshot exists.
+    pub async fn snapshot_exists(&self, ns: &str, snapshotter: &str, key: &str) -> Result<bool, Status> {
+        let req = snap::StatSnapshotRequest { snapshotter: snapshotter.into(), key: key.into() };
+        Ok(not_found(self.snapshots().stat(metadata(req, ns, None)?).await)?.is_some())
+    }
+
+    /// Prepares an active snapshot on `parent`, returning its mounts.
+    pub async fn snapshot_prepare(
+        &self,
+        ns: &str,
+        lease: &str,
+        snapshotter: &str,
+        key: &str,
+        parent: &str,
+    ) -> Result<Vec<ctypes::Mount>, Status> {
+        let req = snap::PrepareSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: HashMap::new(),
+        };
+        Ok(self.snapshots().prepare(metadata(req, ns, Some(lease))?).await?.into_inner().mounts)
+    }
+
+    /// Commits an active snapshot under `name`.
+    pub async fn snapshot_commit(
+        &self,
+        ns: &str,
+        lease: &str,
+        snapshotter: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<(), Status> {
+        let req = snap::CommitSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            name: name.into(),
+            key: key.into(),
+            labels: HashMap::new(),
+        };
+        self.snapshots().commit(metadata(req, ns, Some(lease))?).await?;
+        Ok(())
+    }
+
+    /// Removes a snapshot.
+    pub async fn snapshot_remove(&self, ns: &str, snapshotter: &str, key: &str) -> Result<(), Status> {
+        let req = snap::RemoveSnapshotRequest { snapshotter: snapshotter.into(), key: key.into() };
+        not_found(self.snapshots().remove(metadata(req, ns, None)?).await)?;
+        Ok(())
+    }
+
+    /// Applies a layer blob onto mounts; returns the digest of the uncompressed diff.
+    pub async fn diff_apply(&self, ns: &str, layer: &Descriptor, mounts: Vec<ctypes::Mount>) -> Result<String, Status> {
+        let mut c = api::diff_client::DiffClient::new(self.channel.clone());
+        let req = api::ApplyRequest { diff: Some(to_wire(layer)), mounts, payloads: HashMap::new(), sync_fs: false };
+        let resp = c.apply(metadata(req, ns, None)?).await?.into_inner();
+        Ok(resp.applied.map(|d| d.digest).unwrap_or_default())
+    }
+}
+
+/// A blob write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// containerd refused it (digest or size mismatch, …).
+    #[error("{}", .0.message())]
+    Grpc(Status),
+    /// Reading the source failed.
+    #[error("reading the blob: {0}")]
+    Read(std::io::Error),
+}
+
+/// RFC 3339 UTC time with second precision, as containerd's labels expect.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,442 @@
+//! Importing one tarball: ask containerd which blobs it has, write only the
+//! missing ones (several at once, children before parents, with GC labels)
+//! under a lease, optionally unpack, then create or update the image records
+//! with the pin and source labels.
+//!
+//! The lease is only taken when something has to be written or an image
+//! record has to be created or retargeted; a load that finds everything in
+//! place only reads metadata.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::Image;
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::sync::{Mutex, Semaphore};
+
+use super::archive::Archive;
+use super::containerd::{to_wire, BlobBytes, Client};
+use super::image::{self, ArchiveImage, BlobData};
+use super::report::{millis, ImageReport, Outcome};
+use super::source::SourceImage;
+use super::{LoadOptions, LABEL_PINNED, LABEL_SOURCE, PINNED};
+
+/// How long an import lease lives if the loader dies before deleting it.
+const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
+
+/// Why one image failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The tarball could not be read or understood.
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    /// The tarball's size differs from `preseed.json`.
+    #[error("tarball is {found} bytes, preseed.json says {expected}: the partition is damaged or mixed up")]
+    TarballSize {
+        /// From the index.
+        expected: u64,
+        /// On disk.
+        found: u64,
+    },
+    /// The tarball's image is not the one `preseed.json` pins.
+    #[error("tarball holds {found}, preseed.json pins {expected}")]
+    RootMismatch {
+        /// From the index.
+        expected: String,
+        /// In the tarball.
+        found: String,
+    },
+    /// An image with no name to give it.
+    #[error("no name for image {0} (no io.containerd.image.name annotation, full ref.name or RepoTags)")]
+    Unnamed(String),
+    /// Writing a blob failed (containerd verifies digest and size).
+    #[error("writing {what} {digest}: {source}")]
+    Write {
+        /// Kind of blob.
+        what: &'static str,
+        /// Its digest.
+        digest: String,
+        /// What containerd or the read said.
+        source: super::containerd::WriteError,
+    },
+    /// Another containerd call failed.
+    #[error("containerd {op} {target}: {}", status.message())]
+    Grpc {
+        /// The operation.
+        op: &'static str,
+        /// What it was about.
+        target: String,
+        /// containerd's answer.
+        status: tonic::Status,
+    },
+    /// Unpacking failed.
+    #[error("unpacking: {0}")]
+    Unpack(String),
+}
+
+fn grpc(op: &'static str, target: impl ToString) -> impl FnOnce(tonic::Status) -> ImportError {
+    move |status| ImportError::Grpc { op, target: target.to_string(), status }
+}
+
+/// State shared by all imports of one load.
+pub struct Context {
+    client: Client,
+    source_id: String,
+    jobs: usize,
+    unpack: bool,
+    snapshotter: String,
+    writes: Semaphore,
+    leases: Mutex<HashMap<String, String>>,
+    lease_prefix: String,
+    counter: AtomicU64,
+}
+
+impl Context {
+    /// A context for one load.
+    pub fn new(client: Client, opts: &LoadOptions, source_id: String) -> Self {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        Context {
+            client,
+            source_id,
+            jobs: opts.jobs.max(1),
+            unpack: opts.unpack,
+            snapshotter: opts.snapshotter.clone(),
+            writes: Semaphore::new(opts.jobs.max(1)),
+            leases: Mutex::new(HashMap::new()),
+            lease_prefix: format!("preseed-load-{}-{nanos}", std::process::id()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn snapshotter(&self) -> &str {
+        &self.snapshotter
+    }
+
+    pub(crate) fn unique(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The namespace's import lease, created on first use.
+    pub(crate) async fn lease(&self, ns: &str) -> Result<String, ImportError> {
+        let mut leases = self.leases.lock().await;
+        if let Some(id) = leases.get(ns) {
+            return Ok(id.clone());
+        }
+        let id = self.lease_prefix.clone();
+        self.client.lease_create(ns, &id, LEASE_EXPIRY).await.map_err(grpc("creating lease in", ns))?;
+        leases.insert(ns.to_string(), id.clone());
+        Ok(id)
+    }
+
+    /// Deletes every lease taken, waiting for the garbage collection that
+    /// removes whatever no image record references (a failed image's blobs).
+    pub async fn release_leases(&self) -> Result<(), tonic::Status> {
+        let leases = std::mem::take(&mut *self.leases.lock().await);
+        let mut first_err = None;
+        for (ns, id) in leases {
+            if let Err(e) = self.client.lease_delete(&ns, &id, true).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Imports every image of one tarball; never fails as a whole.
+    pub async fn import_tarball(&self, img: SourceImage) -> Vec<ImageReport> {
+        let start = Instant::now();
+        let failed = |names: Vec<String>, e: ImportError| ImageReport {
+            namespace: img.namespace.clone(),
+            tarball: img.rel.clone(),
+            names,
+            outcome: Outcome::Failed,
+            error: Some(e.to_string()),
+            blobs_written: 0,
+            bytes_written: 0,
+            unpacked: false,
+            duration_ms: millis(start.elapsed()),
+        };
+        let path = img.path.clone();
+        let expected_size = img.size;
+        let opened = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<ArchiveImage>), ImportError> {
+            if let Some(expected) = expected_size {
+                let found = std::fs::metadata(&path)
+                    .map_err(|source| {
+                        image::ImageError::from(super::archive::ArchiveError::Io { path: path.clone(), source })
+                    })?
+                    .len();
+                if found != expected {
+                    return Err(ImportError::TarballSize { expected, found });
+                }
+            }
+            let archive = Archive::open(&path).map_err(image::ImageError::from)?;
+            let images = image::images(&archive)?;
+            Ok((archive, images))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ImportError::Unpack(format!("reader task failed: {e}"))));
+        let (archive, images) = match opened {
+            Ok(v) => v,
+            Err(e) => return vec![failed(img.names.clone(), e)],
+        };
+        if let Some(expected) = &img.digest {
+            // A preseed tarball holds exactly the image its index entry pins.
+            let roots: Vec<String> = images.iter().map(|i| i.root.digest.to_string()).collect();
+            if roots != [expected.to_string()] {
+                let e = ImportError::RootMismatch { expected: expected.to_string(), found: roots.join(", ") };
+                return vec![failed(img.names.clone(), e)];
+            }
+        }
+        let mut out = Vec::new();
+        for ai in images {
+            let started = Instant::now();
+            // preseed.json's names win; the archive's own are for compat dirs.
+            let names = if img.names.is_empty() { ai.names.clone() } else { img.names.clone() };
+            let mut stats = Stats::default();
+            let result = if names.is_empty() {
+                Err(ImportError::Unnamed(ai.root.digest.to_string()))
+            } else {
+                self.import_image(&img, &names, &archive, &ai, &mut stats).await
+            };
+            out.push(ImageReport {
+                namespace: img.namespace.clone(),
+                tarball: img.rel.clone(),
+                names,
+                outcome: match &result {
+                    Ok(o) => *o,
+                    Err(_) => Outcome::Failed,
+                },
+                error: result.err().map(|e| e.to_string()),
+                blobs_written: stats.blobs,
+                bytes_written: stats.bytes,
+                unpacked: stats.unpacked,
+                duration_ms: millis(started.elapsed()),
+            });
+        }
+        out
+    }
+
+    async fn import_image(
+        &self,
+        img: &SourceImage,
+        names: &[String],
+        archive: &Archive,
+        ai: &ArchiveImage,
+        stats: &mut Stats,
+    ) -> Result<Outcome, ImportError> {
+        let ns = img.namespace.as_str();
+        let c = &self.client;
+
+        // What containerd has: blob labels (None = missing) and image records.
+        let digests: Vec<_> = ai.blobs.iter().map(|b| b.descriptor.digest.clone()).collect();
+        let present: Vec<Option<HashMap<String, String>>> = futures_util::stream::iter(digests)
+            .map(|d| async move { c.content_labels(ns, &d).await.map_err(grpc("content info", &d)) })
+            .buffered(self.jobs * 2)
+            .try_collect()
+            .await?;
+        let mut records = Vec::new();
+        for name in names {
+            records.push(c.image_get(ns, name).await.map_err(grpc("image get", name))?);
+        }
+        let target = to_wire(&ai.root);
+        // Some name has no record yet, or one pointing elsewhere.
+        let retarget = records.iter().any(|r| {
+            r.as_ref()
+                .and_then(|i| i.target.as_ref())
+                .is_none_or(|t| t.digest != target.digest || t.media_type != target.media_type || t.size != target.size)
+        });
+        let missing = present.iter().any(Option::is_none);
+        let mut changed = false;
+
+        if missing || retarget {
+            let lease = self.lease(ns).await?;
+            // Hold what is already there until the image record references it.
+            for (b, p) in ai.blobs.iter().zip(&present) {
+                if p.is_some() {
+                    c.lease_add_content(ns, &lease, &b.descriptor.digest)
+                        .await
+                        .map_err(grpc("lease add", &b.descriptor.digest))?;
+                }
+            }
+            // Leaves (layers, configs) in parallel, then parents in order:
+            // a parent is committed with labels that name its children.
+            let leaves: Vec<image::Blob> = ai
+                .blobs
+                .iter()
+                .zip(&present)
+                .filter(|(b, p)| p.is_none() && !b.is_parent())
+                .map(|(b, _)| b.clone())
+                .collect();
+            let written: Vec<Option<u64>> = futures_util::stream::iter(leaves)
+                .map(|b| self.write(ns, &lease, archive, b))
+                .buffer_unordered(self.jobs)
+                .try_collect()
+                .await?;
+            for n in written.into_iter().flatten() {
+                stats.blobs += 1;
+                stats.bytes += n;
+            }
+            for (b, p) in ai.blobs.iter().zip(&present) {
+                if p.is_none() && b.is_parent() {
+                    if let Some(n) = self.write(ns, &lease, archive, b.clone()).await? {
+                        stats.blobs += 1;
+                        stats.bytes += n;
+                    }
+                }
+            }
+            changed = true;
+        }
+        // Parents that were there already but lack (some of) their GC labels.
+        for (b, p) in ai.blobs.iter().zip(&present) {
+            let Some(have) = p else { continue };
+            let lacking: BTreeMap<String, String> = b
+                .labels
+                .iter()
+                .filter(|(k, v)| have.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !lacking.is_empty() {
+                c.content_set_labels(ns, &b.descriptor.digest, &lacking)
+                    .await
+                    .map_err(grpc("content update", &b.descriptor.digest))?;
+                changed = true;
+            }
+        }
+
+        if self.unpack {
+            stats.unpacked = super::unpack::unpack(self, ns, archive, ai).await?;
+            changed |= stats.unpacked;
+        }
+
+        let mut created = false;
+        for (name, record) in names.iter().zip(records) {
+            match self.put_record(ns, name, img.pin, &target, record).await? {
+                Record::Unchanged => {}
+                Record::Created => created = true,
+                Record::Updated => changed = true,
+            }
+        }
+        Ok(if stats.blobs > 0 || created || retarget {
+            Outcome::Imported
+        } else if changed {
+            Outcome::Updated
+        } else {
+            Outcome::AlreadyPresent
+        })
+    }
+
+    /// Writes one blob; `Some(bytes)` if written, `None` if containerd had it.
+    async fn write(
+        &self,
+        ns: &str,
+        lease: &str,
+        archive: &Archive,
+        blob: image::Blob,
+    ) -> Result<Option<u64>, ImportError> {
+        let _permit = self.writes.acquire().await.expect("semaphore never closed");
+        let d = &blob.descriptor;
+        let bytes = match &blob.data {
+            BlobData::Entry(e) => BlobBytes::File { file: archive.file().clone(), offset: e.offset },
+            BlobData::Inline(b) => BlobBytes::Memory(b.clone()),
+        };
+        // Unique per write: two images sharing a blob may write it at once.
+        let reference = format!("{}-{}-{}", self.lease_prefix, self.unique(), &d.digest.hex()[..12]);
+        let what = if blob.is_parent() {
+            "manifest"
+        } else if d.media_type.contains("config") {
+            "config"
+        } else {
+            "layer"
+        };
+        let written = self
+            .client
+            .write_blob(ns, lease, reference, d, bytes, &blob.labels)
+            .await
+            .map_err(|source| ImportError::Write { what, digest: d.digest.to_string(), source })?;
+        Ok(written.then_some(d.size))
+    }
+
+    /// Creates or updates one image record: target, pin, source label.
+    async fn put_record(
+        &self,
+        ns: &str,
+        name: &str,
+        pin: bool,
+        target: &containerd_client::types::Descriptor,
+        existing: Option<Image>,
+    ) -> Result<Record, ImportError> {
+        let c = &self.client;
+        let mut want: BTreeMap<String, String> = BTreeMap::new();
+        want.insert(LABEL_SOURCE.into(), self.source_id.clone());
+        if pin {
+            want.insert(LABEL_PINNED.into(), PINNED.into());
+        }
+        let Some(existing) = existing else {
+            let image = Image {
+                name: name.to_string(),
+                labels: want.clone().into_iter().collect(),
+                target: Some(target.clone()),
+                ..Default::default()
+            };
+            match c.image_create(ns, image).await {
+                Ok(()) => return Ok(Record::Created),
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                    // Created meanwhile (by CRI or another loader): update it.
+                    let again = c.image_get(ns, name).await.map_err(grpc("image get", name))?;
+                    return Box::pin(self.put_record(ns, name, pin, target, again)).await;
+                }
+                Err(s) => return Err(grpc("image create", name)(s)),
+            }
+        };
+        let mut paths = Vec::new();
+        if existing.target.as_ref() != Some(target) {
+            paths.push("target".to_string());
+        }
+        for (k, v) in &want {
+            if existing.labels.get(k) != Some(v) {
+                paths.push(format!("labels.{k}"));
+            }
+        }
+        // No longer to be pinned: take the pin off only if this loader set it.
+        let ours = existing.labels.get(LABEL_SOURCE) == Some(&self.source_id);
+        if !pin && ours && existing.labels.contains_key(LABEL_PINNED) {
+            paths.push(format!("labels.{LABEL_PINNED}"));
+        }
+        if paths.is_empty() {
+            return Ok(Record::Unchanged);
+        }
+        let image = Image {
+            name: name.to_string(),
+            labels: want.into_iter().collect(),
+            target: Some(target.clone()),
+            ..Default::default()
+        };
+        c.image_update(ns, image, paths).await.map_err(grpc("image update", name))?;
+        Ok(Record::Updated)
+    }
+}
+
+enum Record {
+    Unchanged,
+    Created,
+    Updated,
+}
+
+#[derive(Default)]
+struct Stats {
+    blobs: usize,
+    bytes: u64,
+    unpacked: bool,
+}
+
+#[allow(dead_code)]
+fn _assert_send(c: Arc<Context>, img: SourceImage) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(async move { c.import_tarball(img).await });
+}

@@ -1,0 +1,251 @@
+//! The node side: import a partition's (or a preload directory's) image
+//! tarballs into a running containerd over its gRPC API.
+//!
+//! Pipeline: [`mount`] the partition read-only (or take a directory) →
+//! [`source`] lists the tarballs (`preseed.json`, else Monogon/k3s layouts) →
+//! [`archive`] reads each tarball by seeking → [`image`] works out blobs, GC
+//! labels and names → [`import`] writes what containerd lacks under a lease
+//! and creates the image records → unpin what is gone → [`report`].
+//!
+//! Invariants: the loader never talks to a registry; it never sets
+//! `io.cri-containerd.image` (containerd's CRI adds it on the image event);
+//! a second load of the same partition writes no content; one bad tarball
+//! never stops the others.
+//!
+//! Labels on image records: `io.cri-containerd.pinned=pinned` where the
+//! image is pinned (the sandbox image always is), and `dev.preseed.source=`
+//! the source path (`--image` file canonicalized, `--device` path as given,
+//! `--dir` canonicalized). A later load from the same source removes the pin
+//! from images carrying that source label whose names it no longer has; the
+//! images themselves stay, for kubelet's GC to decide.
+//!
+//! # Running it at boot
+//!
+//! A oneshot unit between containerd and kubelet:
+//!
+//! ```ini
+//! # /etc/systemd/system/preseed-load.service
+//! [Unit]
+//! Description=Import preseeded container images into containerd
+//! After=containerd.service
+//! Requires=containerd.service
+//! Before=kubelet.service
+//!
+//! [Service]
+//! Type=oneshot
+//! RemainAfterExit=yes
+//! ExecStart=/usr/bin/preseed load --device /dev/disk/by-partlabel/preseed
+//!
+//! [Install]
+//! WantedBy=multi-user.target
+//! RequiredBy=kubelet.service
+//! ```
+//!
+//! containerd's CRI must use the preseeded sandbox image, or the first pod
+//! start tries to pull its default one (containerd 1.6/1.7, config version 2):
+//!
+//! ```toml
+//! [plugins."io.containerd.grpc.v1.cri"]
+//!   sandbox_image = "registry.k8s.io/pause:3.10"   # the name in bundles.toml
+//! ```
+//!
+//! (containerd 2.x: `[plugins."io.containerd.cri.v1.images".pinned_images]
+//! sandbox = "…"`.) Without CAP_SYS_RESOURCE (some sandboxes, nested
+//! containers) the CRI plugin also needs `restrict_oom_score_adj = true`.
+
+pub mod archive;
+pub use crate::partition::mount;
+pub mod containerd;
+pub mod image;
+pub mod import;
+
+pub mod report;
+pub mod source;
+pub mod unpack;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+pub use report::{ImageReport, LoadReport, Outcome, Unpinned};
+
+/// containerd's default socket.
+pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+/// The CRI label that keeps kubelet's image GC away from an image.
+pub const LABEL_PINNED: &str = "io.cri-containerd.pinned";
+/// Its value.
+pub const PINNED: &str = "pinned";
+/// preseed's label on image records: the source they were loaded from, so a
+/// later load from the same source can unpin what is gone.
+pub const LABEL_SOURCE: &str = "dev.preseed.source";
+
+/// Where the images come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A partition image file, loop-mounted.
+    Image(PathBuf),
+    /// A block device holding the partition.
+    Device(PathBuf),
+    /// An already mounted partition, or a preload directory.
+    Dir(PathBuf),
+}
+
+/// How to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Where the images come from.
+    pub source: Source,
+    /// containerd's gRPC socket.
+    pub address: PathBuf,
+    /// How long to wait for containerd to answer.
+    pub timeout: Duration,
+    /// Blob writes (and images) in flight at once.
+    pub jobs: usize,
+    /// Also unpack the host platform's layers into the snapshotter.
+    pub unpack: bool,
+    /// Snapshotter to unpack into.
+    pub snapshotter: String,
+}
+
+impl LoadOptions {
+    /// Defaults: containerd's standard socket, 60 s timeout, 4 jobs, no unpack, overlayfs.
+    pub fn new(source: Source) -> Self {
+        LoadOptions {
+            source,
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            timeout: Duration::from_secs(60),
+            jobs: 4,
+            unpack: false,
+            snapshotter: "overlayfs".into(),
+        }
+    }
+}
+
+/// A failure that stops the whole load (per-image failures are in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The partition could not be mounted.
+    #[error(transparent)]
+    Mount(#[from] mount::MountError),
+    /// The source's contents could not be listed.
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    /// A `--dir` source that is not a directory.
+    #[error("{0}: not a directory")]
+    NotADirectory(PathBuf),
+    /// containerd did not answer in time.
+    #[error(transparent)]
+    Unreachable(#[from] containerd::Unreachable),
+}
+
+/// Imports every image of `opts.source` into containerd at `opts.address`.
+pub async fn load(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
+    load_with(opts, Arc::new(mount::LinuxMount)).await
+}
+
+/// [`load`] with the given mount syscalls.
+pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Result<LoadReport, LoadError> {
+    let start = Instant::now();
+    let (mounted, root, source_id) = match &opts.source {
+        Source::Image(p) => {
+            let m = mount::mount(p, true, sys)?;
+            let id = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+            let root = m.path().to_path_buf();
+            (Some(m), root, id.display().to_string())
+        }
+        // A device path is kept as given: /dev/disk/by-label/… is stable
+        // across partition versions where /dev/vdb may not be.
+        Source::Device(p) => {
+            let m = mount::mount(p, false, sys)?;
+            let root = m.path().to_path_buf();
+            (Some(m), root, p.display().to_string())
+        }
+        Source::Dir(p) => {
+            if !p.is_dir() {
+                return Err(LoadError::NotADirectory(p.clone()));
+            }
+            let id = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+            (None, p.clone(), id.display().to_string())
+        }
+    };
+    let listing = source::list(&root)?;
+    let client = containerd::Client::connect(&opts.address, opts.timeout).await?;
+    let ctx = Arc::new(import::Context::new(client.clone(), opts, source_id.clone()));
+
+    let jobs = opts.jobs.max(1);
+    let per_tarball: Vec<Vec<ImageReport>> = futures_util::stream::iter(listing.images.clone())
+        .map(|img| {
+            let ctx = ctx.clone();
+            async move { ctx.import_tarball(img).await }
+        })
+        .buffered(jobs)
+        .collect()
+        .await;
+    let images: Vec<ImageReport> = per_tarball.into_iter().flatten().collect();
+
+    let mut warnings = listing.warnings.clone();
+    // Names still in the source keep their pin, failed or not.
+    let keep: HashSet<(String, String)> =
+        images.iter().flat_map(|i| i.names.iter().map(|n| (i.namespace.clone(), n.clone()))).collect();
+    // A tarball that failed before its names were known might hold any of
+    // the pinned images: unpin nothing rather than the wrong thing.
+    let unknown: Vec<&str> = images.iter().filter(|i| i.names.is_empty()).map(|i| i.tarball.as_str()).collect();
+    let unpinned = if !unknown.is_empty() {
+        warnings.push(format!(
+            "not unpinning anything: the names in {} are unknown (it failed to read)",
+            unknown.join(", ")
+        ));
+        Vec::new()
+    } else {
+        match unpin_gone(&client, &source_id, &keep).await {
+            Ok(u) => u,
+            Err(e) => {
+                warnings.push(format!("could not unpin images no longer in the source: {}", e.message()));
+                Vec::new()
+            }
+        }
+    };
+    if let Err(e) = ctx.release_leases().await {
+        warnings.push(format!("could not delete the import lease (it expires on its own): {}", e.message()));
+    }
+    drop(mounted);
+    let bytes_written = images.iter().map(|i| i.bytes_written).sum();
+    Ok(LoadReport {
+        source: source_id,
+        images,
+        unpinned,
+        warnings,
+        bytes_written,
+        duration_ms: report::millis(start.elapsed()),
+    })
+}
+
+/// Removes the pinned label from images this loader pinned from `source`
+/// whose names are not in `keep`.
+async fn unpin_gone(
+    client: &containerd::Client,
+    source: &str,
+    keep: &HashSet<(String, String)>,
+) -> Result<Vec<Unpinned>, tonic::Status> {
+    let mut out = Vec::new();
+    for ns in client.namespaces().await? {
+        for img in client.images_list(&ns).await? {
+            let ours = img.labels.get(LABEL_SOURCE).map(String::as_str) == Some(source);
+            let pinned = img.labels.get(LABEL_PINNED).map(String::as_str) == Some(PINNED);
+            if !ours || !pinned || keep.contains(&(ns.clone(), img.name.clone())) {
+                continue;
+            }
+            let update = containerd_client::services::v1::Image {
+                name: img.name.clone(),
+                labels: HashMap::new(),
+                ..Default::default()
+            };
+            client.image_update(&ns, update, vec![format!("labels.{LABEL_PINNED}")]).await?;
+            out.push(Unpinned { namespace: ns.clone(), name: img.name });
+        }
+    }
+    Ok(out)
+}

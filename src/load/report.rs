@@ -1,0 +1,181 @@
+//! What a load did: one line per image (imported, updated, already present,
+//! failed), the images unpinned, and a summary; as text or JSON.
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::bundle::human_bytes;
+
+/// What happened to one image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Content was written or image records were created or retargeted.
+    Imported,
+    /// Everything was there; only labels (pin, GC references) were changed.
+    Updated,
+    /// Nothing to do.
+    AlreadyPresent,
+    /// The image could not be imported; see `error`.
+    Failed,
+}
+
+impl Outcome {
+    fn word(self) -> &'static str {
+        match self {
+            Outcome::Imported => "imported",
+            Outcome::Updated => "updated",
+            Outcome::AlreadyPresent => "present",
+            Outcome::Failed => "FAILED",
+        }
+    }
+}
+
+/// One image's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageReport {
+    /// containerd namespace.
+    pub namespace: String,
+    /// The tarball, relative to the source root.
+    pub tarball: String,
+    /// Image names (first is the main one); may be empty for a failed image.
+    pub names: Vec<String>,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Blobs written to the content store.
+    pub blobs_written: usize,
+    /// Bytes written to the content store.
+    pub bytes_written: u64,
+    /// Whether layers were unpacked into the snapshotter in this load.
+    pub unpacked: bool,
+    /// Time spent on this image, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// An image this loader had pinned whose tarball is no longer in the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unpinned {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// The whole load.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadReport {
+    /// The source, as recorded in the images' source label.
+    pub source: String,
+    /// Per image, in source order.
+    pub images: Vec<ImageReport>,
+    /// Images unpinned because their tarball is gone.
+    pub unpinned: Vec<Unpinned>,
+    /// Things skipped or worth knowing.
+    pub warnings: Vec<String>,
+    /// Total bytes written to the content store.
+    pub bytes_written: u64,
+    /// Wall time, in milliseconds.
+    pub duration_ms: u64,
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+
+impl LoadReport {
+    /// Whether any image failed (the command then exits non-zero).
+    pub fn failed(&self) -> bool {
+        self.images.iter().any(|i| i.outcome == Outcome::Failed)
+    }
+
+    /// Number of images with the given outcome.
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.images.iter().filter(|i| i.outcome == outcome).count()
+    }
+
+    /// Machine-readable report.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes")
+    }
+
+    /// One line per image and warning, then a summary line.
+    pub fn print_human(&self, out: &mut dyn Write) -> io::Result<()> {
+        for w in &self.warnings {
+            writeln!(out, "warning: {w}")?;
+        }
+        for i in &self.images {
+            let name = i.names.first().map(String::as_str).unwrap_or(&i.tarball);
+            let secs = i.duration_ms as f64 / 1000.0;
+            match &i.error {
+                Some(e) => writeln!(out, "{:<9} {name} [{}]: {e}", i.outcome.word(), i.namespace)?,
+                None => writeln!(
+                    out,
+                    "{:<9} {name} [{}] ({} blobs, {}{}, {secs:.2}s)",
+                    i.outcome.word(),
+                    i.namespace,
+                    i.blobs_written,
+                    human_bytes(i.bytes_written),
+                    if i.unpacked { ", unpacked" } else { "" },
+                )?,
+            }
+        }
+        for u in &self.unpinned {
+            writeln!(out, "unpinned  {} [{}] (no longer in {})", u.name, u.namespace, self.source)?;
+        }
+        writeln!(
+            out,
+            "preseed load: {} images: {} imported, {} updated, {} already present, {} failed; {} written in {:.2}s",
+            self.images.len(),
+            self.count(Outcome::Imported),
+            self.count(Outcome::Updated),
+            self.count(Outcome::AlreadyPresent),
+            self.count(Outcome::Failed),
+            human_bytes(self.bytes_written),
+            self.duration_ms as f64 / 1000.0,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_report_has_a_line_per_image_and_a_summary() {
+        let img = |outcome, error: Option<&str>| ImageReport {
+            namespace: "k8s.io".into(),
+            tarball: "k8s.io/x.tar".into(),
+            names: vec!["docker.io/library/x:1".into()],
+            outcome,
+            error: error.map(str::to_string),
+            blobs_written: 2,
+            bytes_written: 2048,
+            unpacked: false,
+            duration_ms: 120,
+        };
+        let r = LoadReport {
+            source: "/dev/vdb".into(),
+            images: vec![img(Outcome::Imported, None), img(Outcome::Failed, Some("digest mismatch"))],
+            unpinned: vec![Unpinned { namespace: "k8s.io".into(), name: "docker.io/library/old:1".into() }],
+            warnings: vec![],
+            bytes_written: 2048,
+            duration_ms: 1500,
+        };
+        assert!(r.failed());
+        let mut out = Vec::new();
+        r.print_human(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("imported  docker.io/library/x:1 [k8s.io] (2 blobs, 2.0 KiB, 0.12s)"), "{text}");
+        assert!(text.contains("FAILED    docker.io/library/x:1 [k8s.io]: digest mismatch"), "{text}");
+        assert!(text.contains("unpinned  docker.io/library/old:1 [k8s.io]"), "{text}");
+        assert!(text.contains("2 images: 1 imported, 0 updated, 0 already present, 1 failed"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["images"][1]["outcome"], "failed");
+    }
+}

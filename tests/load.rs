@@ -1,0 +1,512 @@
+//! The node-side loader against a real containerd (and runc) started by the
+//! test, with partitions made by the real mksquashfs / mkfs.erofs.
+#![cfg(feature = "containerd")]
+
+#[path = "load/fixtures.rs"]
+mod fixtures;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fixtures::Entry;
+use preseed::fetch::cache::BlobCache;
+use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
+use support::containerd::Containerd;
+
+/// Everything a partition test needs, or `None` (skipped) without it.
+fn prerequisites(format: &str) -> Option<Containerd> {
+    support::require_tool("gcc")?;
+    support::require_tool(if format == "erofs" { "mkfs.erofs" } else { "mksquashfs" })?;
+    fixtures::static_binary().or_else(|| {
+        if support::in_ci() {
+            panic!("gcc -static failed (libc6-dev static libc missing?)");
+        }
+        eprintln!("SKIPPED: gcc -static does not work here");
+        None
+    })?;
+    Containerd::start()
+}
+
+fn opts(source: Source, c: &Containerd) -> LoadOptions {
+    let mut o = LoadOptions::new(source);
+    o.address = c.socket().to_path_buf();
+    o.timeout = Duration::from_secs(10);
+    o
+}
+
+fn run(opts: &LoadOptions) -> LoadReport {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let report = rt.block_on(load::load(opts)).expect("load");
+    let mut out = Vec::new();
+    report.print_human(&mut out).unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out));
+    report
+}
+
+/// `ctr images ls` rows of a namespace: name → labels column.
+fn images(c: &Containerd, ns: &str) -> Vec<(String, String)> {
+    c.ctr_ok(&["-n", ns, "images", "ls"])
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols[0].to_string(), cols.last().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn names(c: &Containerd, ns: &str) -> Vec<String> {
+    // CRI adds its own `sha256:<config>` records in k8s.io; not ours.
+    let mut n: Vec<String> = images(c, ns).into_iter().map(|(n, _)| n).filter(|n| !n.starts_with("sha256:")).collect();
+    n.sort();
+    n
+}
+
+fn labels_of(c: &Containerd, ns: &str, name: &str) -> String {
+    images(c, ns).into_iter().find(|(n, _)| n == name).map(|(_, l)| l).unwrap_or_default()
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    cache: BlobCache,
+    root: PathBuf,
+}
+
+fn world() -> World {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
+    let root = tmp.path().to_path_buf();
+    World { _tmp: tmp, cache, root }
+}
+
+/// Three images: hello (two-platform index, extra name), pause (sandbox) in
+/// k8s.io, and a bigger one in `default`.
+fn three(w: &World) -> Vec<Entry> {
+    let mut hello = Entry::new("k8s.io", "hello", "preseed.local/hello:0.1", fixtures::multi(&w.cache, 1));
+    hello.names = vec!["registry.local/hello:latest".into()];
+    let mut pause =
+        Entry::new("k8s.io", "pause", "preseed.local/pause:1", fixtures::single(&w.cache, "pause", 2, 0, 0));
+    pause.sandbox = true;
+    // Big enough that the cold load is dominated by content, as on a real node.
+    let big =
+        Entry::new("default", "big", "docker.io/library/big:1", fixtures::single(&w.cache, "hello", 3, 4, 8 << 20));
+    vec![hello, pause, big]
+}
+
+fn make_partition(w: &World, entries: &[Entry], format: &str, name: &str) -> PathBuf {
+    let tree = w.root.join(format!("tree-{name}"));
+    fixtures::bundle_tree(&w.cache, entries, &tree);
+    fixtures::partition(&tree, &w.root.join(format!("{name}.{format}")), format)
+}
+
+fn mountinfo() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+}
+
+fn assert_nothing_mounted_from(before: &str) {
+    let after = mountinfo();
+    let new: Vec<&str> = after.lines().filter(|l| !before.contains(*l) && l.contains("preseed-mnt-")).collect();
+    assert!(new.is_empty(), "left mounted: {new:?}");
+}
+
+#[test]
+fn harness_starts_and_stops_containerd() {
+    let Some(c) = Containerd::start() else { return };
+    let out = c.ctr_ok(&["version"]);
+    assert!(out.contains("Server:"), "{out}");
+    let plugins = c.ctr_ok(&["plugins", "ls"]);
+    assert!(plugins.lines().any(|l| l.contains("io.containerd.grpc.v1") && l.contains(" cri ") && l.contains(" ok")));
+    let dir = c.dir().to_path_buf();
+    drop(c);
+    assert!(!dir.exists());
+}
+
+fn partition_imports_pins_runs_and_reloads(format: &str) {
+    let Some(c) = prerequisites(format) else { return };
+    let w = world();
+    let entries = three(&w);
+    let img = make_partition(&w, &entries, format, "p1");
+    let before = mountinfo();
+    let o = opts(Source::Image(img.clone()), &c);
+
+    let cold = run(&o);
+    assert!(!cold.failed(), "{}", cold.to_json());
+    assert_eq!(cold.count(Outcome::Imported), 3);
+    assert!(cold.bytes_written > 6 << 20);
+    assert_nothing_mounted_from(&before);
+
+    assert_eq!(
+        names(&c, "k8s.io"),
+        ["preseed.local/hello:0.1", "preseed.local/pause:1", "registry.local/hello:latest"]
+    );
+    assert_eq!(names(&c, "default"), ["docker.io/library/big:1"]);
+    for (ns, name) in [
+        ("k8s.io", "preseed.local/hello:0.1"),
+        ("k8s.io", "registry.local/hello:latest"),
+        ("default", "docker.io/library/big:1"),
+    ] {
+        let labels = labels_of(&c, ns, name);
+        assert!(labels.contains("io.cri-containerd.pinned=pinned"), "{name}: {labels}");
+        assert!(labels.contains("dev.preseed.source="), "{name}: {labels}");
+        let check = c.ctr_ok(&["-n", ns, "images", "check", &format!("name=={name}")]);
+        assert!(check.contains("complete"), "{check}");
+    }
+    // No lease left behind.
+    for ns in ["k8s.io", "default"] {
+        assert_eq!(c.ctr_ok(&["-n", ns, "leases", "ls", "-q"]).trim(), "");
+    }
+    // GC labels like containerd's own import.
+    let content = c.ctr_ok(&["-n", "k8s.io", "content", "ls"]);
+    assert!(content.contains("containerd.io/gc.ref.content.m.0="), "{content}");
+    assert!(content.contains("containerd.io/gc.ref.content.config="), "{content}");
+    assert!(content.contains("containerd.io/gc.ref.content.l.0="), "{content}");
+
+    // The image runs: its layer carries a static binary.
+    let out = c.ctr_ok(&["-n", "k8s.io", "run", "--rm", "preseed.local/hello:0.1", &format!("hello-{format}")]);
+    assert!(out.contains(fixtures::HELLO_LINE), "{out}");
+
+    let warm = run(&o);
+    assert!(!warm.failed());
+    assert_eq!(warm.count(Outcome::AlreadyPresent), 3, "{}", warm.to_json());
+    assert_eq!(warm.bytes_written, 0);
+    assert!(labels_of(&c, "k8s.io", "preseed.local/pause:1").contains("io.cri-containerd.pinned=pinned"));
+    assert_nothing_mounted_from(&before);
+    eprintln!(
+        "TIMING {format}: cold load {} ms ({} bytes), warm load {} ms ({:.1}% of cold)",
+        cold.duration_ms,
+        cold.bytes_written,
+        warm.duration_ms,
+        warm.duration_ms as f64 * 100.0 / cold.duration_ms.max(1) as f64
+    );
+}
+
+#[test]
+fn squashfs_partition_imports_pins_runs_and_reloads() {
+    partition_imports_pins_runs_and_reloads("squashfs");
+}
+
+#[test]
+fn erofs_partition_imports_pins_runs_and_reloads() {
+    partition_imports_pins_runs_and_reloads("erofs");
+}
+
+fn corrupt_first_layer(tarball: &Path, e: &Entry) {
+    let archive = preseed::load::archive::Archive::open(tarball).unwrap();
+    let at = archive.blob(&e.image.layers[0].digest).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(tarball).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"CORRUPT", at.offset + at.size / 2).unwrap();
+}
+
+#[test]
+fn corrupted_layer_fails_that_image_only_and_leaves_nothing() {
+    let Some(c) = prerequisites("squashfs") else { return };
+    let w = world();
+    let good =
+        Entry::new("k8s.io", "good", "preseed.local/good:1", fixtures::single(&w.cache, "hello", 10, 1, 1 << 20));
+    let bad = Entry::new("k8s.io", "bad", "preseed.local/bad:1", fixtures::single(&w.cache, "hello", 11, 2, 1 << 20));
+    let tree = w.root.join("tree");
+    fixtures::bundle_tree(&w.cache, &[bad.clone(), good.clone()], &tree);
+    // Corrupt the bad image's second layer (its own, not shared with good).
+    let mut bad_second = bad.clone();
+    bad_second.image.layers.remove(0);
+    corrupt_first_layer(&tree.join("k8s.io/bad.tar"), &bad_second);
+    let img = fixtures::partition(&tree, &w.root.join("p.squashfs"), "squashfs");
+
+    let report = run(&opts(Source::Image(img), &c));
+    assert!(report.failed());
+    let bad_r = report.images.iter().find(|i| i.tarball == "k8s.io/bad.tar").unwrap();
+    assert_eq!(bad_r.outcome, Outcome::Failed);
+    let err = bad_r.error.clone().unwrap();
+    assert!(err.contains("layer") && err.contains(&bad_second.image.layers[0].digest.to_string()), "{err}");
+    let good_r = report.images.iter().find(|i| i.tarball == "k8s.io/good.tar").unwrap();
+    assert_eq!(good_r.outcome, Outcome::Imported);
+    assert_eq!(names(&c, "k8s.io"), ["preseed.local/good:1"]);
+    assert_eq!(c.ctr_ok(&["-n", "k8s.io", "leases", "ls", "-q"]).trim(), "");
+    // The lease was deleted with a synchronous GC: none of bad's own blobs remain.
+    let content = c.ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"]);
+    let good_blobs: Vec<String> = good.image.blobs.iter().map(|d| d.digest.to_string()).collect();
+    for d in &bad.image.blobs {
+        let s = d.digest.to_string();
+        if !good_blobs.contains(&s) {
+            assert!(!content.contains(&s), "stray blob {s} of the failed image:\n{content}");
+        }
+    }
+    for s in &good_blobs {
+        assert!(content.contains(s.as_str()), "good blob {s} missing");
+    }
+    // No half-written ingest either.
+    assert!(c.ctr_ok(&["-n", "k8s.io", "content", "active"]).lines().count() <= 1);
+}
+
+#[test]
+fn containerd_not_running_is_a_clear_error_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = LoadOptions::new(Source::Dir(dir.path().to_path_buf()));
+    o.address = dir.path().join("nope.sock");
+    o.timeout = Duration::from_millis(800);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let start = std::time::Instant::now();
+    let err = rt.block_on(load::load(&o)).expect_err("must fail");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(800) && waited < Duration::from_secs(5), "{waited:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("containerd is not answering on") && msg.contains("nope.sock"), "{msg}");
+}
+
+#[test]
+fn neither_erofs_nor_squashfs_is_refused_and_nothing_is_mounted() {
+    if !support::require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, fixtures::noise(5, 1 << 20)).unwrap();
+    let before = mountinfo();
+    let loops_before = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .filter(|e| {
+            let p = e.as_ref().unwrap().path().join("loop/backing_file");
+            std::fs::read_to_string(p).map(|s| s.contains("junk.img")).unwrap_or(false)
+        })
+        .count();
+    let mut o = LoadOptions::new(Source::Image(junk.clone()));
+    o.address = dir.path().join("unused.sock");
+    o.timeout = Duration::from_millis(10);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let err = rt.block_on(load::load(&o)).expect_err("must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("neither an erofs nor a squashfs") && msg.contains("junk.img"), "{msg}");
+    assert_eq!(mountinfo(), before);
+    assert_eq!(loops_before, 0);
+    let attached = std::fs::read_dir("/sys/block").unwrap().any(|e| {
+        let p = e.unwrap().path().join("loop/backing_file");
+        std::fs::read_to_string(p).map(|s| s.contains("junk.img")).unwrap_or(false)
+    });
+    assert!(!attached, "a loop device was left attached to the junk file");
+}
+
+#[test]
+fn newer_partition_without_an_image_unpins_it() {
+    let Some(c) = prerequisites("erofs") else { return };
+    let w = world();
+    let a = Entry::new("k8s.io", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 20, 0, 0));
+    let b = Entry::new("k8s.io", "b", "preseed.local/b:1", fixtures::single(&w.cache, "pause", 21, 0, 0));
+    let p1 = make_partition(&w, &[a.clone(), b.clone()], "erofs", "v1");
+    let p2 = make_partition(&w, std::slice::from_ref(&a), "erofs", "v2");
+    // Same source path, newer contents: what a node sees after an update.
+    let installed = w.root.join("installed.erofs");
+    std::fs::copy(&p1, &installed).unwrap();
+    let o = opts(Source::Image(installed.clone()), &c);
+    assert!(!run(&o).failed());
+    assert!(labels_of(&c, "k8s.io", "preseed.local/b:1").contains("io.cri-containerd.pinned=pinned"));
+    // Someone else's pinned image is left alone.
+    c.ctr_ok(&["-n", "k8s.io", "images", "tag", "preseed.local/b:1", "other.local/b:1"]);
+    // (`tag` copies labels: drop our source label from the copy.)
+    c.ctr_ok(&[
+        "-n",
+        "k8s.io",
+        "images",
+        "label",
+        "other.local/b:1",
+        "io.cri-containerd.pinned=pinned",
+        "dev.preseed.source=",
+    ]);
+
+    std::fs::copy(&p2, &installed).unwrap();
+    let r = run(&o);
+    assert!(!r.failed());
+    assert_eq!(r.unpinned.len(), 1, "{}", r.to_json());
+    assert_eq!(r.unpinned[0].name, "preseed.local/b:1");
+    let b_labels = labels_of(&c, "k8s.io", "preseed.local/b:1");
+    assert!(!b_labels.contains("io.cri-containerd.pinned"), "{b_labels}");
+    assert!(labels_of(&c, "k8s.io", "preseed.local/a:1").contains("io.cri-containerd.pinned=pinned"));
+    assert!(labels_of(&c, "k8s.io", "other.local/b:1").contains("io.cri-containerd.pinned=pinned"));
+    // The unpinned image itself stays: only kubelet's GC may now remove it.
+    assert!(names(&c, "k8s.io").contains(&"preseed.local/b:1".to_string()));
+}
+
+#[test]
+fn monogon_and_k3s_directories_import_with_the_right_names() {
+    let Some(c) = prerequisites("squashfs") else { return };
+    let w = world();
+    // Monogon: <ns>/<name>.tar, plus strays that are warned about.
+    let monogon = w.root.join("monogon");
+    let m1 = Entry::new("default", "x", "docker.io/library/mono-x:1", fixtures::single(&w.cache, "hello", 30, 0, 0));
+    let m2 = Entry::new("k8s.io", "y", "registry.local/mono-y:2", fixtures::multi(&w.cache, 31));
+    fixtures::write_tarball(&w.cache, &m1, &monogon.join("default/x.tar"));
+    fixtures::write_tarball(&w.cache, &m2, &monogon.join("k8s.io/y.tar"));
+    std::fs::write(monogon.join("k8s.io/README"), "stray").unwrap();
+    std::fs::create_dir_all(monogon.join("k8s.io/sub")).unwrap();
+    let r = run(&opts(Source::Dir(monogon), &c));
+    assert!(!r.failed(), "{}", r.to_json());
+    assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+    assert_eq!(names(&c, "default"), ["docker.io/library/mono-x:1"]);
+    assert_eq!(names(&c, "k8s.io"), ["registry.local/mono-y:2"]);
+
+    // k3s: flat dir, all into k8s.io; plain, gzip, zstd and docker save.
+    let k3s = w.root.join("k3s");
+    std::fs::create_dir_all(&k3s).unwrap();
+    let plain =
+        Entry::new("k8s.io", "p", "docker.io/library/k3s-plain:1", fixtures::single(&w.cache, "hello", 40, 0, 0));
+    let gz =
+        Entry::new("k8s.io", "g", "docker.io/rancher/k3s-gz:1", fixtures::single(&w.cache, "hello", 41, 1, 100_000));
+    let zst = Entry::new("k8s.io", "z", "quay.io/k3s/zst:1", fixtures::multi(&w.cache, 42));
+    fixtures::write_tarball(&w.cache, &plain, &k3s.join("plain.tar"));
+    let tmp = w.root.join("t.tar");
+    fixtures::write_tarball(&w.cache, &gz, &tmp);
+    std::fs::write(k3s.join("gz.tar.gz"), fixtures::gzip(&std::fs::read(&tmp).unwrap())).unwrap();
+    fixtures::write_tarball(&w.cache, &zst, &tmp);
+    std::fs::write(k3s.join("z.tar.zst"), zstd::encode_all(&std::fs::read(&tmp).unwrap()[..], 3).unwrap()).unwrap();
+    let legacy = fixtures::single(&w.cache, "hello", 43, 1, 50_000);
+    fixtures::docker_save(&legacy, &["legacy:1", "example.com/team/legacy:1"], &k3s.join("legacy.tar"));
+    std::fs::write(k3s.join("images.txt"), "not an archive").unwrap();
+    let r = run(&opts(Source::Dir(k3s), &c));
+    assert!(!r.failed(), "{}", r.to_json());
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert_eq!(
+        names(&c, "k8s.io"),
+        [
+            "docker.io/library/k3s-plain:1",
+            "docker.io/library/legacy:1",
+            "docker.io/rancher/k3s-gz:1",
+            "example.com/team/legacy:1",
+            "quay.io/k3s/zst:1",
+            "registry.local/mono-y:2",
+        ]
+    );
+    for n in ["docker.io/library/legacy:1", "quay.io/k3s/zst:1", "docker.io/rancher/k3s-gz:1"] {
+        let check = c.ctr_ok(&["-n", "k8s.io", "images", "check", &format!("name=={n}")]);
+        assert!(check.contains("complete"), "{check}");
+    }
+    // The docker-save image (synthesized manifest) runs.
+    let out = c.ctr_ok(&["-n", "k8s.io", "run", "--rm", "docker.io/library/legacy:1", "legacy"]);
+    assert!(out.contains(fixtures::HELLO_LINE), "{out}");
+}
+
+#[test]
+fn unpack_puts_layers_in_the_snapshotter() {
+    let Some(c) = prerequisites("squashfs") else { return };
+    let w = world();
+    let e = Entry::new("k8s.io", "u", "preseed.local/unpacked:1", fixtures::multi(&w.cache, 50));
+    let tree = w.root.join("tree");
+    fixtures::bundle_tree(&w.cache, std::slice::from_ref(&e), &tree);
+    let mut o = opts(Source::Dir(tree), &c);
+    o.unpack = true;
+    let r = run(&o);
+    assert!(!r.failed(), "{}", r.to_json());
+    assert!(r.images[0].unpacked);
+    let diff_ids: Vec<String> = e.image.layer_tars.iter().map(|t| preseed::digest::Digest::of(t).to_string()).collect();
+    let snaps = c.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "overlayfs", "ls"]);
+    assert!(snaps.contains(&diff_ids[0]), "{snaps}");
+    assert_eq!(snaps.lines().filter(|l| l.contains("Committed")).count(), diff_ids.len(), "{snaps}");
+    let content = c.ctr_ok(&["-n", "k8s.io", "content", "ls"]);
+    assert!(content.contains("containerd.io/gc.ref.snapshot.overlayfs="), "{content}");
+    assert!(content.contains(&format!("containerd.io/uncompressed={}", diff_ids[0])), "{content}");
+    // Snapshots survive GC (held by the config's label) and a second load
+    // has nothing to do.
+    let r2 = run(&o);
+    assert_eq!(r2.images[0].outcome, Outcome::AlreadyPresent, "{}", r2.to_json());
+    let snaps2 = c.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "overlayfs", "ls"]);
+    assert_eq!(snaps, snaps2);
+    let out = c.ctr_ok(&["-n", "k8s.io", "run", "--rm", "preseed.local/unpacked:1", "unpacked"]);
+    assert!(out.contains(fixtures::HELLO_LINE), "{out}");
+}
+
+#[test]
+fn cri_starts_a_pod_sandbox_offline_with_the_loaded_pause_image() {
+    if support::require_tool("gcc").is_none() || fixtures::static_binary().is_none() {
+        return;
+    }
+    let sandbox = "preseed.local/pause:1";
+    let opts_c = support::containerd::ContainerdOptions { sandbox_image: sandbox.into(), ..Default::default() };
+    let Some(c) = Containerd::start_with(opts_c) else { return };
+    let w = world();
+    let mut pause = Entry::new("k8s.io", "pause", sandbox, fixtures::single(&w.cache, "pause", 60, 0, 0));
+    pause.sandbox = true;
+    let tree = w.root.join("tree");
+    fixtures::bundle_tree(&w.cache, &[pause], &tree);
+    let report = run(&opts(Source::Dir(tree), &c));
+    assert!(!report.failed(), "{}", report.to_json());
+
+    support::cri::run_host_network_pod_sandbox(c.socket(), || c.log());
+}
+
+#[test]
+fn device_source_mounts_the_block_device() {
+    use preseed::load::mount::{LinuxMount, MountSys};
+    let Some(c) = prerequisites("erofs") else { return };
+    let w = world();
+    let e = Entry::new("k8s.io", "dev", "preseed.local/dev:1", fixtures::single(&w.cache, "hello", 70, 0, 0));
+    let img = make_partition(&w, std::slice::from_ref(&e), "erofs", "dev");
+    // A loop device stands in for the node's partition; the handle keeps it
+    // attached (it detaches itself when the handle and mounts are gone).
+    let dev = LinuxMount.attach_loop(&img).unwrap();
+    let before = mountinfo();
+    let r = run(&opts(Source::Device(dev.device.clone()), &c));
+    assert!(!r.failed(), "{}", r.to_json());
+    assert_eq!(r.source, dev.device.display().to_string());
+    assert_eq!(names(&c, "k8s.io"), ["preseed.local/dev:1"]);
+    assert_nothing_mounted_from(&before);
+}
+
+#[test]
+fn content_writes_are_verified_and_not_repeated() {
+    use preseed::load::containerd::{BlobBytes, Client, WriteError};
+    use preseed::oci::{Descriptor, OCI_LAYER_GZIP};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let Some(c) = Containerd::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(c.socket(), Duration::from_secs(5)).await.unwrap();
+        client.lease_create("t", "l", Duration::from_secs(600)).await.unwrap();
+        let data: Arc<[u8]> = fixtures::noise(90, 3 << 20).into();
+        let d = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&data), data.len() as u64);
+        let write = |r: &str, d: Descriptor, b: Arc<[u8]>| {
+            let client = client.clone();
+            let r = r.to_string();
+            async move { client.write_blob("t", "l", r, &d, BlobBytes::Memory(b), &BTreeMap::new()).await }
+        };
+        assert!(write("a", d.clone(), data.clone()).await.unwrap(), "first write writes");
+        assert!(!write("b", d.clone(), data.clone()).await.unwrap(), "second write finds it");
+        // Same size, wrong bytes: containerd refuses the commit.
+        let mut wrong = data.to_vec();
+        wrong[12345] ^= 1;
+        let d2 = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&[1, 2, 3]), wrong.len() as u64);
+        let err = write("c", d2, wrong.into()).await.unwrap_err();
+        assert!(matches!(&err, WriteError::Grpc(_)) && err.to_string().contains("unexpected commit digest"), "{err}");
+        // Empty blob.
+        let empty: Arc<[u8]> = Vec::new().into();
+        let d3 = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&[]), 0);
+        assert!(write("d", d3, empty).await.unwrap());
+        client.lease_delete("t", "l", true).await.unwrap();
+    });
+    assert!(!c.ctr_ok(&["-n", "t", "content", "ls", "-q"]).contains("sha256"), "lease gone, GC removed all");
+}
+
+#[test]
+fn unreadable_compat_tarball_unpins_nothing() {
+    let Some(c) = prerequisites("squashfs") else { return };
+    let w = world();
+    let dir = w.root.join("k3s");
+    let a = Entry::new("k8s.io", "a", "docker.io/library/a:1", fixtures::single(&w.cache, "hello", 95, 0, 0));
+    let b = Entry::new("k8s.io", "b", "docker.io/library/b:1", fixtures::single(&w.cache, "pause", 96, 0, 0));
+    fixtures::write_tarball(&w.cache, &a, &dir.join("a.tar"));
+    fixtures::write_tarball(&w.cache, &b, &dir.join("b.tar"));
+    let o = opts(Source::Dir(dir.clone()), &c);
+    assert!(!run(&o).failed());
+    // b.tar is damaged: its names are unknown, so no pin may be removed.
+    std::fs::write(dir.join("b.tar"), fixtures::noise(97, 10_000)).unwrap();
+    let r = run(&o);
+    assert!(r.failed());
+    assert!(r.unpinned.is_empty());
+    assert!(r.warnings.iter().any(|w| w.contains("not unpinning")), "{:?}", r.warnings);
+    assert!(labels_of(&c, "k8s.io", "docker.io/library/b:1").contains("io.cri-containerd.pinned=pinned"));
+    // Gone for good: now it is unpinned.
+    std::fs::remove_file(dir.join("b.tar")).unwrap();
+    let r = run(&o);
+    assert_eq!(r.unpinned.len(), 1);
+    assert!(!labels_of(&c, "k8s.io", "docker.io/library/b:1").contains("io.cri-containerd.pinned"));
+}
