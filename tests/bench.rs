@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
 use support::containerd::Containerd;
@@ -51,6 +51,8 @@ struct BenchImage {
     /// Platforms kept (two for the sandbox image).
     platforms: Vec<&'static str>,
     sandbox: bool,
+    /// Config and layer digests (all platforms).
+    blobs: Vec<String>,
 }
 
 struct BenchCorpus {
@@ -147,6 +149,7 @@ fn push_corpus(reg: &Registry, s: f64) -> BenchCorpus {
         digest: idx.index_digest.clone(),
         platforms: vec!["linux/amd64", "linux/arm64"],
         sandbox: true,
+        blobs: idx.platforms.iter().flat_map(|(_, p)| p.blob_digests.keys().cloned()).collect(),
     });
     let mut single = |file: &str, layers: &[LayerSpec], media: Media| {
         let repo = format!("bench/{file}");
@@ -157,9 +160,10 @@ fn push_corpus(reg: &Registry, s: f64) -> BenchCorpus {
             file: file.into(),
             repo,
             tag: "v1".into(),
-            digest: img.manifest_digest,
+            digest: img.manifest_digest.clone(),
             platforms: vec!["linux/amd64"],
             sandbox: false,
+            blobs: img.blob_digests.keys().cloned().collect(),
         });
     };
     for (i, own) in apps.iter().enumerate() {
@@ -230,16 +234,61 @@ fn dir_bytes(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
+/// A bundle run's phases, seen from outside: the last blob stored in the
+/// cache ends the download, the last remembered tarball sha256 ends hashing
+/// the tarballs, the process exit ends writing the partition.
+#[derive(Clone, Copy, Debug, Default)]
+struct Phases {
+    fetch: f64,
+    tarball_sums: f64,
+    write: f64,
+}
+
+fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    std::fs::read_dir(dir).ok()?.flatten().filter_map(|e| e.metadata().ok()?.modified().ok()).max()
+}
+
 /// `preseed bundle` into `work/out-<format>` with cache `work/cache-<format>`.
-fn preseed_bundle(manifest: &Path, work: &Path, format: &str) -> (Sample, PathBuf, String) {
+fn preseed_bundle(manifest: &Path, work: &Path, format: &str) -> (Sample, Phases, PathBuf, String) {
     let out = work.join(format!("out-{format}"));
     let cache = work.join(format!("cache-{format}"));
     let bin = preseed();
     let out_s = out.display().to_string();
     let cache_s = cache.display().to_string();
     let args = ["bundle", "--no-progress", "--manifest", s(manifest), "--out", &out_s, "--cache", &cache_s, "--format", format];
+    let started = SystemTime::now();
     let sample = timed(&bin, &args);
-    (sample, out.join(format!("preseed.{format}")), cache_s)
+    let since = |t: Option<SystemTime>| t.and_then(|t| t.duration_since(started).ok()).map_or(0.0, |d| d.as_secs_f64());
+    let fetched = since(newest_mtime(&cache.join("blobs/sha256")));
+    let summed = since(newest_mtime(&cache.join("tarballs"))).max(fetched);
+    let phases = Phases { fetch: fetched, tarball_sums: summed - fetched, write: sample.secs - summed };
+    (sample, phases, out.join(format!("preseed.{format}")), cache_s)
+}
+
+/// The registry's own limit: GET every unique blob once, 8 at a time (like
+/// `preseed bundle --jobs 8`), keeping nothing.
+fn registry_floor(reg: &Registry, corpus: &BenchCorpus) -> f64 {
+    let mut gets: BTreeMap<&str, &str> = BTreeMap::new();
+    for img in &corpus.images {
+        for b in &img.blobs {
+            gets.entry(b.as_str()).or_insert(img.repo.as_str());
+        }
+    }
+    let gets: Vec<(&str, &str)> = gets.into_iter().collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..8 {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((digest, repo)) = gets.get(i) else { break };
+                let r = reg.call("GET", &format!("/v2/{repo}/blobs/{digest}"), &[], &[]);
+                assert_eq!(r.status, 200, "GET {repo} {digest}");
+                assert_eq!(r.body.len() as u64, corpus.unique_blobs[*digest]);
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
 }
 
 /// What a release engineer scripts with skopeo: every image to an
@@ -306,14 +355,14 @@ fn have_loader() -> bool {
 }
 
 /// `preseed load --image` into a fresh containerd, twice (cold, warm).
-fn preseed_load(partition: &Path) -> (Sample, Sample) {
+fn preseed_load(partition: &Path, images: usize) -> (Sample, Sample) {
     let ctrd = Containerd::start().expect("containerd");
     let sock = ctrd.socket().display().to_string();
     let args = ["load", "--image", s(partition), "--address", &sock];
     let cold = timed(&preseed(), &args);
     let warm = timed(&preseed(), &args);
     let listed = ctrd.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]);
-    assert!(listed.lines().count() >= 1, "preseed load imported nothing");
+    assert!(listed.lines().count() >= images, "preseed load imported {} of {images} images:\n{listed}", listed.lines().count());
     (cold, warm)
 }
 
@@ -404,7 +453,7 @@ impl Series {
         self.0.iter().map(|s| s.rss_kib).max().unwrap_or(0) as f64 / 1024.0
     }
     fn all(&self) -> String {
-        self.0.iter().map(|s| format!("{:.2}", s.secs)).collect::<Vec<_>>().join(" / ")
+        self.0.iter().map(|s| if s.secs < 1.0 { format!("{:.3}", s.secs) } else { format!("{:.2}", s.secs) }).collect::<Vec<_>>().join(" / ")
     }
 }
 
@@ -432,6 +481,11 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {:.1} GiB memory, Linux {kernel}", mem_kib as f64 / 1024.0 / 1024.0)
 }
 
+/// The 1-minute load average: other work on the machine skews the figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string)).unwrap_or_default()
+}
+
 #[test]
 #[ignore = "benchmark: run with `cargo xtask bench`"]
 fn bench() {
@@ -442,6 +496,7 @@ fn bench() {
         tool(t);
     }
     let total = Instant::now();
+    let load_before = loadavg();
     let scale = scale();
     let rounds = rounds();
     let reg = Registry::start().expect("docker-registry");
@@ -469,6 +524,8 @@ fn bench() {
     let mut ctr_copy = Series::default();
     let mut mk_ctr = Series::default();
     let mut limits = Vec::new();
+    let mut floors = Vec::new();
+    let mut phases: Vec<Phases> = Vec::new();
     let mut summaries = Vec::new();
     let mut erofs_partition = PathBuf::new();
 
@@ -481,13 +538,15 @@ fn bench() {
             match name {
                 "preseed erofs" | "preseed squashfs" => {
                     let format = if name == "preseed erofs" { "erofs" } else { "squashfs" };
-                    let (c, part, cache) = preseed_bundle(&manifest, &dir, format);
-                    let (w, _, _) = preseed_bundle(&manifest, &dir, format);
+                    let (c, p, part, cache) = preseed_bundle(&manifest, &dir, format);
+                    let (w, _, _, _) = preseed_bundle(&manifest, &dir, format);
                     cold.entry(name).or_default().0.push(c);
                     warm.entry(name).or_default().0.push(w);
                     parts.insert(name, dir_bytes(&part));
                     if format == "erofs" {
+                        phases.push(p);
                         limits.push(machine_limit(Path::new(&cache), &corpus.unique_blobs));
+                        floors.push(registry_floor(&reg, &corpus));
                         let keep = work.path().join("preseed.erofs");
                         std::fs::rename(&part, &keep).unwrap();
                         erofs_partition = keep;
@@ -527,7 +586,7 @@ fn bench() {
                 if !loader {
                     continue;
                 }
-                let (c, w) = preseed_load(&erofs_partition);
+                let (c, w) = preseed_load(&erofs_partition, corpus.images.len());
                 load_cold.0.push(c);
                 load_warm.0.push(w);
                 eprintln!("bench: round {} preseed load: cold {:.2}s, warm {:.2}s", round + 1, c.secs, w.secs);
@@ -551,9 +610,16 @@ fn bench() {
         parts: &parts,
         phases: [("skopeo copy", &skopeo_copy), ("mksquashfs (skopeo tree)", &mk_skopeo), ("ctr fetch + export", &ctr_copy), ("mksquashfs (ctr tree)", &mk_ctr)],
         limit,
+        floor: median(&floors),
+        phases_ours: Phases {
+            fetch: median(&phases.iter().map(|p| p.fetch).collect::<Vec<_>>()),
+            tarball_sums: median(&phases.iter().map(|p| p.tarball_sums).collect::<Vec<_>>()),
+            write: median(&phases.iter().map(|p| p.write).collect::<Vec<_>>()),
+        },
         loader,
         load: [&load_cold, &load_warm, &import_cold, &import_warm],
         total_secs: total.elapsed().as_secs_f64(),
+        loadavg: (load_before, loadavg()),
     }
     .render();
     println!("{report}");
@@ -573,10 +639,16 @@ struct Report<'a> {
     parts: &'a BTreeMap<&'a str, u64>,
     phases: [(&'a str, &'a Series); 4],
     limit: f64,
+    /// GET every unique blob once from the registry (median).
+    floor: f64,
+    /// Phases of the cold erofs bundle (medians).
+    phases_ours: Phases,
     loader: bool,
     /// preseed cold, preseed warm, ctr import cold, ctr import warm.
     load: [&'a Series; 4],
     total_secs: f64,
+    /// 1-minute load average before and after.
+    loadavg: (String, String),
 }
 
 impl Report<'_> {
@@ -602,7 +674,7 @@ impl Report<'_> {
             self.corpus.many_layers,
             self.gen_secs,
         );
-        let _ = writeln!(o, "* {} alternating rounds per contender, medians (all runs listed); each cold run gets an empty cache / fresh containerd; whole benchmark took {:.0}s\n", self.rounds, self.total_secs);
+        let _ = writeln!(o, "* {} alternating rounds per contender, medians (all runs listed); each cold run gets an empty cache / fresh containerd; whole benchmark took {:.0}s; load average {} before, {} after (other work on the machine skews the figures)\n", self.rounds, self.total_secs, self.loadavg.0, self.loadavg.1);
 
         let _ = writeln!(o, "## Bundle\n");
         let _ = writeln!(o, "| contender | cold (median) | runs | ratio to preseed erofs | warm (median) | cold / warm | peak RSS | partition bytes | partition / unique blobs |");
@@ -624,7 +696,14 @@ impl Report<'_> {
                 part as f64 / unique as f64,
             );
         }
-        let _ = writeln!(o, "| machine limit (read + sha256 the unique blobs once, all cores) | {:.2}s | | {:.2}× | | | | {} | 1 |\n", self.limit, self.limit / ours_s, mb(unique));
+        let _ = writeln!(o, "| machine limit (read + sha256 the unique blobs once, all cores) | {:.2}s | | {:.2}× | | | | {} | 1 |", self.limit, self.limit / ours_s, mb(unique));
+        let _ = writeln!(o, "| registry floor (GET every unique blob once, 8 connections, keep nothing) | {:.2}s | | {:.2}× | | | | | |\n", self.floor, self.floor / ours_s);
+        let ph = self.phases_ours;
+        let _ = writeln!(
+            o,
+            "preseed erofs cold, by phase (medians; from cache file mtimes): download + verify {:.2}s, tarball sha256s {:.2}s, partition write {:.2}s.\n",
+            ph.fetch, ph.tarball_sums, ph.write
+        );
         let _ = writeln!(o, "Peer phases (medians): {}.\n", self.phases.iter().map(|(n, s)| format!("{n} {:.2}s", s.secs())).collect::<Vec<_>>().join(", "));
         let _ = writeln!(o, "Peers at their strongest: mksquashfs `-noD -noF -noX` (no compression; layers are compressed already), `ctr content fetch` (a pull without unpacking) then `ctr images export`; both peers' trees are the same `k8s.io/<file>.tar` layout. Peak RSS is the largest process of a contender (`/usr/bin/time -f %M`).\n");
 
@@ -681,7 +760,55 @@ impl Report<'_> {
         } else {
             goal(&mut o, "peak RSS of load ≤ 128 MiB", "loader not merged".into(), None);
         }
+        self.notes(&mut o);
         o
+    }
+
+    /// Where a goal falls short, and why, from this run's figures.
+    fn notes(&self, o: &mut String) {
+        let ours = self.cold["preseed erofs"].secs();
+        let warm = self.warm["preseed erofs"].secs();
+        let ph = self.phases_ours;
+        let unique = self.corpus.unique_blob_bytes() as f64;
+        let _ = writeln!(o, "\n## Notes\n");
+        let _ = writeln!(
+            o,
+            "* Machine limit: this CPU has SHA-NI, so read + sha256 runs at {:.0} MB/s on all cores and the limit is {:.2}s. \
+             It leaves out two costs no bundler avoids here: the registry, on the same cores, needs {:.2}s just to serve the bytes once \
+             (registry floor), and the partition is a second copy of every byte (preseed's write phase, {:.2}s). \
+             Floor + write = {:.2}s = {:.1}× the limit, so \"within 3×\" is out of reach on a 2-core machine that also runs the registry.",
+            unique / self.limit / 1e6,
+            self.limit,
+            self.floor,
+            ph.write,
+            self.floor + ph.write,
+            (self.floor + ph.write) / self.limit
+        );
+        let _ = writeln!(
+            o,
+            "* Bundle warm ({warm:.2}s): nothing is downloaded or hashed, but the partition is written again from the cache ({:.0} MB copied). \
+             Skipping an unchanged partition (same plan as the one on disk) would bring it to the time of reading the manifests.",
+            self.parts["preseed erofs"] as f64 / 1e6
+        );
+        let _ = writeln!(
+            o,
+            "* Bundle cold ({ours:.2}s) is download + verify {:.2}s, tarball sha256s {:.2}s (every tarball re-read, a shared base once per tarball), \
+             partition write {:.2}s. To profile it: `PRESEED_BENCH_SERVE=/tmp/p cargo test --release --test bench serve_corpus -- --ignored` serves this corpus and writes `/tmp/p/bundles.toml`; run `perf record --call-graph dwarf target/release/preseed bundle …` against it.",
+            ph.fetch, ph.tarball_sums, ph.write
+        );
+        let _ = writeln!(
+            o,
+            "* squashfs partitions carry a shared layer once per tarball (squashfs has no chunk-level dedup; mksquashfs only dedups whole files), \
+             so they are larger than the unique blobs by the shared bytes. erofs, the default, stores it once: the partition goal applies to erofs."
+        );
+        if self.loader {
+            let _ = writeln!(
+                o,
+                "* Load cold: both loaders stream every byte through containerd's content API, which hashes each blob again and commits it \
+                 to its metadata database, so containerd's CPU time bounds both; the ctr loop also pays a process and an archive \
+                 scan per tarball. Load warm touches metadata only."
+            );
+        }
     }
 }
 
