@@ -7,6 +7,7 @@ mod progress;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -213,20 +214,20 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
     let downloaded_bytes: u64 = missing.values().map(|(_, d)| d.size).sum();
     if !missing.is_empty() {
         let bar = progress.bytes("downloading", downloaded_bytes);
-        let (registries, cache) = (&registries, &cache);
-        stream::iter(missing.values())
-            .map(|(i, blob)| {
-                let img = &images[*i];
-                let bar = &bar;
-                async move {
-                    registries
-                        .fetch_blob(&img.entry.label(), &img.entry.reference, blob, cache, &|n| bar.inc(n))
-                        .await
-                }
-            })
-            .buffer_unordered(opts.jobs.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
+        // One task per download, so hashing and writing use every core.
+        let registries = Arc::new(registries);
+        let tasks = missing.values().map(|(i, blob)| {
+            let (registries, cache, bar) = (registries.clone(), cache.clone(), bar.clone());
+            let (label, reference, blob) = (images[*i].entry.label(), images[*i].entry.reference.clone(), blob.clone());
+            async move {
+                tokio::spawn(async move {
+                    registries.fetch_blob(&label, &reference, &blob, &cache, &|n| bar.inc(n)).await
+                })
+                .await
+                .expect("download task panicked")
+            }
+        });
+        stream::iter(tasks).buffer_unordered(opts.jobs.max(1)).try_collect::<Vec<()>>().await?;
         bar.finish();
     }
 
@@ -278,15 +279,28 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
     // 4. Write the partition and the index beside it.
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let partition = opts.out.join(format!("preseed.{}", format.extension()));
-    progress.line(&format!("writing {}", partition.display()));
-    let partition_bytes = match format {
-        Format::Erofs => {
-            erofs::write(&tree, &partition).map_err(|source| BundleError::Erofs { path: partition.clone(), source })?.image_bytes
+    let stamp = Stamp::of(&tree, format);
+    let partition_bytes = match stamp.matches(&partition) {
+        Some(bytes) => {
+            progress.line(&format!("{} is up to date", partition.display()));
+            bytes
         }
-        Format::Squashfs => {
-            squashfs::write(&tree, &partition)
-                .map_err(|source| BundleError::Squashfs { path: partition.clone(), source })?
-                .image_bytes
+        None => {
+            progress.line(&format!("writing {}", partition.display()));
+            let bytes = match format {
+                Format::Erofs => {
+                    erofs::write(&tree, &partition)
+                        .map_err(|source| BundleError::Erofs { path: partition.clone(), source })?
+                        .image_bytes
+                }
+                Format::Squashfs => {
+                    squashfs::write(&tree, &partition)
+                        .map_err(|source| BundleError::Squashfs { path: partition.clone(), source })?
+                        .image_bytes
+                }
+            };
+            stamp.record(&partition);
+            bytes
         }
     };
     let index_path = opts.out.join(INDEX_FILE);
@@ -300,6 +314,62 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
         partition_bytes,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// What determines a partition's bytes: the format, the writer, and every
+/// file's path and segments (inline bytes by hash, blobs by digest). Recorded
+/// beside the image so a warm bundle with an unchanged plan skips rewriting it,
+/// as make would.
+#[derive(Serialize, Deserialize, PartialEq)]
+struct Stamp {
+    plan: Digest,
+    size: u64,
+    modified_ns: u128,
+}
+
+impl Stamp {
+    fn of(tree: &Tree, format: Format) -> Stamp {
+        use crate::partition::tree::Segment;
+        let mut h = Hasher::new();
+        h.update(format!("preseed {} {format}\n", env!("CARGO_PKG_VERSION")).as_bytes());
+        for (path, file) in tree.files() {
+            h.update(format!("file {path}\n").as_bytes());
+            for segment in &file.segments {
+                let line = match segment {
+                    Segment::Inline(bytes) => format!("inline {}\n", Digest::of(bytes)),
+                    Segment::Zeros(n) => format!("zeros {n}\n"),
+                    Segment::Blob { digest, size, .. } => format!("blob {digest} {size}\n"),
+                };
+                h.update(line.as_bytes());
+            }
+        }
+        Stamp { plan: h.finish(), size: 0, modified_ns: 0 }
+    }
+
+    fn path(partition: &Path) -> PathBuf {
+        let name = partition.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        partition.with_file_name(format!(".{name}.stamp"))
+    }
+
+    fn observed(&self, partition: &Path) -> Option<Stamp> {
+        let meta = std::fs::metadata(partition).ok()?;
+        let modified_ns = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+        Some(Stamp { plan: self.plan.clone(), size: meta.len(), modified_ns })
+    }
+
+    /// The partition's size if it was written from this very plan and not touched since.
+    fn matches(&self, partition: &Path) -> Option<u64> {
+        let recorded: Stamp = serde_json::from_slice(&std::fs::read(Self::path(partition)).ok()?).ok()?;
+        let observed = self.observed(partition)?;
+        (recorded == observed).then_some(observed.size)
+    }
+
+    /// Best effort: without a stamp the next run just rewrites the image.
+    fn record(&self, partition: &Path) {
+        if let Some(observed) = self.observed(partition) {
+            let _ = std::fs::write(Self::path(partition), serde_json::to_vec(&observed).unwrap_or_default());
+        }
+    }
 }
 
 /// Remembers tarball sha256s by what determines the tarball's bytes (the

@@ -50,6 +50,7 @@ impl Progress {
 }
 
 /// A progress bar, or nothing when not on a terminal.
+#[derive(Clone)]
 pub struct Bar(Option<ProgressBar>);
 
 impl Bar {
