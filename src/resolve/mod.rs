@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use std::io::Write;
@@ -274,7 +274,7 @@ impl Registries {
                         .writer(&blob.digest, Some(blob.size), &what)
                         .map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))?;
                     while let Some(chunk) = stream.stream.next().await {
-                        let chunk = chunk?;
+                        let chunk = chunk.map_err(digest_or_io)?;
                         // Guard against a server that streams forever.
                         if w.written() + chunk.len() as u64 > blob.size {
                             return Err(OciDistributionError::GenericError(Some(format!(
@@ -428,6 +428,16 @@ fn oci_ref(host: &str, r: &Reference) -> oci_client::Reference {
     }
 }
 
+/// oci-client reports a blob whose bytes do not hash to its digest as an I/O
+/// error at the end of the stream: surface it as the digest error it is, so
+/// it is not retried like a dropped connection (the next host is tried).
+fn digest_or_io(e: std::io::Error) -> OciDistributionError {
+    match e.downcast::<DigestError>() {
+        Ok(d) => OciDistributionError::DigestError(d),
+        Err(e) => OciDistributionError::IoError(e),
+    }
+}
+
 fn is_transient(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
@@ -445,6 +455,9 @@ fn is_transient(e: &OciDistributionError) -> bool {
 fn explain(host: &str, e: &OciDistributionError, configs: &BTreeMap<String, RegistryConfig>) -> String {
     let text = e.to_string();
     let hint = match e {
+        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+            return format!("digest mismatch: expected {expected}, found {actual}: the registry served other bytes than the digest names; nothing was cached");
+        }
         OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
             format!("authentication failed: run `docker login {host}` or add credentials for {host:?} to $DOCKER_CONFIG/config.json (~/.docker/config.json)")
         }
