@@ -453,7 +453,16 @@ fn is_transient(e: &OciDistributionError) -> bool {
 
 /// A message for a registry failure that says what to do.
 fn explain(host: &str, e: &OciDistributionError, configs: &BTreeMap<String, RegistryConfig>) -> String {
-    let text = e.to_string();
+    // reqwest's own message is only its kind ("error sending request"): the cause is in the chain.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text = format!("{text}: {line}");
+        }
+        source = cause.source();
+    }
     let hint = match e {
         OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
             return format!("digest mismatch: expected {expected}, found {actual}: the registry served other bytes than the digest names; nothing was cached");
