@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use std::io::Write;
@@ -265,7 +265,7 @@ impl Registries {
     ) -> Result<(), ResolveError> {
         let cache_err = |source| ResolveError::Cache { image: image.to_string(), source };
         let what = format!("blob {} of {image}", blob.digest);
-        let result = self
+        let result: Result<(), CacheError> = self
             .with_hosts(image, reference, |r| {
                 let what = what.clone();
                 async move {
@@ -280,7 +280,7 @@ impl Registries {
                         .writer(&blob.digest, Some(blob.size), &what)
                         .map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))?;
                     while let Some(chunk) = stream.stream.next().await {
-                        let chunk = chunk?;
+                        let chunk = chunk.map_err(digest_or_io)?;
                         // Guard against a server that streams forever.
                         if w.written() + chunk.len() as u64 > blob.size {
                             return Err(OciDistributionError::GenericError(Some(format!(
@@ -291,12 +291,22 @@ impl Registries {
                         w.write_all(&chunk)?;
                         progress(chunk.len() as u64);
                     }
-                    Ok(w)
+                    // Verified here, inside the host loop, so that a mirror
+                    // serving wrong bytes falls back to the next host.
+                    match w.commit() {
+                        Ok(_) => Ok(Ok(())),
+                        Err(CacheError::DigestMismatch { expected, found, .. }) => {
+                            Err(OciDistributionError::DigestError(DigestError::VerificationError {
+                                expected: expected.to_string(),
+                                actual: found.to_string(),
+                            }))
+                        }
+                        Err(other) => Ok(Err(other)),
+                    }
                 }
             })
             .await?;
-        result.commit().map_err(cache_err)?;
-        Ok(())
+        result.map_err(cache_err)
     }
 }
 
@@ -434,9 +444,23 @@ fn oci_ref(host: &str, r: &Reference) -> oci_client::Reference {
     }
 }
 
+/// oci-client reports a blob whose bytes do not hash to its digest as an I/O
+/// error at the end of the stream: surface it as the digest error it is, so
+/// it is not retried like a dropped connection (the next host is tried).
+fn digest_or_io(e: std::io::Error) -> OciDistributionError {
+    match e.downcast::<DigestError>() {
+        Ok(d) => OciDistributionError::DigestError(d),
+        Err(e) => OciDistributionError::IoError(e),
+    }
+}
+
 fn is_transient(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
+        // A 429 with the spec's error body (Docker Hub's rate limit) arrives as an envelope, not a code.
+        OciDistributionError::RegistryError { envelope, .. } => {
+            envelope.errors.iter().any(|e| e.code == OciErrorCode::Toomanyrequests)
+        }
         OciDistributionError::RequestError(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
         OciDistributionError::IoError(_) => true,
         _ => false,
@@ -445,8 +469,20 @@ fn is_transient(e: &OciDistributionError) -> bool {
 
 /// A message for a registry failure that says what to do.
 fn explain(host: &str, e: &OciDistributionError, configs: &BTreeMap<String, RegistryConfig>) -> String {
-    let text = e.to_string();
+    // reqwest's own message is only its kind ("error sending request"): the cause is in the chain.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text = format!("{text}: {line}");
+        }
+        source = cause.source();
+    }
     let hint = match e {
+        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+            return format!("digest mismatch: expected {expected}, found {actual}: the registry served other bytes than the digest names; nothing was cached");
+        }
         OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
             format!("authentication failed: run `docker login {host}` or add credentials for {host:?} to $DOCKER_CONFIG/config.json (~/.docker/config.json)")
         }
