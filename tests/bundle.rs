@@ -189,9 +189,17 @@ fn offline_uses_the_cache_or_names_the_missing_blob() {
     let (_, out) = bundle(dir.path(), &text, &[]);
     ok(&out);
     let before = reg.request_count();
-    let (_, out) = bundle(dir.path(), &text, &["--offline"]);
+    let (b, out) = bundle(dir.path(), &text, &["--offline"]);
     ok(&out);
     assert!(reg.requests_since(before).is_empty(), "offline bundle made requests");
+    // Nothing changed: the partition is not rewritten. Touched by hand: it is.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is up to date"), "{}", String::from_utf8_lossy(&out.stderr));
+    let partition = b.out.join("preseed.squashfs");
+    let good = sha256_file(&partition);
+    std::fs::OpenOptions::new().append(true).open(&partition).map(|mut f| std::io::Write::write_all(&mut f, b"x")).unwrap().unwrap();
+    let (_, out) = bundle(dir.path(), &text, &["--offline"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("is up to date"));
+    assert_eq!(sha256_file(&partition), good);
 }
 
 #[test]
