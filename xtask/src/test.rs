@@ -1,8 +1,9 @@
 //! `cargo xtask test`: install what the tests need, then run them all.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Debian packages the tests use, and a binary that tells each is there.
 const PACKAGES: &[(&str, &str)] = &[
@@ -43,5 +44,32 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(protoc) = crate::protoc() {
         cmd.env("PROTOC", protoc);
     }
-    crate::run_status(&mut cmd)
+    // Pass cargo's output through, adding up its per-binary results so the
+    // run ends on one line that counts every test.
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            for part in counts.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
