@@ -104,10 +104,21 @@ fn mountinfo() -> String {
     std::fs::read_to_string("/proc/self/mountinfo").unwrap()
 }
 
+/// No loader mount is left behind. Tests in this file run in parallel and
+/// mountinfo is shared by the whole mount namespace, so a mount seen once may
+/// be another test's, still loading: only one that stays for 10 s is a leak.
 fn assert_nothing_mounted_from(before: &str) {
-    let after = mountinfo();
-    let new: Vec<&str> = after.lines().filter(|l| !before.contains(*l) && l.contains("preseed-mnt-")).collect();
-    assert!(new.is_empty(), "left mounted: {new:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = mountinfo();
+        let new: Vec<String> =
+            after.lines().filter(|l| !before.contains(*l) && l.contains("preseed-mnt-")).map(str::to_string).collect();
+        if new.is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "left mounted: {new:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
