@@ -327,3 +327,84 @@ fn pin_writes_digests_keeping_comments() {
     );
     ok(&out);
 }
+
+/// A TLS registry whose certificate only the manifest's `ca` makes trusted.
+/// It serves the storage of a plain registry the test pushed to.
+struct TlsRegistry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRegistry {
+    fn start(storage: &Path, cert: &Path, key: &Path) -> TlsRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = support::free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: preseed-test\n  tls:\n    certificate: {}\n    key: {}\n",
+                storage.display(),
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "TLS registry did not start");
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        TlsRegistry { child, port, _dir: dir }
+    }
+}
+
+impl Drop for TlsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn https_registry_trusted_through_the_manifests_ca() {
+    if support::require_tool("openssl").is_none() {
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let pushed = images::push_image(&reg, "tls/app", "v1", &[LayerSpec::new(31, 1, 4096)], Media::Oci);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("key.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    let tls = TlsRegistry::start(&reg.dir().join("storage"), &cert, &key);
+    let host = format!("127.0.0.1:{}", tls.port);
+    let image = format!("[[image]]\nref = \"{host}/tls/app:v1@{}\"\n", pushed.manifest_digest);
+
+    // Without the CA: HTTPS fails (plain HTTP is never implied), saying what to add.
+    let (_, out) = bundle(dir.path(), &format!("[partition]\nformat = \"squashfs\"\n{image}"), &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("registry {host}: its TLS certificate is not trusted: add the CA")), "{stderr}");
+
+    // With `ca` (relative to bundles.toml): trusted, bundled.
+    let text = format!("[partition]\nformat = \"squashfs\"\n[registries.\"{host}\"]\nca = \"ca.pem\"\n\n{image}");
+    let (_, out) = bundle(dir.path(), &text, &[]);
+    ok(&out);
+}

@@ -492,6 +492,9 @@ fn explain(host: &str, e: &OciDistributionError, configs: &BTreeMap<String, Regi
         OciDistributionError::ImageManifestNotFoundError(_) | OciDistributionError::ServerError { code: 404, .. } => {
             "not found: check the repository name and digest".to_string()
         }
+        OciDistributionError::RequestError(re) if re.is_connect() && text.contains("certificate") => {
+            format!("its TLS certificate is not trusted: add the CA that signed it as `ca = \"path/to/ca.pem\"` under `[registries.{host:?}]`")
+        }
         OciDistributionError::RequestError(re) if re.is_connect() => {
             let insecure = configs.get(host).is_some_and(|c| c.insecure);
             if insecure {

@@ -15,6 +15,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("erofs-utils", "mkfs.erofs"),
     ("apache2-utils", "htpasswd"),
     ("protobuf-compiler", "protoc"),
+    ("openssl", "openssl"),
 ];
 
 fn have(binary: &str) -> bool {
