@@ -163,11 +163,9 @@ impl FromStr for Platform {
             [os, arch] if ok(os) && ok(arch) => {
                 Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: None })
             }
-            [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(Platform {
-                os: os.to_string(),
-                architecture: arch.to_string(),
-                variant: Some(v.to_string()),
-            }),
+            [os, arch, v] if ok(os) && ok(arch) && ok(v) => {
+                Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: Some(v.to_string()) })
+            }
             _ => Err(InvalidPlatform(s.to_string())),
         }
     }

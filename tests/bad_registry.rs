@@ -122,7 +122,8 @@ impl BadRegistry {
         listener.set_nonblocking(true).unwrap();
         let host = listener.local_addr().unwrap().to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = axum::Router::new().route("/v2/", any(serve)).route("/v2/{*rest}", any(serve)).with_state(shared.clone());
+        let app =
+            axum::Router::new().route("/v2/", any(serve)).route("/v2/{*rest}", any(serve)).with_state(shared.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
@@ -193,7 +194,8 @@ fn answer(shared: &mut Shared, method: &Method, path: &str) -> Response {
         Some(s) => s.first.pop_front().unwrap_or_else(|| s.then.clone()),
         None => Reply::Ok,
     };
-    let headers = [(header::CONTENT_TYPE, content_type), (header::HeaderName::from_static("docker-content-digest"), key.clone())];
+    let headers =
+        [(header::CONTENT_TYPE, content_type), (header::HeaderName::from_static("docker-content-digest"), key.clone())];
     let full = |bytes: Vec<u8>| {
         let len = bytes.len().to_string();
         let body = if method == Method::HEAD { Body::empty() } else { Body::from(bytes) };
@@ -463,7 +465,10 @@ fn mirror_serves_when_the_registry_is_down() {
     run.assert_ok();
     let served = reg.requests_since(before);
     for d in pushed.blob_digests.keys().chain([&pushed.manifest_digest]) {
-        assert!(served.iter().any(|r| r.method == "GET" && r.path.ends_with(d.as_str()) && matches!(r.status, 200 | 206)), "{d} not from the mirror");
+        assert!(
+            served.iter().any(|r| r.method == "GET" && r.path.ends_with(d.as_str()) && matches!(r.status, 200 | 206)),
+            "{d} not from the mirror"
+        );
     }
     let names = cache_names(&run.cache);
     for d in pushed.blob_digests.keys() {
@@ -499,7 +504,12 @@ fn corrupt_mirror_falls_back_to_the_registry() {
         .map(|d| (d.clone(), reg.call("GET", &format!("/v2/{REPO}/blobs/{d}"), &[], &[]).body))
         .collect();
     let layer = pushed.layer_digests[0].clone();
-    let mirror = BadRegistry::start(Image::with_manifest(images::OCI_MANIFEST, pushed.manifest_bytes.clone(), blobs, layer.clone()));
+    let mirror = BadRegistry::start(Image::with_manifest(
+        images::OCI_MANIFEST,
+        pushed.manifest_bytes.clone(),
+        blobs,
+        layer.clone(),
+    ));
     mirror.script(&layer, Script::always(Reply::Corrupt));
     let (real, bad) = (reg.host(), mirror.host.clone());
     let text = format!(

@@ -26,7 +26,8 @@ use support::registry::Registry;
 const MIB: usize = 1 << 20;
 
 /// The bundle contenders, in table order.
-const NAMES: [&str; 4] = ["preseed erofs", "preseed squashfs", "skopeo + mksquashfs", "ctr fetch + export + mksquashfs"];
+const NAMES: [&str; 4] =
+    ["preseed erofs", "preseed squashfs", "skopeo + mksquashfs", "ctr fetch + export + mksquashfs"];
 
 /// Rounds per contender (alternating). At least 3.
 fn rounds() -> usize {
@@ -136,7 +137,15 @@ fn push_corpus(reg: &Registry, s: f64) -> BenchCorpus {
     let mut out = Vec::new();
     let mut unique = BTreeMap::new();
     let mut manifest_bytes = 0u64;
-    let idx = images::push_index(reg, "bench/pause", "3.10", &[("linux", "amd64"), ("linux", "arm64")], 10, pause_layer, Media::Oci);
+    let idx = images::push_index(
+        reg,
+        "bench/pause",
+        "3.10",
+        &[("linux", "amd64"), ("linux", "arm64")],
+        10,
+        pause_layer,
+        Media::Oci,
+    );
     manifest_bytes += idx.index_bytes.len() as u64;
     for (_, p) in &idx.platforms {
         unique.extend(p.blob_digests.clone());
@@ -255,7 +264,18 @@ fn preseed_bundle(manifest: &Path, work: &Path, format: &str) -> (Sample, Phases
     let bin = preseed();
     let out_s = out.display().to_string();
     let cache_s = cache.display().to_string();
-    let args = ["bundle", "--no-progress", "--manifest", s(manifest), "--out", &out_s, "--cache", &cache_s, "--format", format];
+    let args = [
+        "bundle",
+        "--no-progress",
+        "--manifest",
+        s(manifest),
+        "--out",
+        &out_s,
+        "--cache",
+        &cache_s,
+        "--format",
+        format,
+    ];
     let started = SystemTime::now();
     let sample = timed(&bin, &args);
     let since = |t: Option<SystemTime>| t.and_then(|t| t.duration_since(started).ok()).map_or(0.0, |d| d.as_secs_f64());
@@ -362,7 +382,11 @@ fn preseed_load(partition: &Path, images: usize) -> (Sample, Sample) {
     let cold = timed(&preseed(), &args);
     let warm = timed(&preseed(), &args);
     let listed = ctrd.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]);
-    assert!(listed.lines().count() >= images, "preseed load imported {} of {images} images:\n{listed}", listed.lines().count());
+    assert!(
+        listed.lines().count() >= images,
+        "preseed load imported {} of {images} images:\n{listed}",
+        listed.lines().count()
+    );
     (cold, warm)
 }
 
@@ -382,7 +406,10 @@ fn ctr_import_loop(partition: &Path) -> (Sample, Sample) {
         for img in index["images"].as_array().unwrap() {
             let tar = mounted.path().join(img["path"].as_str().unwrap());
             let ns = img["namespace"].as_str().unwrap();
-            seq.add(timed(&ctr, &["--address", &sock, "-n", ns, "images", "import", "--all-platforms", "--no-unpack", s(&tar)]));
+            seq.add(timed(
+                &ctr,
+                &["--address", &sock, "-n", ns, "images", "import", "--all-platforms", "--no-unpack", s(&tar)],
+            ));
         }
         drop(mounted);
         Sample { secs: start.elapsed().as_secs_f64(), rss_kib: seq.0.rss_kib }
@@ -453,7 +480,11 @@ impl Series {
         self.0.iter().map(|s| s.rss_kib).max().unwrap_or(0) as f64 / 1024.0
     }
     fn all(&self) -> String {
-        self.0.iter().map(|s| if s.secs < 1.0 { format!("{:.3}", s.secs) } else { format!("{:.2}", s.secs) }).collect::<Vec<_>>().join(" / ")
+        self.0
+            .iter()
+            .map(|s| if s.secs < 1.0 { format!("{:.3}", s.secs) } else { format!("{:.2}", s.secs) })
+            .collect::<Vec<_>>()
+            .join(" / ")
     }
 }
 
@@ -477,13 +508,20 @@ fn machine() -> String {
         .and_then(|l| l.split_once(':'))
         .map_or("unknown", |(_, v)| v.trim())
         .to_string();
-    let kernel = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     format!("{cores} cores ({cpu}), {:.1} GiB memory, Linux {kernel}", mem_kib as f64 / 1024.0 / 1024.0)
 }
 
 /// The 1-minute load average: other work on the machine skews the figures.
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string)).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 #[test]
@@ -557,7 +595,10 @@ fn bench() {
                     let (copy, mk, bytes) = skopeo_mksquashfs(&corpus, &dir);
                     skopeo_copy.0.push(copy);
                     mk_skopeo.0.push(mk);
-                    cold.entry(name).or_default().0.push(Sample { secs: copy.secs + mk.secs, rss_kib: copy.rss_kib.max(mk.rss_kib) });
+                    cold.entry(name)
+                        .or_default()
+                        .0
+                        .push(Sample { secs: copy.secs + mk.secs, rss_kib: copy.rss_kib.max(mk.rss_kib) });
                     parts.insert(name, bytes);
                     summaries.push(format!("{name}: {:.2}s + {:.2}s", copy.secs, mk.secs));
                 }
@@ -565,7 +606,10 @@ fn bench() {
                     let (copy, mk, bytes) = ctr_export(&corpus, &dir);
                     ctr_copy.0.push(copy);
                     mk_ctr.0.push(mk);
-                    cold.entry(name).or_default().0.push(Sample { secs: copy.secs + mk.secs, rss_kib: copy.rss_kib.max(mk.rss_kib) });
+                    cold.entry(name)
+                        .or_default()
+                        .0
+                        .push(Sample { secs: copy.secs + mk.secs, rss_kib: copy.rss_kib.max(mk.rss_kib) });
                     parts.insert(name, bytes);
                     summaries.push(format!("{name}: {:.2}s + {:.2}s", copy.secs, mk.secs));
                 }
@@ -608,7 +652,12 @@ fn bench() {
         cold: &cold,
         warm: &warm,
         parts: &parts,
-        phases: [("skopeo copy", &skopeo_copy), ("mksquashfs (skopeo tree)", &mk_skopeo), ("ctr fetch + export", &ctr_copy), ("mksquashfs (ctr tree)", &mk_ctr)],
+        phases: [
+            ("skopeo copy", &skopeo_copy),
+            ("mksquashfs (skopeo tree)", &mk_skopeo),
+            ("ctr fetch + export", &ctr_copy),
+            ("mksquashfs (ctr tree)", &mk_ctr),
+        ],
         limit,
         floor: median(&floors),
         phases_ours: Phases {
@@ -696,7 +745,13 @@ impl Report<'_> {
                 part as f64 / unique as f64,
             );
         }
-        let _ = writeln!(o, "| machine limit (read + sha256 the unique blobs once, all cores) | {:.2}s | | {:.2}× | | | | {} | 1 |", self.limit, self.limit / ours_s, mb(unique));
+        let _ = writeln!(
+            o,
+            "| machine limit (read + sha256 the unique blobs once, all cores) | {:.2}s | | {:.2}× | | | | {} | 1 |",
+            self.limit,
+            self.limit / ours_s,
+            mb(unique)
+        );
         let _ = writeln!(o, "| registry floor (GET every unique blob once, 8 connections, keep nothing) | {:.2}s | | {:.2}× | | | | | |\n", self.floor, self.floor / ours_s);
         let ph = self.phases_ours;
         let _ = writeln!(
@@ -704,7 +759,11 @@ impl Report<'_> {
             "preseed erofs cold, by phase (medians; from cache file mtimes): download + verify {:.2}s, tarball sha256s {:.2}s, partition write {:.2}s.\n",
             ph.fetch, ph.tarball_sums, ph.write
         );
-        let _ = writeln!(o, "Peer phases (medians): {}.\n", self.phases.iter().map(|(n, s)| format!("{n} {:.2}s", s.secs())).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            o,
+            "Peer phases (medians): {}.\n",
+            self.phases.iter().map(|(n, s)| format!("{n} {:.2}s", s.secs())).collect::<Vec<_>>().join(", ")
+        );
         let _ = writeln!(o, "Peers at their strongest: mksquashfs `-noD -noF -noX` (no compression; layers are compressed already), `ctr content fetch` (a pull without unpacking) then `ctr images export`; both peers' trees are the same `k8s.io/<file>.tar` layout. Peak RSS is the largest process of a contender (`/usr/bin/time -f %M`).\n");
 
         let _ = writeln!(o, "## Load\n");
@@ -712,14 +771,41 @@ impl Report<'_> {
         if self.loader {
             let _ = writeln!(o, "| contender | cold (median) | runs | warm (median) | runs | peak RSS |");
             let _ = writeln!(o, "| --- | ---: | --- | ---: | --- | ---: |");
-            let _ = writeln!(o, "| `preseed load --image` | {:.2}s | {} | {:.3}s | {} | {:.0} MiB |", lc.secs(), lc.all(), lw.secs(), lw.all(), lc.rss_mib().max(lw.rss_mib()));
-            let _ = writeln!(o, "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} | (ctr client) |", ic.secs(), ic.all(), iw.secs(), iw.all());
-            let _ = writeln!(o, "| ratio (ctr / preseed) | {:.2}× | | {:.1}× | | |\n", ic.secs() / lc.secs(), iw.secs() / lw.secs());
+            let _ = writeln!(
+                o,
+                "| `preseed load --image` | {:.2}s | {} | {:.3}s | {} | {:.0} MiB |",
+                lc.secs(),
+                lc.all(),
+                lw.secs(),
+                lw.all(),
+                lc.rss_mib().max(lw.rss_mib())
+            );
+            let _ = writeln!(
+                o,
+                "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} | (ctr client) |",
+                ic.secs(),
+                ic.all(),
+                iw.secs(),
+                iw.all()
+            );
+            let _ = writeln!(
+                o,
+                "| ratio (ctr / preseed) | {:.2}× | | {:.1}× | | |\n",
+                ic.secs() / lc.secs(),
+                iw.secs() / lw.secs()
+            );
         } else {
             let _ = writeln!(o, "`preseed load`: n/a (loader not merged).\n");
             let _ = writeln!(o, "| contender | cold (median) | runs | warm (median) | runs |");
             let _ = writeln!(o, "| --- | ---: | --- | ---: | --- |");
-            let _ = writeln!(o, "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} |\n", ic.secs(), ic.all(), iw.secs(), iw.all());
+            let _ = writeln!(
+                o,
+                "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} |\n",
+                ic.secs(),
+                ic.all(),
+                iw.secs(),
+                iw.all()
+            );
         }
 
         let _ = writeln!(o, "## Goals (issue 6)\n");
@@ -734,17 +820,37 @@ impl Report<'_> {
             let _ = writeln!(o, "| {what} | {measured} | {r} |");
         };
         let skopeo = self.cold["skopeo + mksquashfs"].secs();
-        goal(&mut o, "bundle cold ≥ 3× faster than skopeo + mksquashfs", format!("{:.2}×", skopeo / ours_s), Some(skopeo / ours_s >= 3.0));
+        goal(
+            &mut o,
+            "bundle cold ≥ 3× faster than skopeo + mksquashfs",
+            format!("{:.2}×", skopeo / ours_s),
+            Some(skopeo / ours_s >= 3.0),
+        );
         let w = self.warm["preseed erofs"].secs();
         goal(&mut o, "bundle warm ≥ 10× faster than cold", format!("{:.0}×", ours_s / w), Some(ours_s / w >= 10.0));
-        goal(&mut o, "bundle cold within 3× of the machine's limit", format!("{:.2}×", ours_s / self.limit), Some(ours_s / self.limit <= 3.0));
+        goal(
+            &mut o,
+            "bundle cold within 3× of the machine's limit",
+            format!("{:.2}×", ours_s / self.limit),
+            Some(ours_s / self.limit <= 3.0),
+        );
         for name in ["preseed erofs", "preseed squashfs"] {
             let r = self.parts[name] as f64 / unique as f64;
             goal(&mut o, &format!("partition ({name}) ≤ 1.02 × unique blob bytes"), format!("{r:.4}"), Some(r <= 1.02));
         }
         if self.loader {
-            goal(&mut o, "load cold ≥ 4× faster than the ctr import loop", format!("{:.2}×", ic.secs() / lc.secs()), Some(ic.secs() / lc.secs() >= 4.0));
-            goal(&mut o, "load warm ≥ 50× faster than the ctr import loop", format!("{:.1}×", iw.secs() / lw.secs()), Some(iw.secs() / lw.secs() >= 50.0));
+            goal(
+                &mut o,
+                "load cold ≥ 4× faster than the ctr import loop",
+                format!("{:.2}×", ic.secs() / lc.secs()),
+                Some(ic.secs() / lc.secs() >= 4.0),
+            );
+            goal(
+                &mut o,
+                "load warm ≥ 50× faster than the ctr import loop",
+                format!("{:.1}×", iw.secs() / lw.secs()),
+                Some(iw.secs() / lw.secs() >= 50.0),
+            );
         } else {
             goal(&mut o, "load cold ≥ 4× faster than the ctr import loop", "loader not merged".into(), None);
             goal(&mut o, "load warm ≥ 50× faster than the ctr import loop", "loader not merged".into(), None);
@@ -827,7 +933,12 @@ fn serve_corpus() {
     let reg = Registry::start().expect("docker-registry");
     let corpus = push_corpus(&reg, scale());
     std::fs::write(dir.join("bundles.toml"), corpus.manifest()).unwrap();
-    eprintln!("serving {} at {}; touch {} to stop", mb(corpus.unique_blob_bytes()), reg.host(), dir.join("stop").display());
+    eprintln!(
+        "serving {} at {}; touch {} to stop",
+        mb(corpus.unique_blob_bytes()),
+        reg.host(),
+        dir.join("stop").display()
+    );
     while !dir.join("stop").exists() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }

@@ -113,7 +113,8 @@ fn corpus_end_to_end(format: &str) {
             assert_eq!(inspected["Digest"], image.digest, "skopeo sees the pinned manifest of {}", entry.path);
         }
 
-        let imported = ctrd.ctr_ok(&["-n", &entry.namespace, "images", "import", "--all-platforms", tarball.to_str().unwrap()]);
+        let imported =
+            ctrd.ctr_ok(&["-n", &entry.namespace, "images", "import", "--all-platforms", tarball.to_str().unwrap()]);
         eprintln!("{imported}");
         let listed = ctrd.ctr_ok(&["-n", &entry.namespace, "images", "ls", "-q"]);
         assert!(listed.lines().any(|l| l == entry.name), "{} not in {listed}", entry.name);
@@ -122,14 +123,21 @@ fn corpus_end_to_end(format: &str) {
     }
     // Extra names and namespaces made it into the index.
     let app_a = index.images.iter().find(|i| i.file == "app-a").unwrap();
-    assert_eq!((app_a.namespace.as_str(), app_a.names.as_slice()), ("apps", &["registry.local/app-a:stable".to_string()][..]));
+    assert_eq!(
+        (app_a.namespace.as_str(), app_a.names.as_slice()),
+        ("apps", &["registry.local/app-a:stable".to_string()][..])
+    );
     let multi = index.images.iter().find(|i| i.file == "multi").unwrap();
     assert_eq!(multi.platforms, ["linux/amd64", "linux/arm64"]);
 
     // The figures for the note: partition vs unique blobs.
     let unique: u64 = corpus.unique_blob_bytes()
         + corpus.images.iter().map(|i| i.manifest_bytes.len() as u64).sum::<u64>()
-        + corpus.images.iter().flat_map(|i| i.platforms.iter().map(|(_, p)| p.manifest_bytes.len() as u64)).sum::<u64>();
+        + corpus
+            .images
+            .iter()
+            .flat_map(|i| i.platforms.iter().map(|(_, p)| p.manifest_bytes.len() as u64))
+            .sum::<u64>();
     let part = std::fs::metadata(&partition).unwrap().len();
     eprintln!(
         "{format}: partition {part} bytes, tarballs {tar_bytes} bytes, unique blobs {unique} bytes, ratio {:.3}",
@@ -161,7 +169,8 @@ fn bundles_are_byte_identical_across_caches() {
         // Second cache: the same blobs, written in reverse order, then offline.
         let two = tempfile::tempdir().unwrap();
         let cache_b = BlobCache::open(two.path().join("cache")).unwrap();
-        let mut blobs: Vec<_> = std::fs::read_dir(a.cache.join("blobs/sha256")).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut blobs: Vec<_> =
+            std::fs::read_dir(a.cache.join("blobs/sha256")).unwrap().map(|e| e.unwrap().path()).collect();
         blobs.sort();
         blobs.reverse();
         for p in blobs {
@@ -171,7 +180,10 @@ fn bundles_are_byte_identical_across_caches() {
         ok(&out);
         let name = format!("preseed.{format}");
         assert_eq!(sha256_file(&a.out.join(&name)), sha256_file(&b.out.join(&name)), "{format} partitions differ");
-        assert_eq!(std::fs::read(a.out.join("preseed.json")).unwrap(), std::fs::read(b.out.join("preseed.json")).unwrap());
+        assert_eq!(
+            std::fs::read(a.out.join("preseed.json")).unwrap(),
+            std::fs::read(b.out.join("preseed.json")).unwrap()
+        );
     }
 }
 
@@ -196,7 +208,12 @@ fn offline_uses_the_cache_or_names_the_missing_blob() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is up to date"), "{}", String::from_utf8_lossy(&out.stderr));
     let partition = b.out.join("preseed.squashfs");
     let good = sha256_file(&partition);
-    std::fs::OpenOptions::new().append(true).open(&partition).map(|mut f| std::io::Write::write_all(&mut f, b"x")).unwrap().unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&partition)
+        .map(|mut f| std::io::Write::write_all(&mut f, b"x"))
+        .unwrap()
+        .unwrap();
     let (_, out) = bundle(dir.path(), &text, &["--offline"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("is up to date"));
     assert_eq!(sha256_file(&partition), good);
@@ -236,7 +253,8 @@ fn basic_auth_from_docker_config() {
     // With a docker config holding them: works.
     let docker = tempfile::tempdir().unwrap();
     let auth = base64_encode(b"builder:s3cret");
-    std::fs::write(docker.path().join("config.json"), format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#)).unwrap();
+    std::fs::write(docker.path().join("config.json"), format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#))
+        .unwrap();
     let with = preseed(&args("b").iter().map(String::as_str).collect::<Vec<_>>(), &[("DOCKER_CONFIG", docker.path())]);
     ok(&with);
 }
@@ -251,7 +269,13 @@ fn base64_encode(bytes: &[u8]) -> String {
 fn killed_bundle_resumes_and_cache_stays_valid() {
     let Some(reg) = Registry::start() else { return };
     // Big enough that the download is still running when we kill it.
-    let pushed = images::push_image(&reg, "big/app", "v1", &[LayerSpec::new(901, 12, 8 << 20), LayerSpec::new(902, 12, 8 << 20)], Media::Oci);
+    let pushed = images::push_image(
+        &reg,
+        "big/app",
+        "v1",
+        &[LayerSpec::new(901, 12, 8 << 20), LayerSpec::new(902, 12, 8 << 20)],
+        Media::Oci,
+    );
     let host = reg.host();
     let text = format!(
         "[partition]\nformat = \"squashfs\"\n[registries.\"{host}\"]\ninsecure = true\n\n[[image]]\nref = \"{host}/big/app:v1@{}\"\n",
@@ -279,7 +303,12 @@ fn killed_bundle_resumes_and_cache_stays_valid() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let killed_mid_blob = loop {
         let partial = std::fs::read_dir(&blobs)
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp") && e.metadata().map(|m| m.len() > 0).unwrap_or(false)))
+            .map(|d| {
+                d.flatten().any(|e| {
+                    e.file_name().to_string_lossy().starts_with(".tmp")
+                        && e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+                })
+            })
             .unwrap_or(false);
         if partial {
             child.kill().unwrap();
@@ -297,7 +326,8 @@ fn killed_bundle_resumes_and_cache_stays_valid() {
     assert!(c.verify_all().unwrap().is_empty(), "a blob's content does not match its name");
     let status = run().wait().unwrap();
     assert!(status.success());
-    let names: BTreeSet<String> = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: BTreeSet<String> =
+        std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     for d in pushed.blob_digests.keys() {
         assert!(names.contains(d.trim_start_matches("sha256:")), "{d} missing after resume");
     }
@@ -318,11 +348,21 @@ fn pin_writes_digests_keeping_comments() {
     std::fs::write(&manifest, &text).unwrap();
     ok(&preseed(&["pin", "--manifest", manifest.to_str().unwrap()], &[]));
     let after = std::fs::read_to_string(&manifest).unwrap();
-    let expected = text.replace(&format!("{host}/pin/app:v2\""), &format!("{host}/pin/app:v2@{}\"", pushed.manifest_digest));
+    let expected =
+        text.replace(&format!("{host}/pin/app:v2\""), &format!("{host}/pin/app:v2@{}\"", pushed.manifest_digest));
     assert_eq!(after, expected);
     // Pinned now: bundling needs no --allow-unpinned.
     let out = preseed(
-        &["bundle", "--no-progress", "--format", "squashfs", "--manifest", manifest.to_str().unwrap(), "--out", dir.path().join("out").to_str().unwrap()],
+        &[
+            "bundle",
+            "--no-progress",
+            "--format",
+            "squashfs",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ],
         &[],
     );
     ok(&out);

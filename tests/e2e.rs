@@ -22,13 +22,19 @@ fn preseed(args: &[&str]) -> Output {
 }
 
 fn ok(what: &str, out: &Output) -> String {
-    assert!(out.status.success(), "{what} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn load_json(partition: &Path, socket: &Path) -> (serde_json::Value, f64) {
     let start = Instant::now();
-    let out = preseed(&["load", "--image", partition.to_str().unwrap(), "--address", socket.to_str().unwrap(), "--json"]);
+    let out =
+        preseed(&["load", "--image", partition.to_str().unwrap(), "--address", socket.to_str().unwrap(), "--json"]);
     let secs = start.elapsed().as_secs_f64();
     (serde_json::from_str(&ok("preseed load", &out)).unwrap(), secs)
 }
@@ -53,15 +59,26 @@ fn default_bundle_boots_a_node_offline() {
         std::fs::write(dir.path().join("bundles.toml"), manifest).unwrap();
         let d = |p: &str| dir.path().join(p).display().to_string();
         let out = preseed(&[
-            "bundle", "--no-progress", "--manifest", &d("bundles.toml"), "--workspace", workspace, "--out", &d("out"), "--cache", &d("cache"),
+            "bundle",
+            "--no-progress",
+            "--manifest",
+            &d("bundles.toml"),
+            "--workspace",
+            workspace,
+            "--out",
+            &d("out"),
+            "--cache",
+            &d("cache"),
         ]);
         eprintln!("{}", ok("preseed bundle", &out));
         // The registry stops here: the node has none.
     }
     // `inspect` reads the partition image itself (mounted read-only for the moment).
     let inspected: serde_json::Value =
-        serde_json::from_str(&ok("preseed inspect", &preseed(&["inspect", "--json", partition.to_str().unwrap()]))).unwrap();
-    let paths: Vec<&str> = inspected["images"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap()).collect();
+        serde_json::from_str(&ok("preseed inspect", &preseed(&["inspect", "--json", partition.to_str().unwrap()])))
+            .unwrap();
+    let paths: Vec<&str> =
+        inspected["images"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap()).collect();
     assert_eq!(paths, ["k8s.io/pause.tar", "k8s.io/hello.tar", "k8s.io/tool.tar"]);
     assert_eq!(inspected["images"][0]["sandbox"], true);
     let human = ok("preseed inspect", &preseed(&["inspect", partition.to_str().unwrap()]));
@@ -74,7 +91,10 @@ fn default_bundle_boots_a_node_offline() {
     eprintln!("cold load: {cold_secs:.3}s\n{cold}");
     let listed = c.ctr_ok(&["-n", "k8s.io", "images", "ls"]);
     for name in [SANDBOX, "preseed.local/hello:0.1", "registry.local/tool:1.0"] {
-        let row = listed.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} not in\n{listed}"));
+        let row = listed
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} not in\n{listed}"));
         assert!(row.contains("io.cri-containerd.pinned=pinned"), "{row}");
     }
 

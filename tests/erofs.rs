@@ -59,12 +59,8 @@ struct Mount {
 impl Mount {
     fn new(image: &Path) -> Mount {
         let dir = tempfile::tempdir().unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "erofs", "-o", "loop,ro"])
-            .arg(image)
-            .arg(dir.path())
-            .status()
-            .unwrap();
+        let status =
+            Command::new("mount").args(["-t", "erofs", "-o", "loop,ro"]).arg(image).arg(dir.path()).status().unwrap();
         assert!(status.success(), "mount -t erofs {} failed", image.display());
         Mount { dir }
     }
@@ -236,7 +232,10 @@ fn edge_cases_mount_and_read_back() {
     tree.insert_file(&"n".repeat(255), PlannedFile::from_bytes(&b"long name"[..]));
     // A directory spanning several blocks.
     for i in 0..300 {
-        tree.insert_file(&format!("many/image-{i:04}-with-a-longer-name.tar"), PlannedFile::from_bytes(format!("{i}").into_bytes()));
+        tree.insert_file(
+            &format!("many/image-{i:04}-with-a-longer-name.tar"),
+            PlannedFile::from_bytes(format!("{i}").into_bytes()),
+        );
     }
     // Many namespaces.
     for ns in 0..60 {
@@ -435,7 +434,6 @@ fn output_replaces_existing_file_atomically() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-
 /// Size and time against erofs-utils and squashfs-tools on a ~300 MB corpus:
 /// `PRESEED_BENCH_DIR=/var/tmp/bench cargo test --release --test erofs bench -- --ignored --nocapture`.
 #[test]
@@ -468,7 +466,10 @@ fn bench_against_mkfs_erofs_and_mksquashfs() {
         Command::new("sync").status().unwrap();
         let secs = t.elapsed().as_secs_f64();
         let size = fs::metadata(out).unwrap().len();
-        println!("{what:<40} {size:>12} bytes  {:>6.3} × unique  {secs:>7.2} s", size as f64 / c.unique_blob_bytes as f64);
+        println!(
+            "{what:<40} {size:>12} bytes  {:>6.3} × unique  {secs:>7.2} s",
+            size as f64 / c.unique_blob_bytes as f64
+        );
     };
     let ours = root.join("ours.erofs");
     run("preseed erofs writer", &ours, &mut || {
@@ -489,7 +490,13 @@ fn bench_against_mkfs_erofs_and_mksquashfs() {
     run("mksquashfs -noD -noF -noX", &sq_plain, &mut || {
         tool(
             &sq_plain,
-            Command::new("mksquashfs").arg(&extracted).arg(&sq_plain).args(["-noD", "-noF", "-noX", "-noappend", "-no-progress"]),
+            Command::new("mksquashfs").arg(&extracted).arg(&sq_plain).args([
+                "-noD",
+                "-noF",
+                "-noX",
+                "-noappend",
+                "-no-progress",
+            ]),
         )
     });
     let sq = root.join("default.squashfs");

@@ -39,7 +39,8 @@ fn assert_fails(text: &str, expected: &str) {
 
 #[test]
 fn unknown_key_names_its_line() {
-    let text = format!("[registries.\"HOST\"]\ninsecure = true\n\n[[image]]\nref = \"HOST/a:1@{D}\"\ncolour = \"red\"\n");
+    let text =
+        format!("[registries.\"HOST\"]\ninsecure = true\n\n[[image]]\nref = \"HOST/a:1@{D}\"\ncolour = \"red\"\n");
     assert_fails(&text, "bundles.toml:6: unknown field `colour`");
 }
 

@@ -11,11 +11,7 @@ use support::registry::{sha256_digest, Registry};
 
 fn skopeo(args: &[&str]) -> Vec<u8> {
     let out = Command::new("skopeo").args(args).output().expect("run skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "skopeo {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
@@ -87,29 +83,15 @@ fn corpus_round_trips_through_registry() {
     skopeo(&["copy", "--src-tls-verify=false", "--preserve-digests", &src, &dest]);
     let docker = corpus.image("docker");
     let config_digest = &json_of(&docker.manifest_bytes)["config"]["digest"];
-    let config = reg.call(
-        "GET",
-        &format!("/v2/corpus/docker/blobs/{}", config_digest.as_str().unwrap()),
-        &[],
-        &[],
-    );
+    let config = reg.call("GET", &format!("/v2/corpus/docker/blobs/{}", config_digest.as_str().unwrap()), &[], &[]);
     assert_eq!(config.status, 200);
     let diff_ids = json_of(&config.body)["rootfs"]["diff_ids"].clone();
     let mut expected = Vec::new();
     for l in json_of(&docker.manifest_bytes)["layers"].as_array().unwrap() {
         assert_eq!(l["mediaType"], images::DOCKER_LAYER_GZIP);
-        let blob = reg.call(
-            "GET",
-            &format!("/v2/corpus/docker/blobs/{}", l["digest"].as_str().unwrap()),
-            &[],
-            &[],
-        );
+        let blob = reg.call("GET", &format!("/v2/corpus/docker/blobs/{}", l["digest"].as_str().unwrap()), &[], &[]);
         let mut tar = Vec::new();
-        std::io::Read::read_to_end(
-            &mut flate2::read::GzDecoder::new(blob.body.as_slice()),
-            &mut tar,
-        )
-        .unwrap();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(blob.body.as_slice()), &mut tar).unwrap();
         expected.push(sha256_digest(&tar));
     }
     assert_eq!(diff_ids, serde_json::json!(expected));
@@ -123,10 +105,7 @@ fn corpus_round_trips_through_registry() {
     assert_eq!(reg.get_as("/v2/", None).status, 200);
     let after = reg.requests_since(before);
     assert_eq!(after.len(), 1);
-    assert_eq!(
-        (after[0].method.as_str(), after[0].path.as_str(), after[0].status),
-        ("GET", "/v2/", 200)
-    );
+    assert_eq!((after[0].method.as_str(), after[0].path.as_str(), after[0].status), ("GET", "/v2/", 200));
 }
 
 #[test]
@@ -155,25 +134,14 @@ fn basic_auth_is_enforced() {
     assert_eq!(reg.get_as("/v2/", Some(("alice", "s3cret"))).status, 200);
 
     // The pusher authenticates with the registry's credentials.
-    let img = images::push_image(
-        &reg,
-        "private/app",
-        "v1",
-        &[images::LayerSpec::new(7, 1, 4096)],
-        Media::Oci,
-    );
+    let img = images::push_image(&reg, "private/app", "v1", &[images::LayerSpec::new(7, 1, 4096)], Media::Oci);
     let url = format!("docker://{}/private/app:v1", reg.host());
     let raw = skopeo(&["inspect", "--tls-verify=false", "--creds", "alice:s3cret", "--raw", &url]);
     assert_eq!(sha256_digest(&raw), img.manifest_digest);
-    let out = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--no-creds", "--raw", &url])
-        .output()
-        .unwrap();
+    let out =
+        Command::new("skopeo").args(["inspect", "--tls-verify=false", "--no-creds", "--raw", &url]).output().unwrap();
     assert!(!out.status.success(), "anonymous pull must fail");
-    assert!(reg
-        .access_log()
-        .iter()
-        .any(|e| e.status == 401 && e.path.starts_with("/v2/private/app/manifests/")));
+    assert!(reg.access_log().iter().any(|e| e.status == 401 && e.path.starts_with("/v2/private/app/manifests/")));
 }
 
 /// Pins the content negotiation of distribution 2.8, which a registry client
@@ -203,23 +171,15 @@ fn registry_needs_explicit_accept_headers() {
 
     // Docker schema2 by tag without its Accept: converted to signed schema1.
     let resp = get("/v2/q/docker/manifests/v1", None);
-    assert_eq!(
-        resp.header("content-type"),
-        Some("application/vnd.docker.distribution.manifest.v1+prettyjws")
-    );
+    assert_eq!(resp.header("content-type"), Some("application/vnd.docker.distribution.manifest.v1+prettyjws"));
     assert_ne!(resp.header("docker-content-digest"), Some(docker.manifest_digest.as_str()));
     // By digest it is served as stored, whatever the Accept.
-    assert_eq!(
-        get(&format!("/v2/q/docker/manifests/{}", docker.manifest_digest), None).body,
-        docker.manifest_bytes
-    );
+    assert_eq!(get(&format!("/v2/q/docker/manifests/{}", docker.manifest_digest), None).body, docker.manifest_bytes);
 
     // Docker manifest list by tag with only the schema2 Accept: the registry
     // picks linux/amd64 and serves that manifest instead of the list.
     let resp = get("/v2/q/list/manifests/v1", Some(images::DOCKER_MANIFEST));
     assert_eq!(resp.body, list.platform("linux", "amd64").unwrap().manifest_bytes);
-    let all =
-        [images::DOCKER_LIST, images::DOCKER_MANIFEST, images::OCI_INDEX, images::OCI_MANIFEST]
-            .join(", ");
+    let all = [images::DOCKER_LIST, images::DOCKER_MANIFEST, images::OCI_INDEX, images::OCI_MANIFEST].join(", ");
     assert_eq!(get("/v2/q/list/manifests/v1", Some(&all)).body, list.index_bytes);
 }

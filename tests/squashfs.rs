@@ -152,12 +152,8 @@ struct Mount {
 impl Mount {
     fn new(image: &Path, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "squashfs", "-o", "loop,ro"])
-            .arg(image)
-            .arg(dir)
-            .status()
-            .unwrap();
+        let status =
+            Command::new("mount").args(["-t", "squashfs", "-o", "loop,ro"]).arg(image).arg(dir).status().unwrap();
         assert!(status.success(), "the kernel refused to mount {}", image.display());
         Mount { dir: dir.to_path_buf() }
     }
@@ -299,11 +295,7 @@ fn missing_blob_names_the_file_and_leaves_nothing_behind() {
     let mut tree = Tree::default();
     tree.insert_file("k8s.io/ok.tar", PlannedFile::from_bytes(&b"fine"[..]));
     let mut bad = PlannedFile::from_bytes(vec![0u8; 512]);
-    bad.push(Segment::Blob {
-        digest: Digest::of(b"gone"),
-        size: 4,
-        path: tmp.path().join("no-such-blob"),
-    });
+    bad.push(Segment::Blob { digest: Digest::of(b"gone"), size: 4, path: tmp.path().join("no-such-blob") });
     tree.insert_file("k8s.io/bad.tar", bad);
 
     let image = out_dir.join("preseed.squashfs");
@@ -349,10 +341,9 @@ fn bench_write_throughput() {
         f.push(blob(tmp.path(), &format!("blob{i}"), &bytes));
         tree.insert_file(&format!("k8s.io/img{i}.tar"), f);
     }
-    for (label, options) in [
-        ("store", Options::default()),
-        ("gzip-1", Options { compression: Compression::Gzip { level: 1 } }),
-    ] {
+    for (label, options) in
+        [("store", Options::default()), ("gzip-1", Options { compression: Compression::Gzip { level: 1 } })]
+    {
         let image = tmp.path().join(format!("{label}.squashfs"));
         let start = std::time::Instant::now();
         let stats = squashfs::write_with(&tree, &image, &options).unwrap();

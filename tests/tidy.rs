@@ -26,10 +26,8 @@ fn sources() -> Vec<PathBuf> {
 
 #[test]
 fn every_module_starts_with_a_doc_comment() {
-    let missing: Vec<_> = sources()
-        .into_iter()
-        .filter(|p| !std::fs::read_to_string(p).unwrap().starts_with("//!"))
-        .collect();
+    let missing: Vec<_> =
+        sources().into_iter().filter(|p| !std::fs::read_to_string(p).unwrap().starts_with("//!")).collect();
     assert!(missing.is_empty(), "modules without a leading `//!` doc comment: {missing:?}");
 }
 

@@ -220,9 +220,9 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
             let (registries, cache, bar) = (registries.clone(), cache.clone(), bar.clone());
             let (label, reference, blob) = (images[*i].entry.label(), images[*i].entry.reference.clone(), blob.clone());
             async move {
-                tokio::spawn(async move {
-                    registries.fetch_blob(&label, &reference, &blob, &cache, &|n| bar.inc(n)).await
-                })
+                tokio::spawn(
+                    async move { registries.fetch_blob(&label, &reference, &blob, &cache, &|n| bar.inc(n)).await },
+                )
                 .await
                 .expect("download task panicked")
             }

@@ -87,7 +87,6 @@ pub(crate) fn millis(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
 
-
 impl LoadReport {
     /// Whether any image failed (the command then exits non-zero).
     pub fn failed(&self) -> bool {

@@ -212,8 +212,8 @@ fn valid_file(f: &str) -> bool {
 impl BundleManifest {
     /// Reads and validates a manifest file.
     pub fn load(path: &Path, strict: Strictness) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
         Self::parse(path, &text, strict)
     }
 
@@ -305,7 +305,13 @@ impl BundleManifest {
             }
             let namespace = match &raw_image.namespace {
                 Some(ns) if !valid_namespace(ns.get_ref()) => {
-                    problem(lines.line(ns), format!("namespace {:?} is not a valid containerd namespace (letters, digits, single . _ -)", ns.get_ref()));
+                    problem(
+                        lines.line(ns),
+                        format!(
+                            "namespace {:?} is not a valid containerd namespace (letters, digits, single . _ -)",
+                            ns.get_ref()
+                        ),
+                    );
                     continue;
                 }
                 Some(ns) => ns.get_ref().clone(),
@@ -313,7 +319,13 @@ impl BundleManifest {
             };
             let file = match &raw_image.file {
                 Some(f) if !valid_file(f.get_ref()) => {
-                    problem(lines.line(f), format!("file {:?}: one name of letters, digits, . _ - (no '/', no leading '.'), without .tar", f.get_ref()));
+                    problem(
+                        lines.line(f),
+                        format!(
+                            "file {:?}: one name of letters, digits, . _ - (no '/', no leading '.'), without .tar",
+                            f.get_ref()
+                        ),
+                    );
                     continue;
                 }
                 Some(f) => f.get_ref().clone(),
@@ -336,7 +348,10 @@ impl BundleManifest {
             }
             let key = format!("{namespace}/{file}");
             if let Some(first) = seen_files.insert(key.clone(), line) {
-                problem(line, format!("{key}.tar is also written by the image on line {first}: set `file` to tell them apart"));
+                problem(
+                    line,
+                    format!("{key}.tar is also written by the image on line {first}: set `file` to tell them apart"),
+                );
             }
             let sandbox = raw_image.sandbox.unwrap_or(false);
             if sandbox {
@@ -387,13 +402,18 @@ mod tests {
     fn defaults() {
         let m = parse(&format!("[[image]]\nref = \"registry.k8s.io/pause:3.10@{D}\"\nsandbox = true\n")).unwrap();
         let i = &m.images[0];
-        assert_eq!((i.namespace.as_str(), i.file.as_str(), i.pin, i.sandbox, i.line), ("k8s.io", "pause", true, true, 2));
+        assert_eq!(
+            (i.namespace.as_str(), i.file.as_str(), i.pin, i.sandbox, i.line),
+            ("k8s.io", "pause", true, true, 2)
+        );
         assert_eq!(m.format, Format::Erofs);
     }
 
     #[test]
     fn errors_name_the_line() {
-        assert!(err("[partition]\nformat = \"erofs\"\ncolour = 1\n").starts_with("bundles.toml:3: unknown field `colour`"));
+        assert!(
+            err("[partition]\nformat = \"erofs\"\ncolour = 1\n").starts_with("bundles.toml:3: unknown field `colour`")
+        );
         assert!(err("\n[[image]]\nref = \"Bad/Ref\"\n").starts_with("bundles.toml:3: image ref \"Bad/Ref\""));
         assert!(err("[[image]]\nref = \"nginx:1\"\n").contains("bundles.toml:2: image \"nginx:1\" is not pinned"));
         let dup = format!("[[image]]\nref = \"a@{D}\"\n[[image]]\nref = \"b/a@{D}\"\n");

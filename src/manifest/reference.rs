@@ -147,7 +147,10 @@ mod tests {
         let r: Reference = "user/app:1.2".parse().unwrap();
         assert_eq!(r.name(), "docker.io/user/app:1.2");
         let r: Reference = "127.0.0.1:5000/a/b:v1".parse().unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("127.0.0.1:5000", "a/b", Some("v1")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5000", "a/b", Some("v1"))
+        );
         let d = Digest::of(b"x");
         let r: Reference = format!("registry.k8s.io/pause:3.10@{d}").parse().unwrap();
         assert_eq!(r.name(), "registry.k8s.io/pause:3.10");

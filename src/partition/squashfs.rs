@@ -129,10 +129,7 @@ pub fn write_with(tree: &Tree, out: &Path, options: &Options) -> Result<Stats, E
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".preseed-squashfs.")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
+    let tmp = tempfile::Builder::new().prefix(".preseed-squashfs.").tempfile_in(dir).map_err(io_err(dir))?;
 
     let mut w = BufWriter::new(tmp.as_file());
     let image_bytes = match fs.write(&mut w) {
@@ -233,9 +230,9 @@ struct NamedReader<'t> {
 
 impl Read for NamedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).map_err(|source| {
-            io::Error::new(source.kind(), ReadFailed { file: self.path.clone(), source })
-        })
+        self.inner
+            .read(buf)
+            .map_err(|source| io::Error::new(source.kind(), ReadFailed { file: self.path.clone(), source }))
     }
 }
 
@@ -267,9 +264,7 @@ fn from_backhand(e: BackhandError, image: &Path) -> Error {
         B::TryReserveError(_) => "out of memory",
         B::NumericConversion(_) => "a size or count does not fit the squashfs format",
         B::InvalidFilePath | B::UndefineFileName | B::DuplicatedFileName => "invalid or duplicate path",
-        B::UnsupportedCompression(_) | B::InvalidCompressionOption | B::CompressionInit(_) => {
-            "compressor unavailable"
-        }
+        B::UnsupportedCompression(_) | B::InvalidCompressionOption | B::CompressionInit(_) => "compressor unavailable",
         // backhand builds these lists of errors without `Debug` or `Display`
         // unless its `error-strings` feature is on; the remaining variants are
         // reader-side or internal.

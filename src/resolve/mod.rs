@@ -206,7 +206,11 @@ impl Registries {
             }
         }
         let (host, e) = last.expect("at least one host tried");
-        Err(ResolveError::Registry { image: image.to_string(), registry: host.clone(), message: explain(&host, &e, &self.configs) })
+        Err(ResolveError::Registry {
+            image: image.to_string(),
+            registry: host.clone(),
+            message: explain(&host, &e, &self.configs),
+        })
     }
 
     /// Resolves a tag to the digest the registry serves for it now.
@@ -363,15 +367,24 @@ pub async fn resolve_image(
         if bytes.len() as u64 != m.size {
             return Err(ResolveError::Cache {
                 image: image.clone(),
-                source: CacheError::SizeMismatch { what: format!("manifest {}", m.digest), expected: m.size, found: bytes.len() as u64 },
+                source: CacheError::SizeMismatch {
+                    what: format!("manifest {}", m.digest),
+                    expected: m.size,
+                    found: bytes.len() as u64,
+                },
             });
         }
         let media_type = media_type_of(&image, &bytes)?;
         if !oci::is_manifest(&media_type) {
-            return Err(ResolveError::Unsupported { image, message: format!("manifest {} has media type {media_type}; nested indexes are not supported", m.digest) });
+            return Err(ResolveError::Unsupported {
+                image,
+                message: format!("manifest {} has media type {media_type}; nested indexes are not supported", m.digest),
+            });
         }
-        let manifest: oci::Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| ResolveError::Unsupported { image: image.clone(), message: format!("bad manifest {}: {e}", m.digest) })?;
+        let manifest: oci::Manifest = serde_json::from_slice(&bytes).map_err(|e| ResolveError::Unsupported {
+            image: image.clone(),
+            message: format!("bad manifest {}: {e}", m.digest),
+        })?;
         if m.digest != root_digest {
             blobs.push(Descriptor::new(&media_type, m.digest.clone(), m.size));
         }
@@ -415,8 +428,10 @@ fn media_type_of(image: &str, bytes: &[u8]) -> Result<String, ResolveError> {
         #[serde(default)]
         config: Option<serde_json::Value>,
     }
-    let probe: Probe = serde_json::from_slice(bytes)
-        .map_err(|e| ResolveError::Unsupported { image: image.into(), message: format!("manifest is not JSON: {e}") })?;
+    let probe: Probe = serde_json::from_slice(bytes).map_err(|e| ResolveError::Unsupported {
+        image: image.into(),
+        message: format!("manifest is not JSON: {e}"),
+    })?;
     if probe.schema_version == Some(1)
         || matches!(probe.media_type.as_deref(), Some(oci::DOCKER_SCHEMA1 | oci::DOCKER_SCHEMA1_UNSIGNED))
     {
@@ -432,7 +447,10 @@ fn media_type_of(image: &str, bytes: &[u8]) -> Result<String, ResolveError> {
         None => String::new(),
     };
     if !oci::is_index(&media_type) && !oci::is_manifest(&media_type) {
-        return Err(ResolveError::Unsupported { image: image.into(), message: format!("unknown manifest media type {media_type:?}") });
+        return Err(ResolveError::Unsupported {
+            image: image.into(),
+            message: format!("unknown manifest media type {media_type:?}"),
+        });
     }
     Ok(media_type)
 }

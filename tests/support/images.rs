@@ -228,12 +228,7 @@ pub fn push_image_for(
     });
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).unwrap();
     let manifest_digest = sha256_digest(&manifest_bytes);
-    reg.push_manifest(
-        repo,
-        reference.unwrap_or(&manifest_digest),
-        media.manifest(),
-        &manifest_bytes,
-    );
+    reg.push_manifest(repo, reference.unwrap_or(&manifest_digest), media.manifest(), &manifest_bytes);
     PushedImage {
         repo: repo.to_string(),
         total_blob_bytes: blob_digests.values().sum(),
@@ -247,13 +242,7 @@ pub fn push_image_for(
 }
 
 /// A linux/amd64 image under `repo:tag`.
-pub fn push_image(
-    reg: &Registry,
-    repo: &str,
-    tag: &str,
-    layers: &[LayerSpec],
-    media: Media,
-) -> PushedImage {
+pub fn push_image(reg: &Registry, repo: &str, tag: &str, layers: &[LayerSpec], media: Media) -> PushedImage {
     push_image_for(reg, repo, Some(tag), layers, media, ("linux", "amd64"))
 }
 
@@ -306,13 +295,7 @@ pub fn push_index(
     });
     let index_bytes = serde_json::to_vec_pretty(&index).unwrap();
     let index_digest = reg.push_manifest(repo, tag, media.index(), &index_bytes);
-    PushedIndex {
-        repo: repo.to_string(),
-        index_digest,
-        index_bytes,
-        media_type: media.index(),
-        platforms: pushed,
-    }
+    PushedIndex { repo: repo.to_string(), index_digest, index_bytes, media_type: media.index(), platforms: pushed }
 }
 
 /// One pinned image of the corpus.
@@ -354,10 +337,7 @@ pub struct Corpus {
 
 impl Corpus {
     pub fn image(&self, name: &str) -> &CorpusImage {
-        self.images
-            .iter()
-            .find(|i| i.name == name)
-            .unwrap_or_else(|| panic!("no corpus image {name}"))
+        self.images.iter().find(|i| i.name == name).unwrap_or_else(|| panic!("no corpus image {name}"))
     }
     /// Config + layer blobs over all images and platforms, deduplicated.
     pub fn unique_blobs(&self) -> BTreeMap<String, u64> {
@@ -393,8 +373,7 @@ pub fn push_test_corpus(reg: &Registry) -> Corpus {
     let mut base_layer = String::new();
     for (i, name) in ["app-a", "app-b", "app-c"].into_iter().enumerate() {
         let unique = LayerSpec::new(100 + i as u64, 3, 16 << 10);
-        let img =
-            push_image(reg, &format!("corpus/{name}"), "v1", &[BASE_LAYER, unique], Media::Oci);
+        let img = push_image(reg, &format!("corpus/{name}"), "v1", &[BASE_LAYER, unique], Media::Oci);
         base_layer = img.layer_digests[0].clone();
         images.push(single(name, img));
     }

@@ -5,8 +5,8 @@
 pub mod containerd;
 #[cfg(feature = "containerd")]
 pub mod cri;
-pub mod mount;
 pub mod images;
+pub mod mount;
 pub mod registry;
 
 use std::path::PathBuf;

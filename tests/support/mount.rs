@@ -13,12 +13,8 @@ impl Mounted {
     /// Mounts `image` (`erofs` or `squashfs`) read-only through a loop device.
     pub fn new(image: &Path, fstype: &str) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", fstype, "-o", "loop,ro"])
-            .arg(image)
-            .arg(dir.path())
-            .output()
-            .unwrap();
+        let out =
+            Command::new("mount").args(["-t", fstype, "-o", "loop,ro"]).arg(image).arg(dir.path()).output().unwrap();
         assert!(out.status.success(), "mount {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
         Mounted { dir }
     }

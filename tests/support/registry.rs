@@ -75,17 +75,10 @@ impl Registry {
         let mut auth = String::new();
         if let Some((user, pass)) = &creds {
             let out = Command::new("htpasswd").args(["-Bbn", user, pass]).output().unwrap();
-            assert!(
-                out.status.success(),
-                "htpasswd failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "htpasswd failed: {}", String::from_utf8_lossy(&out.stderr));
             let htpasswd = dir.path().join("htpasswd");
             std::fs::write(&htpasswd, &out.stdout).unwrap();
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: preseed-test\n    path: {}\n",
-                htpasswd.display()
-            );
+            auth = format!("auth:\n  htpasswd:\n    realm: preseed-test\n    path: {}\n", htpasswd.display());
         }
         // Access log goes to stdout, application log to stderr (distribution 2.8).
         let config = format!(
@@ -117,10 +110,7 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "docker-registry exited with {status} before answering:\n{}",
-                    self.app_log()
-                );
+                panic!("docker-registry exited with {status} before answering:\n{}", self.app_log());
             }
             // 401 counts as up: the auth middleware answers only once serving.
             if let Ok(r) = self.request("GET", "/v2/", &[], &[], false) {
@@ -188,8 +178,7 @@ impl Registry {
     /// A GET with explicit credentials (`None` = anonymous), for auth tests.
     pub fn get_as(&self, path: &str, creds: Option<(&str, &str)>) -> Response {
         let auth = creds.map(basic_auth);
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
         self.request("GET", path, &headers, &[], false).unwrap()
     }
 
@@ -221,20 +210,10 @@ impl Registry {
     }
 
     /// Puts a manifest (or index) under a tag or digest; returns its digest.
-    pub fn push_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        bytes: &[u8],
-    ) -> String {
+    pub fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) -> String {
         let digest = sha256_digest(bytes);
-        let put = self.call(
-            "PUT",
-            &format!("/v2/{repo}/manifests/{reference}"),
-            &[("Content-Type", media_type)],
-            bytes,
-        );
+        let put =
+            self.call("PUT", &format!("/v2/{repo}/manifests/{reference}"), &[("Content-Type", media_type)], bytes);
         assert_eq!(put.status, 201, "PUT manifest {repo}:{reference}: {}", describe(&put));
         if let Some(d) = put.header("docker-content-digest") {
             assert_eq!(d, digest, "registry computed another digest for {repo}:{reference}");
@@ -250,13 +229,7 @@ impl Registry {
     }
 
     /// A request with the registry's own credentials, if any.
-    pub fn call(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> Response {
+    pub fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
         let auth = self.creds().map(basic_auth);
         let mut all: Vec<(&str, &str)> = headers.to_vec();
         if let Some(a) = &auth {
@@ -316,18 +289,11 @@ fn describe(r: &Response) -> String {
 
 fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of HTTP headers"))?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of HTTP headers"))?;
     let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("non-UTF-8 headers"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("bad status line"))?;
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status line"))?;
     let headers: BTreeMap<String, String> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))

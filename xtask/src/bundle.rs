@@ -8,7 +8,17 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = crate::workspace_root()?;
     let mut cmd = crate::cargo();
     cmd.current_dir(&root)
-        .args(["run", "--quiet", "--release", "--package", "preseed", "--no-default-features", "--bin", "preseed", "--"])
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "preseed",
+            "--no-default-features",
+            "--bin",
+            "preseed",
+            "--",
+        ])
         .arg("bundle")
         .arg("--manifest")
         .arg(root.join("bundles.toml"))

@@ -19,7 +19,9 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 fn have(binary: &str) -> bool {
-    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"].iter().any(|d| std::path::Path::new(d).join(binary).exists())
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .any(|d| std::path::Path::new(d).join(binary).exists())
 }
 
 /// Installs missing packages (root only), then `cargo test --workspace`.
@@ -28,7 +30,11 @@ pub fn run(args: &[String]) -> Result<()> {
     if !missing.is_empty() {
         let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
         if !root {
-            bail!("tests need these Debian packages: {}; install them (as root: apt-get install {})", missing.join(" "), missing.join(" "));
+            bail!(
+                "tests need these Debian packages: {}; install them (as root: apt-get install {})",
+                missing.join(" "),
+                missing.join(" ")
+            );
         }
         eprintln!("xtask: installing {}", missing.join(" "));
         crate::run_status(Command::new("apt-get").args(["update", "-qq"]))?;

@@ -31,8 +31,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use self::format::{
-    chunk_format, i_format, superblock_checksum, DataLayout, Dirent, InodeCompact, InodeExtended, SuperBlock,
-    BLOCK, BLOCK_BITS, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_CHUNKED_FILE, FT_DIR, FT_REG_FILE, NID_UNIT, NULL_ADDR, SUPER_MAGIC, SUPER_OFFSET,
+    chunk_format, i_format, superblock_checksum, DataLayout, Dirent, InodeCompact, InodeExtended, SuperBlock, BLOCK,
+    BLOCK_BITS, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_CHUNKED_FILE, FT_DIR, FT_REG_FILE, NID_UNIT, NULL_ADDR,
+    SUPER_MAGIC, SUPER_OFFSET,
 };
 use super::tree::{Node, PlannedFile, Segment, Tree};
 use crate::digest::Digest;
@@ -400,12 +401,16 @@ impl<'a> Plan<'a> {
             Body::File(file) => {
                 // Only files under one block are inlined: cheap to read whole.
                 let mut bytes = Vec::with_capacity(inode.size as usize);
-                file.reader().take(inode.size).read_to_end(&mut bytes).map_err(|e| Error::Io {
-                    path: PathBuf::from("<small file>"),
-                    source: e,
-                })?;
+                file.reader()
+                    .take(inode.size)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| Error::Io { path: PathBuf::from("<small file>"), source: e })?;
                 if (bytes.len() as u64) < inode.size {
-                    return Err(Error::ShortBlob { path: PathBuf::from("<small file>"), offset: 0, wanted: inode.size });
+                    return Err(Error::ShortBlob {
+                        path: PathBuf::from("<small file>"),
+                        offset: 0,
+                        wanted: inode.size,
+                    });
                 }
                 bytes[range].to_vec()
             }
@@ -666,7 +671,9 @@ fn write_chunks(sink: &mut Sink<'_, '_>, file: &PlannedFile, size: u64, map: &[u
                 Segment::Blob { path, .. } => {
                     let f = File::open(path).map_err(io_err(path))?;
                     f.read_exact_at(dst, off).map_err(|e| match e.kind() {
-                        io::ErrorKind::UnexpectedEof => Error::ShortBlob { path: path.clone(), offset: off, wanted: len },
+                        io::ErrorKind::UnexpectedEof => {
+                            Error::ShortBlob { path: path.clone(), offset: off, wanted: len }
+                        }
                         _ => Error::Io { path: path.clone(), source: e },
                     })?;
                 }
