@@ -117,6 +117,32 @@ impl std::io::Write for Hasher {
     }
 }
 
+/// Passes bytes through to `inner` while hashing them.
+pub struct HashingWriter<W> {
+    /// Where the bytes go.
+    pub inner: W,
+    /// What they hash to so far.
+    pub hasher: Hasher,
+}
+
+impl<W> HashingWriter<W> {
+    /// Wraps `inner` with a fresh hasher.
+    pub fn new(inner: W) -> Self {
+        HashingWriter { inner, hasher: Hasher::new() }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use cargo_metadata::{Message, MetadataCommand, TargetKind};
 use flate2::{Compression, GzBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, Hasher, HashingWriter};
 use crate::fetch::cache::{BlobCache, CacheError};
 use crate::oci::{self, Descriptor, Platform};
 
@@ -508,7 +508,7 @@ fn write_layer(bin: &str, binary: &[u8], out: impl Write) -> io::Result<Digest> 
     // No name, mtime 0, fixed OS byte and level: the gzip header and stream
     // depend on nothing but the tar bytes (and the flate2 backend's version).
     let gz = GzBuilder::new().mtime(0).operating_system(3).write(out, Compression::best());
-    let mut tar = tar::Builder::new(HashingWriter { inner: gz, hasher: Hasher::new() });
+    let mut tar = tar::Builder::new(HashingWriter::new(gz));
     let mut header = tar::Header::new_ustar();
     header.set_path(bin)?;
     header.set_entry_type(tar::EntryType::Regular);
@@ -522,23 +522,6 @@ fn write_layer(bin: &str, binary: &[u8], out: impl Write) -> io::Result<Digest> 
     let HashingWriter { inner: gz, hasher } = tar.into_inner()?;
     gz.finish()?.flush()?;
     Ok(hasher.finish())
-}
-
-/// Passes bytes through while hashing them.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Hasher,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

@@ -392,24 +392,26 @@ impl TarballSums {
 
     /// Sums of every tarball, hashing the unknown ones on all cores.
     fn all(&self, planned: &[(TarballSpec, PlannedFile)]) -> std::io::Result<Vec<Digest>> {
+        // Workers take tarballs from a shared counter; each returns (index, sum).
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<std::sync::Mutex<Option<std::io::Result<Digest>>>> =
-            planned.iter().map(|_| std::sync::Mutex::new(None)).collect();
         let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(planned.len().max(1));
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((spec, file)) = planned.get(i) else { break };
-                    let sum = self.get_or_compute(spec, file);
-                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(sum);
-                });
-            }
+        let mut sums: Vec<(usize, std::io::Result<Digest>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some((spec, file)) = planned.get(i) else { return done };
+                            done.push((i, self.get_or_compute(spec, file)));
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("hashing thread panicked")).collect()
         });
-        results
-            .into_iter()
-            .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every tarball was hashed"))
-            .collect()
+        sums.sort_by_key(|(i, _)| *i);
+        sums.into_iter().map(|(_, sum)| sum).collect()
     }
 
     fn get_or_compute(&self, spec: &TarballSpec, file: &PlannedFile) -> std::io::Result<Digest> {

@@ -11,7 +11,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, Hasher, HashingWriter};
 
 /// Errors of the blob cache.
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +92,7 @@ impl BlobCache {
         let dir = self.root.join("blobs/sha256");
         let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(io_err(&dir))?;
         Ok(BlobWriter {
-            tmp,
-            hasher: Hasher::new(),
+            out: HashingWriter::new(tmp),
             expected: digest.clone(),
             size,
             dest: self.path(digest),
@@ -150,8 +149,7 @@ impl BlobCache {
 
 /// A blob being stored: write bytes, then [`BlobWriter::commit`].
 pub struct BlobWriter {
-    tmp: tempfile::NamedTempFile,
-    hasher: Hasher,
+    out: HashingWriter<tempfile::NamedTempFile>,
     expected: Digest,
     size: Option<u64>,
     dest: PathBuf,
@@ -160,39 +158,38 @@ pub struct BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.tmp.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
+        self.out.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.tmp.flush()
+        self.out.flush()
     }
 }
 
 impl BlobWriter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.hasher.len()
+        self.out.hasher.len()
     }
 
     /// Checks size and digest; on success moves the blob into place. On
     /// failure the temp file is deleted and nothing is stored.
     pub fn commit(self) -> Result<PathBuf, CacheError> {
-        let found_size = self.hasher.len();
+        let HashingWriter { inner: tmp, hasher } = self.out;
+        let found_size = hasher.len();
         if let Some(expected) = self.size {
             if expected != found_size {
                 return Err(CacheError::SizeMismatch { what: self.what, expected, found: found_size });
             }
         }
-        let found = self.hasher.finish();
+        let found = hasher.finish();
         if found != self.expected {
             return Err(CacheError::DigestMismatch { what: self.what, expected: self.expected, found });
         }
         // Blobs are immutable once named; read-only guards against accidents.
-        let mut perms = self.tmp.as_file().metadata().map_err(io_err(&self.dest))?.permissions();
+        let mut perms = tmp.as_file().metadata().map_err(io_err(&self.dest))?.permissions();
         perms.set_readonly(true);
-        let _ = self.tmp.as_file().set_permissions(perms);
-        self.tmp.persist(&self.dest).map_err(|e| CacheError::Io { path: self.dest.clone(), source: e.error })?;
+        let _ = tmp.as_file().set_permissions(perms);
+        tmp.persist(&self.dest).map_err(|e| CacheError::Io { path: self.dest.clone(), source: e.error })?;
         Ok(self.dest)
     }
 }
