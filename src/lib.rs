@@ -11,6 +11,7 @@ pub mod build;
 pub mod bundle;
 pub mod digest;
 pub mod fetch;
+pub mod human;
 pub mod layout;
 #[cfg(feature = "containerd")]
 pub mod load;

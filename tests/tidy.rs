@@ -46,3 +46,30 @@ fn no_unwrap_outside_tests() {
     }
     assert!(offenders.is_empty(), "use `?` or `expect(\"why\")` instead of unwrap(): {offenders:?}");
 }
+
+/// The node side (load, and the partition reading it shares with inspect)
+/// runs on every node at boot: it must not pull in the build side.
+#[test]
+fn node_side_imports_nothing_from_the_build_side() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src/load"), &mut files);
+    for f in ["inspect.rs", "mount.rs", "index.rs"] {
+        files.push(root.join("src/partition").join(f));
+    }
+    let build_side = ["bundle", "resolve", "fetch", "manifest", "build", "layout"];
+    let mut offenders = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for (n, line) in code.lines().enumerate() {
+            if build_side
+                .iter()
+                .any(|m| line.contains(&format!("crate::{m}::")) || line.contains(&format!("crate::{m};")))
+            {
+                offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "node-side code importing the build side: {offenders:#?}");
+}

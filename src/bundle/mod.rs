@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::build::{self, BuildError, BuildOptions};
 use crate::digest::{Digest, Hasher};
 use crate::fetch::cache::{BlobCache, CacheError};
+pub use crate::human::human_bytes;
 use crate::layout::{self, TarballSpec};
 use crate::manifest::{BundleManifest, ImageEntry, ImageSource, ManifestError, Strictness};
 use crate::oci::Descriptor;
@@ -537,21 +538,5 @@ impl TarballSums {
         serde_json::to_writer(&mut tmp, &TarballSum { size: file.len(), sha256: sha256.clone() })?;
         tmp.persist(&path).map_err(|e| e.error)?;
         Ok(sha256)
-    }
-}
-
-/// `1.2 MiB`-style sizes for humans.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }

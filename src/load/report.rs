@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::bundle::human_bytes;
+use crate::human::human_bytes;
 
 /// What happened to one image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -67,7 +67,7 @@ pub fn render(index: &PartitionIndex) -> String {
             "  {:<32} {:<48} {:>10} {} [{}]",
             i.path,
             i.name,
-            crate::bundle::human_bytes(i.size),
+            crate::human::human_bytes(i.size),
             i.platforms.join(","),
             flags.join(",")
         );
