@@ -72,4 +72,7 @@ fn node_side_imports_nothing_from_the_build_side() {
         }
     }
     assert!(offenders.is_empty(), "node-side code importing the build side: {offenders:#?}");
+    // Import drives unpack, never the other way round.
+    let unpack = std::fs::read_to_string(root.join("src/load/unpack.rs")).unwrap();
+    assert!(!unpack.contains("super::import"), "src/load/unpack.rs imports src/load/import.rs");
 }

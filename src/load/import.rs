@@ -73,7 +73,10 @@ pub enum ImportError {
     },
     /// Unpacking failed.
     #[error("unpacking: {0}")]
-    Unpack(String),
+    Unpack(#[from] super::unpack::UnpackError),
+    /// The thread reading the tarball failed.
+    #[error("reading the tarball: {0}")]
+    Reader(String),
 }
 
 fn grpc(op: &'static str, target: impl ToString) -> impl FnOnce(tonic::Status) -> ImportError {
@@ -111,20 +114,12 @@ impl Context {
         }
     }
 
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
-    }
-
-    pub(crate) fn snapshotter(&self) -> &str {
-        &self.snapshotter
-    }
-
-    pub(crate) fn unique(&self) -> u64 {
+    fn unique(&self) -> u64 {
         self.counter.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The namespace's import lease, created on first use.
-    pub(crate) async fn lease(&self, ns: &str) -> Result<String, ImportError> {
+    async fn lease(&self, ns: &str) -> Result<String, ImportError> {
         let mut leases = self.leases.lock().await;
         if let Some(id) = leases.get(ns) {
             return Ok(id.clone());
@@ -183,7 +178,7 @@ impl Context {
             Ok((archive, images))
         })
         .await
-        .unwrap_or_else(|e| Err(ImportError::Unpack(format!("reader task failed: {e}"))));
+        .unwrap_or_else(|e| Err(ImportError::Reader(e.to_string())));
         let (archive, images) = match opened {
             Ok(v) => v,
             Err(e) => return vec![failed(img.names.clone(), e)],
@@ -313,7 +308,13 @@ impl Context {
         }
 
         if self.unpack {
-            stats.unpacked = super::unpack::unpack(self, ns, archive, ai).await?;
+            let (c, sn) = (&self.client, self.snapshotter.as_str());
+            if let Some(plan) = super::unpack::plan(c, ns, sn, archive, ai).await? {
+                let lease = self.lease(ns).await?;
+                let key_prefix = format!("extract-{}-{}", std::process::id(), self.unique());
+                super::unpack::apply(c, ns, sn, &lease, &key_prefix, plan).await?;
+                stats.unpacked = true;
+            }
             changed |= stats.unpacked;
         }
 

@@ -9,10 +9,23 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::archive::Archive;
+use super::containerd::{describe, Client};
 use super::image::{ArchiveImage, PlatformManifest};
-use super::import::{Context, ImportError};
 use crate::digest::Digest;
 use crate::oci::Platform;
+
+/// Unpacking failed: what went wrong, in words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UnpackError(String);
+
+/// What unpacking an image needs: its host manifest, its layers' diff IDs
+/// and chain IDs. Found by [`plan`]; carried out by [`apply`].
+pub struct Plan<'a> {
+    manifest: &'a PlatformManifest,
+    diff_ids: Vec<Digest>,
+    chains: Vec<Digest>,
+}
 
 #[derive(Deserialize)]
 struct Config {
@@ -45,7 +58,7 @@ pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
 fn host_manifest<'a>(
     ai: &'a ArchiveImage,
     archive: &Archive,
-) -> Result<Option<(&'a PlatformManifest, Config)>, ImportError> {
+) -> Result<Option<(&'a PlatformManifest, Config)>, UnpackError> {
     let host = Platform::host();
     for m in &ai.manifests {
         if let Some(p) = &m.descriptor.platform {
@@ -55,10 +68,10 @@ fn host_manifest<'a>(
         }
         let entry = archive
             .blob(&m.config.digest)
-            .ok_or_else(|| ImportError::Unpack(format!("config {} not in the archive", m.config.digest)))?;
-        let bytes = archive.read_entry(entry).map_err(|e| ImportError::Unpack(e.to_string()))?;
-        let config: Config = serde_json::from_slice(&bytes)
-            .map_err(|e| ImportError::Unpack(format!("config {}: {e}", m.config.digest)))?;
+            .ok_or_else(|| UnpackError(format!("config {} not in the archive", m.config.digest)))?;
+        let bytes = archive.read_entry(entry).map_err(|e| UnpackError(e.to_string()))?;
+        let config: Config =
+            serde_json::from_slice(&bytes).map_err(|e| UnpackError(format!("config {}: {e}", m.config.digest)))?;
         if (config.os.is_empty() || config.os == host.os)
             && (config.architecture.is_empty() || config.architecture == host.architecture)
         {
@@ -68,45 +81,67 @@ fn host_manifest<'a>(
     Ok(None)
 }
 
-/// Unpacks the host platform's manifest of `ai`; `Ok(false)` if it was
-/// unpacked already or the image has no manifest for this host.
-pub async fn unpack(ctx: &Context, ns: &str, archive: &Archive, ai: &ArchiveImage) -> Result<bool, ImportError> {
-    let Some((manifest, config)) = host_manifest(ai, archive)? else { return Ok(false) };
+fn grpc(op: &'static str) -> impl Fn(tonic::Status) -> UnpackError {
+    move |s| UnpackError(format!("{op}: {}", describe(&s)))
+}
+
+fn gc_key(snapshotter: &str) -> String {
+    format!("containerd.io/gc.ref.snapshot.{snapshotter}")
+}
+
+/// What unpacking the host platform's manifest of `ai` would do, or `None`
+/// if it is unpacked already (top snapshot there, config labelled) or the
+/// image has no manifest for this host. Reads only.
+pub async fn plan<'a>(
+    c: &Client,
+    ns: &str,
+    snapshotter: &str,
+    archive: &Archive,
+    ai: &'a ArchiveImage,
+) -> Result<Option<Plan<'a>>, UnpackError> {
+    let Some((manifest, config)) = host_manifest(ai, archive)? else { return Ok(None) };
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(ImportError::Unpack(format!(
+        return Err(UnpackError(format!(
             "config {} lists {} diff_ids for {} layers",
             manifest.config.digest,
             config.rootfs.diff_ids.len(),
             manifest.layers.len()
         )));
     }
-    let c = ctx.client();
-    let sn = ctx.snapshotter();
     let chains = chain_ids(&config.rootfs.diff_ids);
-    let Some(top) = chains.last() else { return Ok(false) };
-    let gc_key = format!("containerd.io/gc.ref.snapshot.{sn}");
-    let grpc = |op: &'static str| move |s: tonic::Status| ImportError::Unpack(format!("{op}: {}", s.message()));
-    let top_done = c.snapshot_exists(ns, sn, &top.to_string()).await.map_err(grpc("snapshot stat"))?;
+    let Some(top) = chains.last() else { return Ok(None) };
+    let top_done = c.snapshot_exists(ns, snapshotter, &top.to_string()).await.map_err(grpc("snapshot stat"))?;
     let config_labels = c.content_labels(ns, &manifest.config.digest).await.map_err(grpc("content info"))?;
-    let labelled = config_labels.as_ref().and_then(|l| l.get(&gc_key)) == Some(&top.to_string());
+    let labelled = config_labels.as_ref().and_then(|l| l.get(&gc_key(snapshotter))) == Some(&top.to_string());
     if top_done && labelled {
-        return Ok(false);
+        return Ok(None);
     }
-    let lease = ctx.lease(ns).await?;
+    Ok(Some(Plan { manifest, diff_ids: config.rootfs.diff_ids, chains }))
+}
+
+/// Unpacks per `plan` under `lease`: one committed snapshot per chain ID
+/// (active ones named `<key_prefix> <chain>`), then the GC labels.
+pub async fn apply(
+    c: &Client,
+    ns: &str,
+    snapshotter: &str,
+    lease: &str,
+    key_prefix: &str,
+    plan: Plan<'_>,
+) -> Result<(), UnpackError> {
+    let sn = snapshotter;
     let mut parent = String::new();
-    for ((layer, diff_id), chain) in manifest.layers.iter().zip(&config.rootfs.diff_ids).zip(&chains) {
+    for ((layer, diff_id), chain) in plan.manifest.layers.iter().zip(&plan.diff_ids).zip(&plan.chains) {
         let name = chain.to_string();
         if !c.snapshot_exists(ns, sn, &name).await.map_err(grpc("snapshot stat"))? {
-            let key = format!("extract-{}-{} {name}", std::process::id(), ctx.unique());
-            let mounts = c.snapshot_prepare(ns, &lease, sn, &key, &parent).await.map_err(grpc("snapshot prepare"))?;
+            let key = format!("{key_prefix} {name}");
+            let mounts = c.snapshot_prepare(ns, lease, sn, &key, &parent).await.map_err(grpc("snapshot prepare"))?;
             let applied = c.diff_apply(ns, layer, mounts).await;
             let result = match applied {
                 Ok(d) if d == diff_id.to_string() => {
-                    c.snapshot_commit(ns, &lease, sn, &name, &key).await.map_err(grpc("snapshot commit"))
+                    c.snapshot_commit(ns, lease, sn, &name, &key).await.map_err(grpc("snapshot commit"))
                 }
-                Ok(d) => {
-                    Err(ImportError::Unpack(format!("layer {} unpacks to {d}, config says {diff_id}", layer.digest)))
-                }
+                Ok(d) => Err(UnpackError(format!("layer {} unpacks to {d}, config says {diff_id}", layer.digest))),
                 Err(s) => Err(grpc("diff apply")(s)),
             };
             if let Err(e) = result {
@@ -119,10 +154,11 @@ pub async fn unpack(ctx: &Context, ns: &str, archive: &Archive, ai: &ArchiveImag
         c.content_set_labels(ns, &layer.digest, &labels).await.map_err(grpc("content update"))?;
         parent = name;
     }
+    let top = plan.chains.last().map(Digest::to_string).unwrap_or_default();
     let mut labels = BTreeMap::new();
-    labels.insert(gc_key, top.to_string());
-    c.content_set_labels(ns, &manifest.config.digest, &labels).await.map_err(grpc("content update"))?;
-    Ok(true)
+    labels.insert(gc_key(sn), top);
+    c.content_set_labels(ns, &plan.manifest.config.digest, &labels).await.map_err(grpc("content update"))?;
+    Ok(())
 }
 
 #[cfg(test)]
