@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
-use support::containerd::Containerd;
+use support::containerd::{Containerd, ContainerdOptions};
 use support::images::{self, LayerSpec, Media};
 use support::mount::Mounted;
 use support::registry::Registry;
@@ -374,9 +374,23 @@ fn have_loader() -> bool {
     Command::new(preseed()).args(["load", "--help"]).output().is_ok_and(|o| o.status.success())
 }
 
+/// The containerds to load into: `PRESEED_BENCH_CONTAINERDS` (set by
+/// `cargo xtask bench`: `dir,dir,…`, each holding containerd, ctr and the
+/// shim), else the one the test harness picks.
+fn containerd_bins() -> Vec<Option<PathBuf>> {
+    match std::env::var("PRESEED_BENCH_CONTAINERDS") {
+        Ok(v) if !v.is_empty() => v.split(',').map(|d| Some(PathBuf::from(d))).collect(),
+        _ => vec![None],
+    }
+}
+
+fn start_containerd(bin: &Option<PathBuf>) -> Containerd {
+    Containerd::start_with(ContainerdOptions { bin: bin.clone(), ..Default::default() }).expect("containerd")
+}
+
 /// `preseed load --image` into a fresh containerd, twice (cold, warm).
-fn preseed_load(partition: &Path, images: usize) -> (Sample, Sample) {
-    let ctrd = Containerd::start().expect("containerd");
+fn preseed_load(partition: &Path, images: usize, bin: &Option<PathBuf>) -> (Sample, Sample) {
+    let ctrd = start_containerd(bin);
     let sock = ctrd.socket().display().to_string();
     let args = ["load", "--image", s(partition), "--address", &sock];
     let cold = timed(&preseed(), &args);
@@ -393,9 +407,9 @@ fn preseed_load(partition: &Path, images: usize) -> (Sample, Sample) {
 /// What existing preload loaders do: mount the partition, `ctr -n <ns>
 /// images import` every tarball in turn (no unpack, like `preseed load`
 /// without `--unpack`), into a fresh containerd; then again (warm).
-fn ctr_import_loop(partition: &Path) -> (Sample, Sample) {
-    let ctrd = Containerd::start().expect("containerd");
-    let ctr = tool("ctr");
+fn ctr_import_loop(partition: &Path, bin: &Option<PathBuf>) -> (Sample, Sample) {
+    let ctrd = start_containerd(bin);
+    let ctr = ctrd.ctr_path().to_path_buf();
     let sock = ctrd.socket().display().to_string();
     let run = || {
         let start = Instant::now();
@@ -619,28 +633,43 @@ fn bench() {
         }
     }
 
-    // Load: alternating, into a fresh containerd each time.
+    // Load: alternating, into a fresh containerd each time, on every
+    // containerd version given.
     let loader = have_loader();
-    let (mut load_cold, mut load_warm, mut import_cold, mut import_warm) =
-        (Series::default(), Series::default(), Series::default(), Series::default());
-    for round in 0..rounds {
-        let order: [bool; 2] = if round % 2 == 0 { [true, false] } else { [false, true] };
-        for ours in order {
-            if ours {
-                if !loader {
-                    continue;
+    let mut loads = Vec::new();
+    for bin in containerd_bins() {
+        let version = start_containerd(&bin).version().to_string();
+        let mut row = LoadRow { containerd: version.clone(), series: Default::default() };
+        for round in 0..rounds {
+            let order: [bool; 2] = if round % 2 == 0 { [true, false] } else { [false, true] };
+            for ours in order {
+                if ours {
+                    if !loader {
+                        continue;
+                    }
+                    let (c, w) = preseed_load(&erofs_partition, corpus.images.len(), &bin);
+                    row.series[0].0.push(c);
+                    row.series[1].0.push(w);
+                    eprintln!(
+                        "bench: containerd {version} round {} preseed load: cold {:.2}s, warm {:.2}s",
+                        round + 1,
+                        c.secs,
+                        w.secs
+                    );
+                } else {
+                    let (c, w) = ctr_import_loop(&erofs_partition, &bin);
+                    row.series[2].0.push(c);
+                    row.series[3].0.push(w);
+                    eprintln!(
+                        "bench: containerd {version} round {} ctr import loop: cold {:.2}s, warm {:.2}s",
+                        round + 1,
+                        c.secs,
+                        w.secs
+                    );
                 }
-                let (c, w) = preseed_load(&erofs_partition, corpus.images.len());
-                load_cold.0.push(c);
-                load_warm.0.push(w);
-                eprintln!("bench: round {} preseed load: cold {:.2}s, warm {:.2}s", round + 1, c.secs, w.secs);
-            } else {
-                let (c, w) = ctr_import_loop(&erofs_partition);
-                import_cold.0.push(c);
-                import_warm.0.push(w);
-                eprintln!("bench: round {} ctr import loop: cold {:.2}s, warm {:.2}s", round + 1, c.secs, w.secs);
             }
         }
+        loads.push(row);
     }
 
     let limit = median(&limits);
@@ -666,7 +695,7 @@ fn bench() {
             write: median(&phases.iter().map(|p| p.write).collect::<Vec<_>>()),
         },
         loader,
-        load: [&load_cold, &load_warm, &import_cold, &import_warm],
+        loads: &loads,
         total_secs: total.elapsed().as_secs_f64(),
         loadavg: (load_before, loadavg()),
     }
@@ -676,6 +705,14 @@ fn bench() {
         std::fs::write(&out, &report).unwrap();
         eprintln!("bench: wrote {out}");
     }
+}
+
+/// Load figures on one containerd version.
+struct LoadRow {
+    /// Its version.
+    containerd: String,
+    /// preseed cold, preseed warm, ctr import cold, ctr import warm.
+    series: [Series; 4],
 }
 
 struct Report<'a> {
@@ -693,8 +730,8 @@ struct Report<'a> {
     /// Phases of the cold erofs bundle (medians).
     phases_ours: Phases,
     loader: bool,
-    /// preseed cold, preseed warm, ctr import cold, ctr import warm.
-    load: [&'a Series; 4],
+    /// One per containerd version.
+    loads: &'a [LoadRow],
     total_secs: f64,
     /// 1-minute load average before and after.
     loadavg: (String, String),
@@ -767,46 +804,44 @@ impl Report<'_> {
         let _ = writeln!(o, "Peers at their strongest: mksquashfs `-noD -noF -noX` (no compression; layers are compressed already), `ctr content fetch` (a pull without unpacking) then `ctr images export`; both peers' trees are the same `k8s.io/<file>.tar` layout. Peak RSS is the largest process of a contender (`/usr/bin/time -f %M`).\n");
 
         let _ = writeln!(o, "## Load\n");
-        let [lc, lw, ic, iw] = self.load;
-        if self.loader {
-            let _ = writeln!(o, "| contender | cold (median) | runs | warm (median) | runs | peak RSS |");
-            let _ = writeln!(o, "| --- | ---: | --- | ---: | --- | ---: |");
+        let _ = writeln!(
+            o,
+            "Into a fresh containerd of each version (1.6 is bookworm's package, 1.7 trixie's, 2.x sid's), each loader with that version's own `ctr`.\n"
+        );
+        let _ = writeln!(o, "| containerd | contender | cold (median) | runs | warm (median) | runs | peak RSS |");
+        let _ = writeln!(o, "| --- | --- | ---: | --- | ---: | --- | ---: |");
+        for row in self.loads {
+            let [lc, lw, ic, iw] = &row.series;
+            let v = &row.containerd;
+            if self.loader {
+                let _ = writeln!(
+                    o,
+                    "| {v} | `preseed load --image` | {:.2}s | {} | {:.3}s | {} | {:.0} MiB |",
+                    lc.secs(),
+                    lc.all(),
+                    lw.secs(),
+                    lw.all(),
+                    lc.rss_mib().max(lw.rss_mib())
+                );
+            }
             let _ = writeln!(
                 o,
-                "| `preseed load --image` | {:.2}s | {} | {:.3}s | {} | {:.0} MiB |",
-                lc.secs(),
-                lc.all(),
-                lw.secs(),
-                lw.all(),
-                lc.rss_mib().max(lw.rss_mib())
-            );
-            let _ = writeln!(
-                o,
-                "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} | (ctr client) |",
+                "| {v} | mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} | (ctr client) |",
                 ic.secs(),
                 ic.all(),
                 iw.secs(),
                 iw.all()
             );
-            let _ = writeln!(
-                o,
-                "| ratio (ctr / preseed) | {:.2}× | | {:.1}× | | |\n",
-                ic.secs() / lc.secs(),
-                iw.secs() / lw.secs()
-            );
-        } else {
-            let _ = writeln!(o, "`preseed load`: n/a (loader not merged).\n");
-            let _ = writeln!(o, "| contender | cold (median) | runs | warm (median) | runs |");
-            let _ = writeln!(o, "| --- | ---: | --- | ---: | --- |");
-            let _ = writeln!(
-                o,
-                "| mount + `ctr images import --no-unpack` loop | {:.2}s | {} | {:.3}s | {} |\n",
-                ic.secs(),
-                ic.all(),
-                iw.secs(),
-                iw.all()
-            );
+            if self.loader {
+                let _ = writeln!(
+                    o,
+                    "| {v} | ratio (ctr / preseed) | {:.2}× | | {:.1}× | | |",
+                    ic.secs() / lc.secs(),
+                    iw.secs() / lw.secs()
+                );
+            }
         }
+        let _ = writeln!(o);
 
         let _ = writeln!(o, "## Goals (issue 6)\n");
         let _ = writeln!(o, "| goal | measured | result |");
@@ -838,22 +873,26 @@ impl Report<'_> {
             let r = self.parts[name] as f64 / unique as f64;
             goal(&mut o, &format!("partition ({name}) ≤ 1.02 × unique blob bytes"), format!("{r:.4}"), Some(r <= 1.02));
         }
-        if self.loader {
-            goal(
-                &mut o,
-                "load cold ≥ 4× faster than the ctr import loop",
-                format!("{:.2}×", ic.secs() / lc.secs()),
-                Some(ic.secs() / lc.secs() >= 4.0),
-            );
-            goal(
-                &mut o,
-                "load warm ≥ 50× faster than the ctr import loop",
-                format!("{:.1}×", iw.secs() / lw.secs()),
-                Some(iw.secs() / lw.secs() >= 50.0),
-            );
-        } else {
-            goal(&mut o, "load cold ≥ 4× faster than the ctr import loop", "loader not merged".into(), None);
-            goal(&mut o, "load warm ≥ 50× faster than the ctr import loop", "loader not merged".into(), None);
+        for row in self.loads {
+            let [lc, lw, ic, iw] = &row.series;
+            let v = &row.containerd;
+            if self.loader {
+                goal(
+                    &mut o,
+                    &format!("load cold ≥ 4× faster than the ctr import loop (containerd {v})"),
+                    format!("{:.2}×", ic.secs() / lc.secs()),
+                    Some(ic.secs() / lc.secs() >= 4.0),
+                );
+                goal(
+                    &mut o,
+                    &format!("load warm ≥ 50× faster than the ctr import loop (containerd {v})"),
+                    format!("{:.1}×", iw.secs() / lw.secs()),
+                    Some(iw.secs() / lw.secs() >= 50.0),
+                );
+            } else {
+                goal(&mut o, "load cold ≥ 4× faster than the ctr import loop", "loader not merged".into(), None);
+                goal(&mut o, "load warm ≥ 50× faster than the ctr import loop", "loader not merged".into(), None);
+            }
         }
         let bundle_rss = ["preseed erofs", "preseed squashfs"]
             .iter()
@@ -861,7 +900,7 @@ impl Report<'_> {
             .fold(0.0, f64::max);
         goal(&mut o, "peak RSS of bundle ≤ 128 MiB", format!("{bundle_rss:.0} MiB"), Some(bundle_rss <= 128.0));
         if self.loader {
-            let r = lc.rss_mib().max(lw.rss_mib());
+            let r = self.loads.iter().map(|l| l.series[0].rss_mib().max(l.series[1].rss_mib())).fold(0.0, f64::max);
             goal(&mut o, "peak RSS of load ≤ 128 MiB", format!("{r:.0} MiB"), Some(r <= 128.0));
         } else {
             goal(&mut o, "peak RSS of load ≤ 128 MiB", "loader not merged".into(), None);

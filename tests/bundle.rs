@@ -448,3 +448,58 @@ fn https_registry_trusted_through_the_manifests_ca() {
     let (_, out) = bundle(dir.path(), &text, &[]);
     ok(&out);
 }
+
+/// A byte flipped in a cached blob (disk error, hand edit) never reaches a
+/// partition: offline the bundle fails naming the blob and its image, and
+/// leaves no partition; online it fetches the blob again and writes the
+/// same partition as before.
+#[test]
+fn damaged_cache_blob_fails_offline_and_heals_online() {
+    let Some(reg) = Registry::start() else { return };
+    let corpus = images::push_test_corpus(&reg);
+    let text = corpus_manifest(&corpus, "erofs");
+    let dir = tempfile::tempdir().unwrap();
+    let (b, out) = bundle(dir.path(), &text, &[]);
+    ok(&out);
+    let partition = b.out.join("preseed.erofs");
+    let good = sha256_file(&partition);
+    // The biggest blob: a layer.
+    let blobs = b.cache.join("blobs/sha256");
+    let victim = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let hex = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let flip = |p: &Path| {
+        let mut bytes = std::fs::read(p).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x20;
+        std::fs::write(p, bytes).unwrap();
+    };
+    flip(&victim);
+    std::fs::remove_dir_all(&b.out).unwrap();
+
+    let (_, out) = bundle(dir.path(), &text, &["--offline"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a damaged blob must fail an offline bundle");
+    assert!(stderr.contains(&format!("sha256:{hex}")) && stderr.contains("damaged"), "{stderr}");
+    assert!(stderr.contains("used by") && stderr.contains("without --offline"), "{stderr}");
+    assert!(!partition.exists(), "a failed run left a partition");
+    assert!(!victim.exists(), "the damaged blob stays in the cache");
+
+    // Online: fetched again, the same partition as before.
+    let (_, out) = bundle(dir.path(), &text, &[]);
+    ok(&out);
+    assert_eq!(sha256_file(&partition), good, "the healed partition differs from the original");
+
+    // Damaged while the partition is current: the next run that writes a
+    // partition (output removed) finds it, online, and heals.
+    flip(&victim);
+    std::fs::remove_file(&partition).unwrap();
+    let (_, out) = bundle(dir.path(), &text, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ok(&out);
+    assert!(stderr.contains(&format!("cache blob sha256:{hex} was damaged")), "{stderr}");
+    assert_eq!(sha256_file(&partition), good);
+}

@@ -35,6 +35,47 @@ fn opts(source: Source, c: &Containerd) -> LoadOptions {
     o
 }
 
+/// `preseed load --dir DIR --json` as a child process, for tests that kill it
+/// (or its containerd) halfway.
+fn spawn_load(dir: &Path, c: &Containerd) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_preseed"))
+        .args(["load", "--json", "--jobs", "1", "--dir"])
+        .arg(dir)
+        .arg("--address")
+        .arg(c.socket())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until a lease exists in `ns` (the loader is writing), returning its
+/// id and labels.
+fn wait_for_lease(c: &Containerd, ns: &str) -> (String, std::collections::HashMap<String, String>) {
+    use preseed::load::containerd::Client;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(c.socket(), Duration::from_secs(5)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(l) = client.leases_list(ns).await.unwrap().into_iter().next() {
+                return l;
+            }
+            assert!(std::time::Instant::now() < deadline, "no lease appeared in {ns}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+}
+
+/// A tree with one image big enough (160 MiB of layers) that a load takes
+/// a while: time to kill something halfway.
+fn big_tree(w: &World, name: &str) -> (Entry, PathBuf) {
+    let e = Entry::new("k8s.io", "big", name, fixtures::single(&w.cache, "hello", 80, 5, 32 << 20));
+    let tree = w.root.join("big-tree");
+    fixtures::bundle_tree(&w.cache, std::slice::from_ref(&e), &tree);
+    (e, tree)
+}
+
 fn run(opts: &LoadOptions) -> LoadReport {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let report = rt.block_on(load::load(opts)).expect("load");
@@ -300,7 +341,7 @@ fn neither_erofs_nor_squashfs_is_refused_and_nothing_is_mounted() {
 
 #[test]
 fn newer_partition_without_an_image_unpins_it() {
-    let Some(c) = prerequisites("erofs") else { return };
+    let Some(mut c) = prerequisites("erofs") else { return };
     let w = world();
     let a = Entry::new("k8s.io", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 20, 0, 0));
     let b = Entry::new("k8s.io", "b", "preseed.local/b:1", fixtures::single(&w.cache, "pause", 21, 0, 0));
@@ -326,8 +367,13 @@ fn newer_partition_without_an_image_unpins_it() {
     ]);
 
     std::fs::copy(&p2, &installed).unwrap();
+    let pid = c.pid();
     let r = run(&o);
-    assert!(!r.failed());
+    assert!(!r.failed(), "{}", r.to_json());
+    assert!(r.warnings.is_empty() && r.errors.is_empty(), "{}", r.to_json());
+    assert_eq!(c.pid(), pid);
+    c.assert_running();
+    c.assert_no_panic();
     assert_eq!(r.unpinned.len(), 1, "{}", r.to_json());
     assert_eq!(r.unpinned[0].name, "preseed.local/b:1");
     let b_labels = labels_of(&c, "k8s.io", "preseed.local/b:1");
@@ -425,23 +471,71 @@ fn unpack_puts_layers_in_the_snapshotter() {
     assert!(out.contains(fixtures::HELLO_LINE), "{out}");
 }
 
+/// What kubelet sees, on each containerd version: CRI lists the loaded
+/// images as pinned (and containerd's CRI has marked them managed), a pod
+/// sandbox and a container start offline from them, and an image that
+/// leaves the partition is no longer pinned in CRI either.
 #[test]
-fn cri_starts_a_pod_sandbox_offline_with_the_loaded_pause_image() {
+fn cri_sees_pinned_images_and_runs_a_pod_offline() {
     if support::require_tool("gcc").is_none() || fixtures::static_binary().is_none() {
         return;
     }
     let sandbox = "preseed.local/pause:1";
+    let app = "preseed.local/app:1";
     let opts_c = support::containerd::ContainerdOptions { sandbox_image: sandbox.into(), ..Default::default() };
-    let Some(c) = Containerd::start_with(opts_c) else { return };
+    let Some(mut c) = Containerd::start_with(opts_c) else { return };
     let w = world();
     let mut pause = Entry::new("k8s.io", "pause", sandbox, fixtures::single(&w.cache, "pause", 60, 0, 0));
     pause.sandbox = true;
+    let hello = Entry::new("k8s.io", "app", app, fixtures::single(&w.cache, "hello", 61, 0, 0));
     let tree = w.root.join("tree");
-    fixtures::bundle_tree(&w.cache, &[pause], &tree);
-    let report = run(&opts(Source::Dir(tree), &c));
+    fixtures::bundle_tree(&w.cache, &[pause.clone(), hello], &tree);
+    let o = opts(Source::Dir(tree.clone()), &c);
+    let report = run(&o);
     assert!(!report.failed(), "{}", report.to_json());
+    let version = c.version().clone();
+    assert!(
+        report.containerd_version.starts_with(&format!("{}.{}.", version.major, version.minor)),
+        "report says containerd {:?}, the harness runs {version}",
+        report.containerd_version
+    );
+
+    // containerd 1.6's CRI predates pinned images (1.7 added them): it
+    // reports nothing as pinned, whatever the label says, and kubelet's GC
+    // may remove preseeded images there.
+    let pins = version.major > 1 || version.minor >= 7;
+    for name in [sandbox, app] {
+        support::cri::wait_for_image(c.socket(), name, pins);
+        // containerd's CRI adds this label itself on the image event; the
+        // loader must not (and need not) set it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !labels_of(&c, "k8s.io", name).contains("io.cri-containerd.image=managed") {
+            assert!(std::time::Instant::now() < deadline, "{name}: {}", labels_of(&c, "k8s.io", name));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 
     support::cri::run_host_network_pod_sandbox(c.socket(), || c.log());
+    let (code, log) = support::cri::run_pod_with_container(c.socket(), app, &["/hello"], || c.log());
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains(fixtures::HELLO_LINE), "container log: {log:?}");
+
+    // The app leaves the partition: CRI no longer reports it pinned.
+    std::fs::remove_file(tree.join("k8s.io/app.tar")).unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tree.join("preseed.json")).unwrap()).unwrap();
+    index["images"].as_array_mut().unwrap().retain(|i| i["file"] != "app");
+    std::fs::write(tree.join("preseed.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let pid = c.pid();
+    let r = run(&o);
+    assert!(!r.failed() && r.warnings.is_empty(), "{}", r.to_json());
+    assert_eq!(r.unpinned.len(), 1, "{}", r.to_json());
+    support::cri::wait_for_image(c.socket(), app, false);
+    support::cri::wait_for_image(c.socket(), sandbox, pins);
+    assert!(!labels_of(&c, "k8s.io", app).contains("io.cri-containerd.pinned"));
+    assert_eq!(c.pid(), pid);
+    c.assert_running();
+    c.assert_no_panic();
 }
 
 #[test]
@@ -472,7 +566,7 @@ fn content_writes_are_verified_and_not_repeated() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let client = Client::connect(c.socket(), Duration::from_secs(5)).await.unwrap();
-        client.lease_create("t", "l", Duration::from_secs(600)).await.unwrap();
+        client.lease_create("t", "l", Duration::from_secs(600), &BTreeMap::new()).await.unwrap();
         let data: Arc<[u8]> = fixtures::noise(90, 3 << 20).into();
         let d = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&data), data.len() as u64);
         let write = |r: &str, d: Descriptor, b: Arc<[u8]>| {
@@ -499,7 +593,7 @@ fn content_writes_are_verified_and_not_repeated() {
 
 #[test]
 fn unreadable_compat_tarball_unpins_nothing() {
-    let Some(c) = prerequisites("squashfs") else { return };
+    let Some(mut c) = prerequisites("squashfs") else { return };
     let w = world();
     let dir = w.root.join("k3s");
     let a = Entry::new("k8s.io", "a", "docker.io/library/a:1", fixtures::single(&w.cache, "hello", 95, 0, 0));
@@ -518,6 +612,64 @@ fn unreadable_compat_tarball_unpins_nothing() {
     // Gone for good: now it is unpinned.
     std::fs::remove_file(dir.join("b.tar")).unwrap();
     let r = run(&o);
+    assert!(!r.failed() && r.warnings.is_empty(), "{}", r.to_json());
     assert_eq!(r.unpinned.len(), 1);
+    c.assert_running();
+    c.assert_no_panic();
     assert!(!labels_of(&c, "k8s.io", "docker.io/library/b:1").contains("io.cri-containerd.pinned"));
+}
+
+#[test]
+fn containerd_going_away_mid_load_fails_it_clearly_and_the_next_run_completes() {
+    let Some(mut c) = prerequisites("erofs") else { return };
+    let w = world();
+    let (_, tree) = big_tree(&w, "preseed.local/big:1");
+    let child = spawn_load(&tree, &c);
+    wait_for_lease(&c, "k8s.io");
+    c.kill();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the load must fail when containerd goes away:\n{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let error = report["images"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("lost the connection to containerd"), "{report}");
+    assert!(report["errors"].as_array().is_some_and(|e| !e.is_empty()), "unpinning could not run: {report}");
+
+    c.restart();
+    let o = opts(Source::Dir(tree), &c);
+    let r = run(&o);
+    assert!(!r.failed(), "{}", r.to_json());
+    assert_eq!(r.images[0].outcome, Outcome::Imported);
+    // The dead run's lease (its loader exited) is gone too.
+    assert_eq!(r.stale_leases.len(), 1, "{}", r.to_json());
+    assert_eq!(c.ctr_ok(&["-n", "k8s.io", "leases", "ls", "-q"]).trim(), "");
+    let check = c.ctr_ok(&["-n", "k8s.io", "images", "check", "name==preseed.local/big:1"]);
+    assert!(check.contains("complete"), "{check}");
+}
+
+#[test]
+fn a_killed_loaders_lease_is_removed_by_the_next_load() {
+    let Some(c) = prerequisites("erofs") else { return };
+    let w = world();
+    let (e, tree) = big_tree(&w, "preseed.local/killed:1");
+    let mut child = spawn_load(&tree, &c);
+    let (id, labels) = wait_for_lease(&c, "k8s.io");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The lease outlives its loader (it would hold content for an hour)…
+    assert!(labels.contains_key(preseed::load::lease::LABEL_OWNER), "{labels:?}");
+    assert!(labels.contains_key("containerd.io/gc.expire"), "{labels:?}");
+    assert_eq!(c.ctr_ok(&["-n", "k8s.io", "leases", "ls", "-q"]).trim(), id);
+
+    // …until the next load, which removes it and completes the import.
+    let r = run(&opts(Source::Dir(tree), &c));
+    assert!(!r.failed(), "{}", r.to_json());
+    assert_eq!(r.stale_leases, [preseed::load::StaleLease { namespace: "k8s.io".into(), id: id.clone() }]);
+    assert_eq!(c.ctr_ok(&["-n", "k8s.io", "leases", "ls", "-q"]).trim(), "");
+    let content = c.ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"]);
+    for d in &e.image.blobs {
+        assert!(content.contains(&d.digest.to_string()), "{} missing", d.digest);
+    }
+    let active = c.ctr_ok(&["-n", "k8s.io", "content", "active"]);
+    assert!(!active.contains(&id), "the killed loader's ingests are left:\n{active}");
 }

@@ -124,6 +124,20 @@ pub enum BundleError {
         /// The error.
         source: squashfs::Error,
     },
+    /// Blobs in the cache no longer match their digests (damaged after
+    /// they were stored). They have been removed from the cache; nothing was
+    /// written to the output.
+    #[error(
+        "damaged blob(s) in the cache {cache}, removed from it:\n{}\nrun the bundle again without --offline to \
+         fetch them again (or copy them into the cache from a machine that has them); no partition was written",
+        .blobs.iter().map(|b| format!("  {} ({}), used by {}", b.digest, b.problem, b.images.join(", "))).collect::<Vec<_>>().join("\n")
+    )]
+    Damaged {
+        /// The cache directory.
+        cache: PathBuf,
+        /// Each damaged blob.
+        blobs: Vec<DamagedBlob>,
+    },
     /// Other I/O, with the path.
     #[error("{path}: {source}")]
     Io {
@@ -132,6 +146,17 @@ pub enum BundleError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// A cache blob whose bytes do not match its digest.
+#[derive(Debug, Clone)]
+pub struct DamagedBlob {
+    /// Its digest (its name in the cache).
+    pub digest: Digest,
+    /// What is wrong (what it hashes to, or why it could not be read).
+    pub problem: String,
+    /// The images that use it.
+    pub images: Vec<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
@@ -144,9 +169,28 @@ struct Planned {
     resolved: ResolvedImage,
 }
 
-/// Runs the whole build side.
+/// Runs the whole build side. A damaged cache blob is found before the
+/// partition is put in place: it is evicted and, online, the run starts over
+/// and fetches it again (once); `--offline`, the run fails and says which.
 pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> {
     let start = Instant::now();
+    match bundle_once(opts, start).await {
+        Err(BundleError::Damaged { blobs, .. }) if !opts.offline => {
+            for b in &blobs {
+                opts.progress.line(&format!(
+                    "cache blob {} was damaged ({}); fetching it again for {}",
+                    b.digest,
+                    b.problem,
+                    b.images.join(", ")
+                ));
+            }
+            bundle_once(opts, start).await
+        }
+        other => other,
+    }
+}
+
+async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSummary, BundleError> {
     let strict = Strictness { allow_unpinned: opts.allow_unpinned };
     let manifest = BundleManifest::load(&opts.manifest, strict)?;
     let format = opts.format.unwrap_or(manifest.format);
@@ -247,7 +291,23 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
             (spec, file)
         })
         .collect();
-    let sums = TarballSums::open(&cache).all(&planned).map_err(io_err(cache.root()))?;
+    // Blobs downloaded in this run were hashed on the way in; every other
+    // blob taken from the cache is hashed again before the partition built
+    // from it is put in place (below, alongside the write).
+    let unverified: Vec<Digest> = {
+        let mut u: Vec<(&Digest, &u64)> = unique.iter().filter(|(d, _)| !missing.contains_key(*d)).collect();
+        // Largest first, so the workers finish together.
+        u.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        u.into_iter().map(|(d, _)| d.clone()).collect()
+    };
+    let sums_store = TarballSums::open(&cache);
+    let sums = sums_store.all(&planned).map_err(io_err(cache.root()))?;
+    let spec_blobs: Vec<(String, Vec<Digest>)> = images
+        .iter()
+        .zip(&planned)
+        .map(|(img, (spec, _))| (img.entry.label(), spec.blobs.iter().map(|b| b.digest.clone()).collect()))
+        .collect();
+    let sum_keys: Vec<PathBuf> = planned.iter().map(|(spec, file)| sums_store.key_path(spec, file)).collect();
     let mut tree = Tree::default();
     let mut indexed = Vec::new();
     for ((img, (spec, file)), sha256) in images.iter().zip(planned).zip(sums) {
@@ -287,18 +347,45 @@ pub async fn bundle(opts: &BundleOptions) -> Result<BundleSummary, BundleError> 
         }
         None => {
             progress.line(&format!("writing {}", partition.display()));
-            let bytes = match format {
-                Format::Erofs => {
-                    erofs::write(&tree, &partition)
-                        .map_err(|source| BundleError::Erofs { path: partition.clone(), source })?
-                        .image_bytes
+            // Written under a staging name while the unverified blobs are
+            // hashed on the other cores; renamed into place only if all match.
+            let staging = opts.out.join(format!(".preseed.{}.partial", format.extension()));
+            let (written, damaged) = std::thread::scope(|scope| {
+                let check = scope.spawn(|| cache.check(&unverified));
+                let written = match format {
+                    Format::Erofs => erofs::write(&tree, &staging)
+                        .map(|s| s.image_bytes)
+                        .map_err(|source| BundleError::Erofs { path: partition.clone(), source }),
+                    Format::Squashfs => squashfs::write(&tree, &staging)
+                        .map(|s| s.image_bytes)
+                        .map_err(|source| BundleError::Squashfs { path: partition.clone(), source }),
+                };
+                (written, check.join().expect("hashing thread panicked"))
+            });
+            if !damaged.is_empty() {
+                let _ = std::fs::remove_file(&staging);
+                let mut blobs = Vec::new();
+                for (digest, problem) in damaged {
+                    cache.evict(&digest)?;
+                    let users: Vec<usize> =
+                        (0..spec_blobs.len()).filter(|i| spec_blobs[*i].1.contains(&digest)).collect();
+                    // Tarball sums computed from the damaged bytes must go too.
+                    for i in &users {
+                        let _ = std::fs::remove_file(&sum_keys[*i]);
+                    }
+                    let images = users.iter().map(|i| spec_blobs[*i].0.clone()).collect();
+                    blobs.push(DamagedBlob { digest, problem, images });
                 }
-                Format::Squashfs => {
-                    squashfs::write(&tree, &partition)
-                        .map_err(|source| BundleError::Squashfs { path: partition.clone(), source })?
-                        .image_bytes
+                return Err(BundleError::Damaged { cache: cache.root().to_path_buf(), blobs });
+            }
+            let bytes = match written {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&staging);
+                    return Err(e);
                 }
             };
+            std::fs::rename(&staging, &partition).map_err(io_err(&partition))?;
             stamp.record(&partition);
             bytes
         }
@@ -414,14 +501,19 @@ impl TarballSums {
         sums.into_iter().map(|(_, sum)| sum).collect()
     }
 
-    fn get_or_compute(&self, spec: &TarballSpec, file: &PlannedFile) -> std::io::Result<Digest> {
+    /// Where the sum of this tarball plan is remembered.
+    fn key_path(&self, spec: &TarballSpec, file: &PlannedFile) -> PathBuf {
         let mut key = Hasher::new();
         key.update(&layout::index_json(spec));
         for b in &spec.blobs {
             key.update(format!("\n{} {}", b.digest, b.size).as_bytes());
         }
         key.update(format!("\nlayout v1 {}", file.len()).as_bytes());
-        let path = self.dir.join(key.finish().hex());
+        self.dir.join(key.finish().hex())
+    }
+
+    fn get_or_compute(&self, spec: &TarballSpec, file: &PlannedFile) -> std::io::Result<Digest> {
+        let path = self.key_path(spec, file);
         if let Ok(bytes) = std::fs::read(&path) {
             if let Ok(sum) = serde_json::from_slice::<TarballSum>(&bytes) {
                 if sum.size == file.len() {

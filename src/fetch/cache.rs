@@ -120,6 +120,49 @@ impl BlobCache {
         Ok(out)
     }
 
+    /// Hashes the cached blobs `blobs` again, on all cores, and returns those
+    /// whose bytes no longer match their name (damaged after they were
+    /// stored: disk errors, hand edits), with the digest they hash to. A
+    /// missing or unreadable file counts as damaged too.
+    pub fn check(&self, blobs: &[Digest]) -> Vec<(Digest, String)> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(blobs.len().max(1));
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut bad = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(d) = blobs.get(i) else { return bad };
+                            let path = self.path(d);
+                            let mut h = Hasher::new();
+                            match File::open(&path).and_then(|mut f| io::copy(&mut f, &mut h)) {
+                                Ok(_) => {
+                                    let found = h.finish();
+                                    if &found != d {
+                                        bad.push((d.clone(), format!("its bytes hash to {found}")));
+                                    }
+                                }
+                                Err(e) => bad.push((d.clone(), format!("reading {}: {e}", path.display()))),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("hashing thread panicked")).collect()
+        })
+    }
+
+    /// Removes a blob from the cache (a damaged one, so it is fetched again).
+    pub fn evict(&self, digest: &Digest) -> Result<(), CacheError> {
+        let path = self.path(digest);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Re-hashes every blob and removes those whose content does not match
     /// their name. Returns the removed digests. Normal runs never need this;
     /// it exists for `preseed cache verify` and for tests of the invariant.

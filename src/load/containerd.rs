@@ -28,6 +28,23 @@ pub const LEASE_HEADER: &str = "containerd-lease";
 /// Bytes per content write message (containerd accepts up to 16 MiB).
 const CHUNK: usize = 1 << 20;
 
+/// What a failed call says, in words a node operator can act on: a dropped
+/// connection means containerd stopped or crashed during the load.
+pub fn describe(status: &Status) -> String {
+    let msg = status.message();
+    let lost = status.code() == Code::Unavailable
+        || (status.code() == Code::Unknown
+            && ["transport error", "connection", "broken pipe", "h2 protocol error"].iter().any(|m| msg.contains(m)));
+    if lost {
+        format!(
+            "lost the connection to containerd ({msg}): it stopped or crashed during the load \
+             (see its log, e.g. journalctl -u containerd); run preseed load again once it is back"
+        )
+    } else {
+        msg.to_string()
+    }
+}
+
 /// containerd could not be reached.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -248,15 +265,48 @@ impl Client {
         }
     }
 
+    /// containerd's version and revision (Version service).
+    pub async fn version(&self) -> Result<(String, String), Status> {
+        let mut v = api::version_client::VersionClient::new(self.channel.clone());
+        let r = v.version(()).await?.into_inner();
+        Ok((r.version, r.revision))
+    }
+
     /// Creates a lease that expires on its own after `expire` (in case the
-    /// loader dies before deleting it).
-    pub async fn lease_create(&self, ns: &str, id: &str, expire: Duration) -> Result<(), Status> {
+    /// loader dies before deleting it), with the given extra labels.
+    pub async fn lease_create(
+        &self,
+        ns: &str,
+        id: &str,
+        expire: Duration,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), Status> {
         let until = std::time::SystemTime::now() + expire;
-        let mut labels = HashMap::new();
+        let mut labels: HashMap<String, String> = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         labels.insert("containerd.io/gc.expire".to_string(), rfc3339(until));
         let req = api::CreateRequest { id: id.to_string(), labels };
         self.leases().create(metadata(req, ns, None)?).await?;
         Ok(())
+    }
+
+    /// The refs of a namespace's active (uncommitted) content writes.
+    pub async fn ingests(&self, ns: &str) -> Result<Vec<String>, Status> {
+        let req = metadata(api::ListStatusesRequest { filters: vec![] }, ns, None)?;
+        Ok(self.content().list_statuses(req).await?.into_inner().statuses.into_iter().map(|s| s.r#ref).collect())
+    }
+
+    /// Drops an active content write and its partial data.
+    pub async fn ingest_abort(&self, ns: &str, reference: &str) -> Result<(), Status> {
+        let req = metadata(api::AbortRequest { r#ref: reference.to_string() }, ns, None)?;
+        not_found(self.content().abort(req).await)?;
+        Ok(())
+    }
+
+    /// Every lease of a namespace: id → labels.
+    pub async fn leases_list(&self, ns: &str) -> Result<Vec<(String, HashMap<String, String>)>, Status> {
+        let req = metadata(api::ListRequest { filters: vec![] }, ns, None)?;
+        let leases = self.leases().list(req).await?.into_inner().leases;
+        Ok(leases.into_iter().map(|l| (l.id, l.labels)).collect())
     }
 
     /// Adds an existing blob to a lease, so GC keeps it until the image record exists.
@@ -288,6 +338,10 @@ impl Client {
     }
 
     /// Updates the given fields (`target`, `labels.<key>`) of an image record.
+    ///
+    /// `image` must be the whole record (as read, then changed): containerd
+    /// ≥1.7 converts the request's record before applying the field mask and
+    /// crashes on one without a target. This is how `ctr images label` does it.
     pub async fn image_update(&self, ns: &str, image: api::Image, paths: Vec<String>) -> Result<(), Status> {
         let req = api::UpdateImageRequest {
             image: Some(image),
@@ -377,8 +431,8 @@ impl Client {
 /// A blob write failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// containerd refused it (digest or size mismatch, …).
-    #[error("{}", .0.message())]
+    /// containerd refused it (digest or size mismatch, …) or went away.
+    #[error("{}", describe(.0))]
     Grpc(Status),
     /// Reading the source failed.
     #[error("reading the blob: {0}")]

@@ -62,7 +62,7 @@ pub enum ImportError {
         source: super::containerd::WriteError,
     },
     /// Another containerd call failed.
-    #[error("containerd {op} {target}: {}", status.message())]
+    #[error("containerd {op} {target}: {}", super::containerd::describe(status))]
     Grpc {
         /// The operation.
         op: &'static str,
@@ -130,7 +130,10 @@ impl Context {
             return Ok(id.clone());
         }
         let id = self.lease_prefix.clone();
-        self.client.lease_create(ns, &id, LEASE_EXPIRY).await.map_err(grpc("creating lease in", ns))?;
+        self.client
+            .lease_create(ns, &id, LEASE_EXPIRY, &super::lease::labels())
+            .await
+            .map_err(grpc("creating lease in", ns))?;
         leases.insert(ns.to_string(), id.clone());
         Ok(id)
     }
@@ -394,29 +397,28 @@ impl Context {
                 Err(s) => return Err(grpc("image create", name)(s)),
             }
         };
+        // The whole record goes back, changed, with a mask naming the changes.
+        let mut image = existing.clone();
         let mut paths = Vec::new();
         if existing.target.as_ref() != Some(target) {
+            image.target = Some(target.clone());
             paths.push("target".to_string());
         }
-        for (k, v) in &want {
-            if existing.labels.get(k) != Some(v) {
+        for (k, v) in want {
+            if existing.labels.get(&k) != Some(&v) {
                 paths.push(format!("labels.{k}"));
+                image.labels.insert(k, v);
             }
         }
         // No longer to be pinned: take the pin off only if this loader set it.
         let ours = existing.labels.get(LABEL_SOURCE) == Some(&self.source_id);
         if !pin && ours && existing.labels.contains_key(LABEL_PINNED) {
+            image.labels.remove(LABEL_PINNED);
             paths.push(format!("labels.{LABEL_PINNED}"));
         }
         if paths.is_empty() {
             return Ok(Record::Unchanged);
         }
-        let image = Image {
-            name: name.to_string(),
-            labels: want.into_iter().collect(),
-            target: Some(target.clone()),
-            ..Default::default()
-        };
         c.image_update(ns, image, paths).await.map_err(grpc("image update", name))?;
         Ok(Record::Updated)
     }

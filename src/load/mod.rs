@@ -5,7 +5,8 @@
 //! [`source`] lists the tarballs (`preseed.json`, else Monogon/k3s layouts) →
 //! [`archive`] reads each tarball by seeking → [`image`] works out blobs, GC
 //! labels and names → [`import`] writes what containerd lacks under a lease
-//! and creates the image records → unpin what is gone → [`report`].
+//! ([`lease`] first removes leases that interrupted loads left) and creates
+//! the image records → unpin what is gone → [`report`].
 //!
 //! Invariants: the loader never talks to a registry; it never sets
 //! `io.cri-containerd.image` (containerd's CRI adds it on the image event);
@@ -18,6 +19,11 @@
 //! `--dir` canonicalized). A later load from the same source removes the pin
 //! from images carrying that source label whose names it no longer has; the
 //! images themselves stay, for kubelet's GC to decide.
+//!
+//! Works with containerd 1.6, 1.7 and 2.x: every record update sends the
+//! whole record (as read) with a field mask, as containerd's own clients do.
+//! containerd going away mid-load fails the load with a message that says so;
+//! the next run completes it.
 //!
 //! # Running it at boot
 //!
@@ -58,19 +64,20 @@ pub use crate::partition::mount;
 pub mod containerd;
 pub mod image;
 pub mod import;
+pub mod lease;
 
 pub mod report;
 pub mod source;
 pub mod unpack;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-pub use report::{ImageReport, LoadReport, Outcome, Unpinned};
+pub use report::{ImageReport, LoadReport, Outcome, StaleLease, Unpinned};
 
 /// containerd's default socket.
 pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
@@ -173,6 +180,26 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
     };
     let listing = source::list(&root)?;
     let client = containerd::Client::connect(&opts.address, opts.timeout).await?;
+    let mut warnings = listing.warnings.clone();
+    let mut errors = Vec::new();
+    let containerd_version = match client.version().await {
+        Ok((v, _)) => v,
+        Err(e) => {
+            errors.push(format!("containerd version: {}", containerd::describe(&e)));
+            String::new()
+        }
+    };
+    // Before taking leases of our own: nothing of a stale one is in use.
+    let stale_leases = match lease::remove_stale(&client).await {
+        Ok(removed) => removed,
+        Err(e) => {
+            warnings.push(format!(
+                "could not remove leases left by interrupted loads (they expire on their own): {}",
+                containerd::describe(&e)
+            ));
+            Vec::new()
+        }
+    };
     let ctx = Arc::new(import::Context::new(client.clone(), opts, source_id.clone()));
 
     let jobs = opts.jobs.max(1);
@@ -186,7 +213,6 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
         .await;
     let images: Vec<ImageReport> = per_tarball.into_iter().flatten().collect();
 
-    let mut warnings = listing.warnings.clone();
     // Names still in the source keep their pin, failed or not.
     let keep: HashSet<(String, String)> =
         images.iter().flat_map(|i| i.names.iter().map(|n| (i.namespace.clone(), n.clone()))).collect();
@@ -200,37 +226,42 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
         ));
         Vec::new()
     } else {
-        match unpin_gone(&client, &source_id, &keep).await {
-            Ok(u) => u,
-            Err(e) => {
-                warnings.push(format!("could not unpin images no longer in the source: {}", e.message()));
-                Vec::new()
-            }
+        // An image left pinned for ever is a failure, not a footnote.
+        let mut unpinned = Vec::new();
+        if let Err(e) = unpin_gone(&client, &source_id, &keep, &mut unpinned).await {
+            errors.push(format!("could not unpin images no longer in the source: {}", containerd::describe(&e)));
         }
+        unpinned
     };
     if let Err(e) = ctx.release_leases().await {
-        warnings.push(format!("could not delete the import lease (it expires on its own): {}", e.message()));
+        warnings.push(format!(
+            "could not delete the import lease (the next load removes it): {}",
+            containerd::describe(&e)
+        ));
     }
     drop(mounted);
     let bytes_written = images.iter().map(|i| i.bytes_written).sum();
     Ok(LoadReport {
         source: source_id,
+        containerd_version,
         images,
         unpinned,
+        stale_leases,
         warnings,
+        errors,
         bytes_written,
         duration_ms: report::millis(start.elapsed()),
     })
 }
 
 /// Removes the pinned label from images this loader pinned from `source`
-/// whose names are not in `keep`.
+/// whose names are not in `keep`, adding each to `out` as it is done.
 async fn unpin_gone(
     client: &containerd::Client,
     source: &str,
     keep: &HashSet<(String, String)>,
-) -> Result<Vec<Unpinned>, tonic::Status> {
-    let mut out = Vec::new();
+    out: &mut Vec<Unpinned>,
+) -> Result<(), tonic::Status> {
     for ns in client.namespaces().await? {
         for img in client.images_list(&ns).await? {
             let ours = img.labels.get(LABEL_SOURCE).map(String::as_str) == Some(source);
@@ -238,14 +269,12 @@ async fn unpin_gone(
             if !ours || !pinned || keep.contains(&(ns.clone(), img.name.clone())) {
                 continue;
             }
-            let update = containerd_client::services::v1::Image {
-                name: img.name.clone(),
-                labels: HashMap::new(),
-                ..Default::default()
-            };
+            // The record as listed, whole, minus the pin (see `image_update`).
+            let mut update = img.clone();
+            update.labels.remove(LABEL_PINNED);
             client.image_update(&ns, update, vec![format!("labels.{LABEL_PINNED}")]).await?;
             out.push(Unpinned { namespace: ns.clone(), name: img.name });
         }
     }
-    Ok(out)
+    Ok(())
 }

@@ -66,17 +66,33 @@ pub struct Unpinned {
     pub name: String,
 }
 
+/// A lease an interrupted earlier load left, removed by this one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StaleLease {
+    /// Namespace.
+    pub namespace: String,
+    /// Lease id.
+    pub id: String,
+}
+
 /// The whole load.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadReport {
     /// The source, as recorded in the images' source label.
     pub source: String,
+    /// containerd's version, from its Version service.
+    pub containerd_version: String,
     /// Per image, in source order.
     pub images: Vec<ImageReport>,
     /// Images unpinned because their tarball is gone.
     pub unpinned: Vec<Unpinned>,
+    /// Leases of interrupted earlier loads, removed.
+    pub stale_leases: Vec<StaleLease>,
     /// Things skipped or worth knowing.
     pub warnings: Vec<String>,
+    /// Failures outside any one image (unpinning, containerd going away);
+    /// the load fails if there are any.
+    pub errors: Vec<String>,
     /// Total bytes written to the content store.
     pub bytes_written: u64,
     /// Wall time, in milliseconds.
@@ -88,9 +104,10 @@ pub(crate) fn millis(d: Duration) -> u64 {
 }
 
 impl LoadReport {
-    /// Whether any image failed (the command then exits non-zero).
+    /// Whether any image, or anything else, failed (the command then exits
+    /// non-zero).
     pub fn failed(&self) -> bool {
-        self.images.iter().any(|i| i.outcome == Outcome::Failed)
+        !self.errors.is_empty() || self.images.iter().any(|i| i.outcome == Outcome::Failed)
     }
 
     /// Number of images with the given outcome.
@@ -103,10 +120,13 @@ impl LoadReport {
         serde_json::to_string_pretty(self).expect("report serializes")
     }
 
-    /// One line per image and warning, then a summary line.
+    /// One line per image, warning and error, then a summary line.
     pub fn print_human(&self, out: &mut dyn Write) -> io::Result<()> {
         for w in &self.warnings {
             writeln!(out, "warning: {w}")?;
+        }
+        for l in &self.stale_leases {
+            writeln!(out, "removed   lease {} [{}] (left by an interrupted load)", l.id, l.namespace)?;
         }
         for i in &self.images {
             let name = i.names.first().map(String::as_str).unwrap_or(&i.tarball);
@@ -127,9 +147,13 @@ impl LoadReport {
         for u in &self.unpinned {
             writeln!(out, "unpinned  {} [{}] (no longer in {})", u.name, u.namespace, self.source)?;
         }
+        for e in &self.errors {
+            writeln!(out, "error: {e}")?;
+        }
         writeln!(
             out,
-            "preseed load: {} images: {} imported, {} updated, {} already present, {} failed; {} written in {:.2}s",
+            "preseed load: {} images: {} imported, {} updated, {} already present, {} failed; {} written in {:.2}s \
+             (containerd {})",
             self.images.len(),
             self.count(Outcome::Imported),
             self.count(Outcome::Updated),
@@ -137,6 +161,7 @@ impl LoadReport {
             self.count(Outcome::Failed),
             human_bytes(self.bytes_written),
             self.duration_ms as f64 / 1000.0,
+            if self.containerd_version.is_empty() { "version unknown" } else { &self.containerd_version },
         )
     }
 }
@@ -160,9 +185,12 @@ mod tests {
         };
         let r = LoadReport {
             source: "/dev/vdb".into(),
+            containerd_version: "2.1.9".into(),
             images: vec![img(Outcome::Imported, None), img(Outcome::Failed, Some("digest mismatch"))],
             unpinned: vec![Unpinned { namespace: "k8s.io".into(), name: "docker.io/library/old:1".into() }],
+            stale_leases: vec![StaleLease { namespace: "k8s.io".into(), id: "preseed-load-1".into() }],
             warnings: vec![],
+            errors: vec![],
             bytes_written: 2048,
             duration_ms: 1500,
         };
@@ -174,7 +202,10 @@ mod tests {
         assert!(text.contains("FAILED    docker.io/library/x:1 [k8s.io]: digest mismatch"), "{text}");
         assert!(text.contains("unpinned  docker.io/library/old:1 [k8s.io]"), "{text}");
         assert!(text.contains("2 images: 1 imported, 0 updated, 0 already present, 1 failed"), "{text}");
+        assert!(text.contains("(containerd 2.1.9)"), "{text}");
+        assert!(text.contains("removed   lease preseed-load-1 [k8s.io]"), "{text}");
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["images"][1]["outcome"], "failed");
+        assert_eq!(json["containerd_version"], "2.1.9");
     }
 }

@@ -4,6 +4,12 @@
 //! plugin configuration, so tests run side by side and never touch the
 //! machine's containerd. Dropping it kills leftover tasks, stops containerd and
 //! its shims, unmounts whatever it mounted under its directory and removes it.
+//!
+//! Which containerd: the binaries in `$PRESEED_CONTAINERD_BIN` (a directory
+//! with `containerd`, `ctr` and `containerd-shim-runc-v2`; `cargo xtask test`
+//! sets it for 1.6, 1.7 and 2.x in turn), else the ones on PATH. 1.x gets a
+//! version 2 config, 2.x its native version 3. A `panic:` in containerd's log
+//! fails the test that started it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,11 +22,17 @@ pub struct ContainerdOptions {
     pub sandbox_image: String,
     /// How long to wait for the socket.
     pub start_timeout: Duration,
+    /// The directory of binaries to run, instead of [`bin_dir`]'s choice.
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for ContainerdOptions {
     fn default() -> Self {
-        ContainerdOptions { sandbox_image: "registry.k8s.io/pause:3.10".into(), start_timeout: Duration::from_secs(30) }
+        ContainerdOptions {
+            sandbox_image: "registry.k8s.io/pause:3.10".into(),
+            start_timeout: Duration::from_secs(30),
+            bin: None,
+        }
     }
 }
 
@@ -29,7 +41,54 @@ pub struct Containerd {
     dir: tempfile::TempDir,
     socket: PathBuf,
     child: Option<Child>,
+    bin: PathBuf,
     ctr: PathBuf,
+    version: Version,
+    opts: ContainerdOptions,
+}
+
+/// A containerd version, from `containerd --version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    /// e.g. `2.1.9+unknown`, `1.6.20~ds1`.
+    pub text: String,
+    /// 1 or 2.
+    pub major: u32,
+    /// e.g. 7 for 1.7.
+    pub minor: u32,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// The directory holding the containerd binaries to test, or `None` (skipped
+/// outside CI) when there are none.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("PRESEED_CONTAINERD_BIN").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        for b in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+            assert!(dir.join(b).is_file(), "PRESEED_CONTAINERD_BIN={}: no {b} there", dir.display());
+        }
+        return Some(dir);
+    }
+    let bin = super::require_tool("containerd")?;
+    super::require_tool("ctr")?;
+    Some(bin.parent().unwrap().to_path_buf())
+}
+
+/// The version of the containerd in `bin`.
+pub fn version_of(bin: &Path) -> Version {
+    let out = Command::new(bin.join("containerd")).arg("--version").output().expect("run containerd --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "containerd github.com/containerd/containerd/v2 2.1.9+unknown" (and a
+    // build id on 1.x): the third word is the version.
+    let v = text.split_whitespace().nth(2).unwrap_or_else(|| panic!("containerd --version printed {text:?}"));
+    let mut nums = v.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    let (major, minor) = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
+    Version { text: v.to_string(), major, minor }
 }
 
 impl Containerd {
@@ -44,33 +103,101 @@ impl Containerd {
         if !super::require_root() {
             return None;
         }
-        let bin = super::require_tool("containerd")?;
+        let bin = match &opts.bin {
+            Some(b) => b.clone(),
+            None => bin_dir()?,
+        };
         super::require_tool("runc")?;
-        let ctr = super::require_tool("ctr")?;
+        let version = version_of(&bin);
+        eprintln!("containerd {version} from {}", bin.display());
         // Short path: the socket path must fit in sun_path (108 bytes).
         let dir = tempfile::Builder::new().prefix("ctrd-").tempdir_in("/tmp").unwrap();
         let socket = dir.path().join("c.sock");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path(), &socket, &opts)).unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let child = Command::new(bin)
+        let text = if version.major >= 2 {
+            config_v3(dir.path(), &socket, &opts)
+        } else {
+            config_v2(dir.path(), &socket, &opts)
+        };
+        std::fs::write(&config, text).unwrap();
+        let ctr = bin.join("ctr");
+        let mut c = Containerd { dir, socket, child: None, bin, ctr, version, opts };
+        c.spawn();
+        Some(c)
+    }
+
+    /// Starts the containerd process on our config (first start or restart).
+    fn spawn(&mut self) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("containerd.log")).unwrap();
+        // containerd finds its shim on PATH: ours first.
+        let path = format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap_or_default());
+        let child = Command::new(self.bin.join("containerd"))
             .arg("--config")
-            .arg(&config)
+            .arg(self.dir.path().join("config.toml"))
+            .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("spawn containerd");
-        let mut c = Containerd { dir, socket, child: Some(child), ctr };
-        c.wait_ready(opts.start_timeout);
-        Some(c)
+        self.child = Some(child);
+        self.wait_ready(self.opts.start_timeout);
+    }
+
+    /// Starts containerd again on the same root after [`Containerd::stop`] or
+    /// [`Containerd::kill`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "containerd is still running");
+        self.spawn();
+    }
+
+    /// Kills containerd with SIGKILL (a crash, as far as clients can tell)
+    /// and waits for it, keeping its directory.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The `ctr` of this containerd's version.
+    pub fn ctr_path(&self) -> &Path {
+        &self.ctr
+    }
+
+    /// The version under test.
+    pub fn version(&self) -> &Version {
+        &self.version
+    }
+
+    /// containerd's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Panics unless containerd (the process this handle started) still runs.
+    pub fn assert_running(&mut self) {
+        let status = self.child.as_mut().expect("containerd was stopped").try_wait().unwrap();
+        assert!(status.is_none(), "containerd {} exited ({status:?}); log:\n{}", self.version, self.log());
+    }
+
+    /// Panics if containerd's log holds a Go panic (containerd crashed or a
+    /// request handler panicked).
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        if let Some(at) = log.find("panic:") {
+            let from = log[..at].rfind('\n').map_or(0, |n| n + 1);
+            let excerpt: String = log[from..].lines().take(30).collect::<Vec<_>>().join("\n");
+            panic!("containerd {} panicked:\n{excerpt}", self.version);
+        }
     }
 
     fn wait_ready(&mut self, timeout: Duration) {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("containerd exited early ({status}); log:\n{}", self.log());
+                panic!("containerd {} exited early ({status}); log:\n{}", self.version, self.log());
             }
             if self.socket.exists() {
                 let out = self.ctr(&["version"]);
@@ -79,7 +206,7 @@ impl Containerd {
                 }
             }
             if start.elapsed() > timeout {
-                panic!("containerd did not come up within {timeout:?}; log:\n{}", self.log());
+                panic!("containerd {} did not come up within {timeout:?}; log:\n{}", self.version, self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -207,6 +334,9 @@ impl Drop for Containerd {
         self.stop();
         self.kill_shims();
         self.unmount_all();
+        if !std::thread::panicking() {
+            self.assert_no_panic();
+        }
     }
 }
 
@@ -227,7 +357,8 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn config_toml(dir: &Path, socket: &Path, opts: &ContainerdOptions) -> String {
+/// containerd 1.6/1.7: config version 2, CRI under `io.containerd.grpc.v1.cri`.
+fn config_v2(dir: &Path, socket: &Path, opts: &ContainerdOptions) -> String {
     let d = dir.display();
     let s = socket.display();
     let sandbox = &opts.sandbox_image;
@@ -271,6 +402,61 @@ disabled_plugins = [
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+"#
+    )
+}
+
+/// containerd 2.x: its native config version 3, where CRI is split into
+/// `io.containerd.cri.v1.images` (sandbox image under `pinned_images`) and
+/// `io.containerd.cri.v1.runtime`.
+fn config_v3(dir: &Path, socket: &Path, opts: &ContainerdOptions) -> String {
+    let d = dir.display();
+    let s = socket.display();
+    let sandbox = &opts.sandbox_image;
+    format!(
+        r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+  "io.containerd.nri.v1.nri",
+]
+
+[grpc]
+  address = "{s}"
+  tcp_address = ""
+
+[ttrpc]
+  address = "{s}.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{sandbox}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{d}/cni/bin"]
+    conf_dir = "{d}/cni/net.d"
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
 "#
     )
 }

@@ -2,7 +2,8 @@
 //!
 //! The benchmark itself is the ignored test `tests/bench.rs`, so it shares the
 //! integration tests' harness (registry, corpus generator, containerd, mounts).
-//! This runs it in release and has it rewrite `BENCHMARKS.md`.
+//! This runs it in release and has it rewrite `BENCHMARKS.md`, with load rows
+//! for each containerd version `cargo xtask test` covers.
 
 use anyhow::{bail, Context, Result};
 
@@ -22,10 +23,14 @@ pub fn run(args: &[String]) -> Result<()> {
         _ => bail!("--scale must be a positive number, not {scale}"),
     }
     let root = crate::workspace_root()?;
+    // Load rows for every containerd version the tests cover.
+    let versions = crate::test::containerds(&root.join("target"))?;
+    let bins: Vec<String> = versions.iter().map(|v| v.bin.display().to_string()).collect();
     let mut cmd = crate::cargo();
     cmd.current_dir(&root)
         .args(["test", "--release", "--test", "bench", "--", "--ignored", "--nocapture", "--test-threads", "1"])
         .env("PRESEED_BENCH_SCALE", &scale)
+        .env("PRESEED_BENCH_CONTAINERDS", bins.join(","))
         .env("PRESEED_BENCH_OUT", root.join("BENCHMARKS.md"));
     if let Some(protoc) = crate::protoc() {
         cmd.env("PROTOC", protoc);

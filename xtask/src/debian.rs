@@ -21,8 +21,6 @@ const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// An unpacked package: `root` holds its files (`root/usr/bin/…`).
 #[derive(Clone, Debug)]
 pub struct Unpacked {
-    /// Package name.
-    pub package: String,
     /// Debian version, e.g. `2.1.9+ds1-5`.
     pub version: String,
     /// Where its files are.
@@ -36,7 +34,7 @@ pub fn unpacked(target: &Path, package: &str, suite: &str) -> Result<Unpacked> {
     let dest = base.join(format!("{package}-{suite}"));
     let stamp = dest.join(".version");
     if let Ok(version) = std::fs::read_to_string(&stamp) {
-        return Ok(Unpacked { package: package.into(), version: version.trim().into(), root: dest });
+        return Ok(Unpacked { version: version.trim().into(), root: dest });
     }
     let apt = Apt::new(&base.join("apt"))?;
     apt.update()?;
@@ -50,7 +48,7 @@ pub fn unpacked(target: &Path, package: &str, suite: &str) -> Result<Unpacked> {
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::rename(&staging, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
     eprintln!("xtask: unpacked {package} {version} ({suite}) into {}", dest.display());
-    Ok(Unpacked { package: package.into(), version, root: dest })
+    Ok(Unpacked { version, root: dest })
 }
 
 /// apt with private state.
@@ -165,8 +163,7 @@ pub fn system_mirror() -> String {
             let uri = if name.ends_with(".sources") {
                 line.strip_prefix("URIs:").and_then(|r| r.split_whitespace().next())
             } else if name.ends_with(".list") {
-                line.strip_prefix("deb ")
-                    .and_then(|r| r.split_whitespace().find(|w| w.contains("://")))
+                line.strip_prefix("deb ").and_then(|r| r.split_whitespace().find(|w| w.contains("://")))
             } else {
                 None
             };

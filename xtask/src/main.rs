@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's build system.
 //!
 //! * `cargo xtask bundle [ARGS…]` = `preseed bundle --manifest <root>/bundles.toml --out target/preseed ARGS…`
-//! * `cargo xtask test [ARGS…]`   installs what the tests need (as root, with apt-get) and runs every test
+//! * `cargo xtask test [ARGS…]`   installs what the tests need (as root, with apt-get) and runs every test,
+//!   the node-side ones on containerd 1.6, 1.7 and 2.x
 //! * `cargo xtask bench [--scale S]` benchmarks against the tools users would use instead
 //! * `cargo xtask vm-test [ARGS…]` installs what the VM boot test needs and runs it alone
 

@@ -1,6 +1,14 @@
 //! `cargo xtask test`: install what the tests need, then run them all.
+//!
+//! Node-side suites (every test that starts a containerd) run once per
+//! containerd version users run: 1.6 (bookworm's package, installed), 1.7
+//! (trixie) and 2.x (sid), the newer two fetched and unpacked under
+//! `target/debian/` by [`crate::debian`]. The test harness takes the binaries
+//! from `PRESEED_CONTAINERD_BIN` (a directory holding `containerd`, `ctr` and
+//! the runc shim).
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -24,8 +32,44 @@ fn have(binary: &str) -> bool {
         .any(|d| std::path::Path::new(d).join(binary).exists())
 }
 
-/// Installs missing packages (root only), then `cargo test --workspace`.
+/// The tests that start a containerd: (test target, name filter).
+const CONTAINERD_SUITES: &[(&str, Option<&str>)] = &[
+    ("load", None),
+    ("e2e", None),
+    ("intree", Some("images_import_and_run_in_containerd")),
+    ("bundle", Some("corpus_bundles_mounts_and_imports")),
+];
+
+/// A containerd to run the node-side suites against.
+pub struct Containerd {
+    /// e.g. `2.1.9+ds1-5 (sid)`.
+    pub label: String,
+    /// Holds `containerd`, `ctr`, `containerd-shim-runc-v2`.
+    pub bin: PathBuf,
+}
+
+/// bookworm's installed 1.6, then trixie's 1.7 and sid's 2.x.
+pub fn containerds(target: &Path) -> Result<Vec<Containerd>> {
+    let installed = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "containerd"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut out = vec![Containerd { label: format!("{installed} (installed)"), bin: PathBuf::from("/usr/bin") }];
+    for suite in ["trixie", "sid"] {
+        let pkg = crate::debian::unpacked(target, "containerd", suite)?;
+        out.push(Containerd { label: format!("{} ({suite})", pkg.version), bin: pkg.root.join("usr/bin") });
+    }
+    Ok(out)
+}
+
+/// Installs missing packages (root only), then `cargo test --workspace`,
+/// then the node-side suites again on each newer containerd.
+///
+/// `--containerd-only` runs just the node-side suites, on every version.
 pub fn run(args: &[String]) -> Result<()> {
+    let containerd_only = args.iter().any(|a| a == "--containerd-only");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--containerd-only").cloned().collect();
     let missing: Vec<&str> = PACKAGES.iter().filter(|(_, bin)| !have(bin)).map(|(pkg, _)| *pkg).collect();
     if !missing.is_empty() {
         let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
@@ -46,16 +90,70 @@ pub fn run(args: &[String]) -> Result<()> {
         )?;
     }
     let root = crate::workspace_root()?;
-    let mut cmd = crate::cargo();
-    cmd.current_dir(&root).args(["test", "--workspace"]).args(args);
+    let versions = containerds(&root.join("target"))?;
+    let mut total = Counts::default();
+    let mut failures = Vec::new();
+    for (i, v) in versions.iter().enumerate() {
+        let mut runs: Vec<Vec<String>> = Vec::new();
+        if i == 0 && !containerd_only {
+            runs.push(vec!["--workspace".into()]);
+        } else {
+            for (target, filter) in CONTAINERD_SUITES {
+                let mut r = vec!["--test".to_string(), target.to_string()];
+                r.extend(args.iter().cloned());
+                if let Some(f) = filter {
+                    r.extend(["--".to_string(), f.to_string()]);
+                }
+                runs.push(r);
+            }
+        }
+        println!("xtask: containerd {} from {}", v.label, v.bin.display());
+        let mut counts = Counts::default();
+        for r in runs {
+            let extra: &[String] = if r[0] == "--workspace" { &args } else { &[] };
+            let mut cmd = crate::cargo();
+            cmd.current_dir(&root).arg("test").args(&r).args(extra).env("PRESEED_CONTAINERD_BIN", &v.bin);
+            if let Err(e) = cargo_test(cmd, &mut counts) {
+                failures.push(format!("containerd {}: {e}", v.label));
+            }
+        }
+        println!(
+            "xtask: containerd {}: {} passed, {} failed, {} skipped",
+            v.label, counts.passed, counts.failed, counts.ignored
+        );
+        total.add(&counts);
+    }
+    println!("xtask: {} passed, {} failed, {} skipped", total.passed, total.failed, total.ignored);
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n"));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.ignored += o.ignored;
+    }
+}
+
+/// Runs one `cargo test`, passing its output through and adding up its
+/// per-binary results.
+fn cargo_test(mut cmd: Command, counts: &mut Counts) -> Result<()> {
     if let Some(protoc) = crate::protoc() {
         cmd.env("PROTOC", protoc);
     }
-    // Pass cargo's output through, adding up its per-binary results so the
-    // run ends on one line that counts every test.
     cmd.stdout(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let (passed, failed, ignored) = (&mut counts.passed, &mut counts.failed, &mut counts.ignored);
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
@@ -64,9 +162,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 let mut words = part.split_whitespace();
                 if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
                     match what {
-                        "passed" => passed += n,
-                        "failed" => failed += n,
-                        "ignored" => ignored += n,
+                        "passed" => *passed += n,
+                        "failed" => *failed += n,
+                        "ignored" => *ignored += n,
                         _ => {}
                     }
                 }
@@ -74,9 +172,8 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("xtask: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
-        bail!("cargo test failed: {status}");
+        bail!("{cmd:?} failed: {status}");
     }
     Ok(())
 }
