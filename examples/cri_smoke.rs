@@ -7,6 +7,8 @@
 //!
 //! Lines (one fact each):
 //! * `PRESEED-VM: boot <boot_id>`
+//! * `PRESEED-VM: as <unit>`  the unit it runs as (kubelet's stand-in, or the failure reporter)
+//! * `PRESEED-VM: net <interface>`  every network interface (the VM has none but `lo`)
 //! * `PRESEED-VM: unit <name> <ActiveState> <Result>`
 //! * `PRESEED-VM: load-log <line>`  every journal line of `preseed-load.service` this boot
 //! * `PRESEED-VM: image <name> pinned=<true|false>`  every name CRI lists
@@ -15,7 +17,7 @@
 //! * `PRESEED-VM: journal <line>`  the preseed-load and containerd journal of this boot
 //! * `PRESEED-VM: done`  last line
 //!
-//! Usage: `cri_smoke [--socket PATH] [--image REF]`.
+//! Usage: `cri_smoke [--socket PATH] [--image REF] [--as UNIT]`.
 
 use std::io::Write;
 use std::process::Command;
@@ -45,13 +47,15 @@ fn output(cmd: &mut Command) -> String {
 async fn main() {
     let mut socket = "/run/containerd/containerd.sock".to_string();
     let mut image = "preseed.local/hello:0.1".to_string();
+    let mut unit = String::from("?");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--socket", Some(v)) => socket = v,
             ("--image", Some(v)) => image = v,
+            ("--as", Some(v)) => unit = v,
             _ => {
-                eprintln!("usage: cri_smoke [--socket PATH] [--image REF]");
+                eprintln!("usage: cri_smoke [--socket PATH] [--image REF] [--as UNIT]");
                 std::process::exit(2);
             }
         }
@@ -59,6 +63,14 @@ async fn main() {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let boot_id = boot_id.trim().to_string();
     say(format!("boot {boot_id}"));
+    say(format!("as {unit}"));
+    let mut interfaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned())).collect())
+        .unwrap_or_default();
+    interfaces.sort();
+    for i in interfaces {
+        say(format!("net {i}"));
+    }
     for unit in ["containerd.service", "preseed-load.service"] {
         let props = output(Command::new("systemctl").args(["show", "-p", "ActiveState", "-p", "Result", unit]));
         let get = |k: &str| {

@@ -2,10 +2,13 @@
 //! sid's containerd 2.x with bookworm's runc, the README's
 //! `preseed-load.service` (read from README.md at test time, used verbatim)
 //! opening `/dev/disk/by-partlabel/preseed` on a second virtio disk, no
-//! network device at all, and a stand-in for kubelet
-//! (`tests/vm/preseed-vm-kubelet.service` running `examples/cri_smoke.rs`)
-//! that starts the first pod through the CRI and prints what it saw on the
-//! serial console as `PRESEED-VM: …` lines.
+//! network device at all, and a stand-in for kubelet (`tests/vm/kubelet.service`
+//! running `examples/cri_smoke.rs`, ordered after the load only by the
+//! README unit's `Before=`/`RequiredBy=kubelet.service`) that starts the first
+//! pod through the CRI and prints what it saw on the serial console as
+//! `PRESEED-VM: …` lines. When the load fails, kubelet never starts; a
+//! drop-in's `OnFailure=` starts `tests/vm/preseed-vm-report.service`, which
+//! reports the same way.
 //!
 //! Three boots of one root disk (containerd's state carries over):
 //! 1. partition v1 (pause, hello, tool): every image imported and pinned; the
@@ -99,9 +102,13 @@ const FILES: &[(&str, &str)] = &[
 /// inputs do not show.
 const BASE_RECIPE: &str = "1";
 
-/// What the stand-in kubelet runs.
-const KUBELET_UNIT: &str = include_str!("vm/preseed-vm-kubelet.service");
-const KUBELET_UNIT_NAME: &str = "preseed-vm-kubelet.service";
+/// The stand-in kubelet, the reporter of a failed load, and the drop-in that
+/// starts the reporter.
+const KUBELET_UNIT: &str = include_str!("vm/kubelet.service");
+const KUBELET_UNIT_NAME: &str = "kubelet.service";
+const REPORT_UNIT: &str = include_str!("vm/preseed-vm-report.service");
+const REPORT_UNIT_NAME: &str = "preseed-vm-report.service";
+const LOAD_DROP_IN: &str = include_str!("vm/preseed-load-on-failure.conf");
 
 fn ok(what: &str, out: &Output) -> String {
     assert!(
@@ -281,6 +288,9 @@ fn root_disk(base: &Path, work: &Path, cri_smoke: &Path) -> PathBuf {
     enable(&stage, "preseed-load.service", &load_unit);
     fs::write(units.join(KUBELET_UNIT_NAME), KUBELET_UNIT).unwrap();
     enable(&stage, KUBELET_UNIT_NAME, KUBELET_UNIT);
+    fs::write(units.join(REPORT_UNIT_NAME), REPORT_UNIT).unwrap();
+    fs::create_dir_all(units.join("preseed-load.service.d")).unwrap();
+    fs::write(units.join("preseed-load.service.d/vm-test.conf"), LOAD_DROP_IN).unwrap();
     let disk = work.join("root.ext4");
     run("mkfs.ext4", Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&stage).arg(&disk).arg("4G"));
     disk
@@ -452,6 +462,7 @@ fn host_journal(root: &Path, dir: &Path) -> String {
         .arg("-D")
         .arg(dir.join("journal"))
         .args(["-b", "-u", "preseed-load.service", "-u", "containerd.service", "-u", KUBELET_UNIT_NAME])
+        .args(["-u", REPORT_UNIT_NAME])
         .args(["-o", "short-monotonic", "--no-pager"])
         .stdin(Stdio::null())
         .output();
@@ -528,6 +539,13 @@ fn judge_common(b: &Boot, problems: &mut Vec<String>) -> bool {
     if !b.finished {
         problems.push("the stand-in kubelet never reported (no `done` before poweroff)".into());
         return false;
+    }
+    if !b.has("as kubelet.service") {
+        problems.push(format!("kubelet.service did not run; {:?} reported instead", b.lines("as").collect::<Vec<_>>()));
+    }
+    let net: Vec<&str> = b.lines("net").collect();
+    if net != ["lo"] {
+        problems.push(format!("the VM should have no network interface but lo: {net:?}"));
     }
     if !b.has("unit preseed-load.service active success") {
         problems.push(format!(
