@@ -259,6 +259,13 @@ fn base_root(target: &Path, pkg: &ContainerdPkg) -> PathBuf {
     fs::write(partial.join(".complete"), format!("{key}\n")).unwrap();
     fs::rename(&partial, &dir).unwrap();
     eprintln!("vm: built base root {} in {:.0}s", dir.display(), started.elapsed().as_secs_f64());
+    // Bases built from other inputs are of no further use (300 MB each).
+    for entry in fs::read_dir(&vm).unwrap().filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("root-") && entry.path() != dir {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
     dir
 }
 
@@ -532,6 +539,8 @@ fn cri_smoke(target: &Path) -> PathBuf {
 
 /// One boot's verdict: a short outcome for the summary line, or what broke.
 type Verdict = Result<String, String>;
+/// Judges one boot's facts.
+type Judge = fn(&Boot) -> Verdict;
 
 /// The checks every boot makes; false when the stand-in never finished (then
 /// nothing else is worth checking).
@@ -664,7 +673,7 @@ fn node_boots_three_times_from_the_preseed_partition() {
     let initrd = one_file(&base.join("boot"), "initrd.img-");
     eprintln!("vm: base root {base_secs:.0}s, run prepared in {:.0}s", started.elapsed().as_secs_f64() - base_secs);
 
-    let plan: [(&str, &Path, fn(&Boot) -> Verdict); 3] =
+    let plan: [(&str, &Path, Judge); 3] =
         [("boot1", &v1, judge_boot1), ("boot2", &v1, judge_boot2), ("boot3", &v2, judge_boot3)];
     let mut outcomes = Vec::new();
     let mut failure = None;
