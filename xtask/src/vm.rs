@@ -62,6 +62,8 @@ pub fn run(args: &[String]) -> Result<()> {
     prerequisites(&root.join("target"))?;
     let mut cmd = crate::cargo();
     cmd.current_dir(&root).args(["test", "--test", "vm"]).args(args).args(["--", "--nocapture"]);
+    // mmdebstrap fetches from the mirror the machine's apt already uses.
+    cmd.env("PRESEED_VM_MIRROR", crate::debian::system_mirror());
     if let Some(protoc) = crate::protoc() {
         cmd.env("PROTOC", protoc);
     }
