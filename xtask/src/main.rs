@@ -4,11 +4,13 @@
 //! * `cargo xtask test [ARGS…]`   installs what the tests need (as root, with apt-get) and runs every test,
 //!   the node-side ones on containerd 1.6, 1.7 and 2.x
 //! * `cargo xtask bench [--scale S]` benchmarks against the tools users would use instead
+//! * `cargo xtask vm-test [ARGS…]` installs what the VM boot test needs and runs it alone
 
 mod bench;
 mod bundle;
 mod debian;
 mod test;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,7 +25,8 @@ fn main() -> Result<()> {
         "bundle" => bundle::run(&rest),
         "test" => test::run(&rest),
         "bench" => bench::run(&rest),
-        _ => bail!("usage: cargo xtask <bundle|test|bench> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import"),
+        "vm-test" => vm::run(&rest),
+        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu three times with a preseed partition"),
     }
 }
 

@@ -1,0 +1,71 @@
+//! `cargo xtask vm-test`: install what the VM boot test (`tests/vm.rs`) needs,
+//! then run it alone.
+//!
+//! The test builds a Debian root filesystem with `mmdebstrap`, boots it under
+//! `qemu-system-x86_64` (TCG) three times and reads the results from the
+//! serial console. Its containerd is sid's 2.x, unpacked under
+//! `target/debian/containerd-sid/` by [`crate::debian`]; the test finds it
+//! there. [`prerequisites`] is also what `cargo xtask test` calls before the
+//! workspace test run.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+/// Debian packages (bookworm) the VM test uses, and a binary that tells each
+/// is there.
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("mmdebstrap", "mmdebstrap"),
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("fdisk", "sfdisk"),
+    ("e2fsprogs", "mkfs.ext4"),
+    ("docker-registry", "docker-registry"),
+    ("protobuf-compiler", "protoc"),
+];
+
+fn have(binary: &str) -> bool {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"].iter().any(|d| Path::new(d).join(binary).exists())
+}
+
+/// Installs the missing [`PACKAGES`] (as root, with apt-get) and unpacks
+/// sid's containerd under `<target>/debian/` (the VM's containerd 2.x).
+pub fn prerequisites(target: &Path) -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, bin)| !have(bin)).map(|(pkg, _)| *pkg).collect();
+    if !missing.is_empty() {
+        let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        if !root {
+            bail!(
+                "the VM test needs these Debian packages: {}; install them (as root: apt-get install {})",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        crate::run_status(Command::new("apt-get").args(["update", "-qq"]))?;
+        crate::run_status(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing),
+        )?;
+    }
+    let containerd = crate::debian::unpacked(target, "containerd", "sid")?;
+    eprintln!("xtask: VM containerd {} from {}", containerd.version, containerd.root.display());
+    Ok(())
+}
+
+/// `cargo xtask vm-test [ARGS…]`: [`prerequisites`], then
+/// `cargo test --test vm ARGS… -- --nocapture`.
+pub fn run(args: &[String]) -> Result<()> {
+    let root = crate::workspace_root()?;
+    prerequisites(&root.join("target"))?;
+    let mut cmd = crate::cargo();
+    cmd.current_dir(&root).args(["test", "--test", "vm"]).args(args).args(["--", "--nocapture"]);
+    // mmdebstrap fetches from the mirror the machine's apt already uses.
+    cmd.env("PRESEED_VM_MIRROR", crate::debian::system_mirror());
+    if let Some(protoc) = crate::protoc() {
+        cmd.env("PROTOC", protoc);
+    }
+    crate::run_status(&mut cmd)
+}
