@@ -41,6 +41,39 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Whether a binary is installed in one of the system's bin directories.
+pub fn have(binary: &str) -> bool {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .any(|d| std::path::Path::new(d).join(binary).exists())
+}
+
+/// Installs the Debian packages of `packages` (package, a binary it ships)
+/// whose binary is missing: with apt-get as root, else an error that names
+/// them. `what` says who needs them.
+pub fn install_missing(packages: &[(&str, &str)], what: &str) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().filter(|(_, bin)| !have(bin)).map(|(pkg, _)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if !root {
+        bail!(
+            "{what} need these Debian packages: {}; install them (as root: apt-get install {})",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run_status(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_status(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
 /// Runs a command, failing with its name if it fails.
 pub fn run_status(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;

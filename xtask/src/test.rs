@@ -5,7 +5,8 @@
 //! (trixie) and 2.x (sid), the newer two fetched and unpacked under
 //! `target/debian/` by [`crate::debian`]. The test harness takes the binaries
 //! from `PRESEED_CONTAINERD_BIN` (a directory holding `containerd`, `ctr` and
-//! the runc shim).
+//! the runc shim). The workspace run includes the VM boot test, whose
+//! prerequisites [`crate::vm::prerequisites`] provides.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -25,12 +26,6 @@ const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
     ("openssl", "openssl"),
 ];
-
-fn have(binary: &str) -> bool {
-    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
-        .iter()
-        .any(|d| std::path::Path::new(d).join(binary).exists())
-}
 
 /// The tests that start a containerd: (test target, name filter).
 const CONTAINERD_SUITES: &[(&str, Option<&str>)] = &[
@@ -70,27 +65,12 @@ pub fn containerds(target: &Path) -> Result<Vec<Containerd>> {
 pub fn run(args: &[String]) -> Result<()> {
     let containerd_only = args.iter().any(|a| a == "--containerd-only");
     let args: Vec<String> = args.iter().filter(|a| *a != "--containerd-only").cloned().collect();
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, bin)| !have(bin)).map(|(pkg, _)| *pkg).collect();
-    if !missing.is_empty() {
-        let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
-        if !root {
-            bail!(
-                "tests need these Debian packages: {}; install them (as root: apt-get install {})",
-                missing.join(" "),
-                missing.join(" ")
-            );
-        }
-        eprintln!("xtask: installing {}", missing.join(" "));
-        crate::run_status(Command::new("apt-get").args(["update", "-qq"]))?;
-        crate::run_status(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-    }
+    crate::install_missing(PACKAGES, "tests")?;
     let root = crate::workspace_root()?;
     let versions = containerds(&root.join("target"))?;
+    if !containerd_only {
+        crate::vm::prerequisites(&root.join("target"))?;
+    }
     let mut total = Counts::default();
     let mut failures = Vec::new();
     for (i, v) in versions.iter().enumerate() {
@@ -113,6 +93,8 @@ pub fn run(args: &[String]) -> Result<()> {
             let extra: &[String] = if r[0] == "--workspace" { &args } else { &[] };
             let mut cmd = crate::cargo();
             cmd.current_dir(&root).arg("test").args(&r).args(extra).env("PRESEED_CONTAINERD_BIN", &v.bin);
+            // The VM test's mmdebstrap fetches from the machine's own mirror.
+            cmd.env("PRESEED_VM_MIRROR", crate::debian::system_mirror());
             if let Err(e) = cargo_test(cmd, &mut counts) {
                 failures.push(format!("containerd {}: {e}", v.label));
             }

@@ -9,9 +9,8 @@
 //! workspace test run.
 
 use std::path::Path;
-use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// Debian packages (bookworm) the VM test uses, and a binary that tells each
 /// is there.
@@ -24,32 +23,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
 ];
 
-fn have(binary: &str) -> bool {
-    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"].iter().any(|d| Path::new(d).join(binary).exists())
-}
-
 /// Installs the missing [`PACKAGES`] (as root, with apt-get) and unpacks
 /// sid's containerd under `<target>/debian/` (the VM's containerd 2.x).
 pub fn prerequisites(target: &Path) -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, bin)| !have(bin)).map(|(pkg, _)| *pkg).collect();
-    if !missing.is_empty() {
-        let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
-        if !root {
-            bail!(
-                "the VM test needs these Debian packages: {}; install them (as root: apt-get install {})",
-                missing.join(" "),
-                missing.join(" ")
-            );
-        }
-        eprintln!("xtask: installing {}", missing.join(" "));
-        crate::run_status(Command::new("apt-get").args(["update", "-qq"]))?;
-        crate::run_status(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-    }
+    crate::install_missing(PACKAGES, "the VM test")?;
     let containerd = crate::debian::unpacked(target, "containerd", "sid")?;
     eprintln!("xtask: VM containerd {} from {}", containerd.version, containerd.root.display());
     Ok(())
