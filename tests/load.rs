@@ -673,3 +673,15 @@ fn a_killed_loaders_lease_is_removed_by_the_next_load() {
     let active = c.ctr_ok(&["-n", "k8s.io", "content", "active"]);
     assert!(!active.contains(&id), "the killed loader's ingests are left:\n{active}");
 }
+
+#[test]
+fn a_missing_device_is_named_and_its_cause_said_once() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_preseed"))
+        .args(["load", "--device", "/dev/preseed-test-no-such-device", "--timeout", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/dev/preseed-test-no-such-device"), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+}
