@@ -29,6 +29,9 @@ enum Command {
         /// Partition format (overrides bundles.toml).
         #[arg(long)]
         format: Option<Format>,
+        /// Append a dm-verity hash tree (also `[partition] verity = true`).
+        #[arg(long)]
+        verity: bool,
         /// Blob cache directory [default: <out>/../preseed-cache].
         #[arg(long)]
         cache: Option<PathBuf>,
@@ -125,12 +128,24 @@ fn message(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Bundle { manifest, out, format, cache, offline, allow_unpinned, jobs, no_progress, workspace } => {
+        Command::Bundle {
+            manifest,
+            out,
+            format,
+            verity,
+            cache,
+            offline,
+            allow_unpinned,
+            jobs,
+            no_progress,
+            workspace,
+        } => {
             let cache = cache.unwrap_or_else(|| out.parent().unwrap_or(&out).join("preseed-cache"));
             let opts = BundleOptions {
                 manifest,
                 out,
                 format,
+                verity,
                 cache,
                 offline,
                 allow_unpinned,

@@ -503,3 +503,69 @@ fn damaged_cache_blob_fails_offline_and_heals_online() {
     assert!(stderr.contains(&format!("cache blob sha256:{hex} was damaged")), "{stderr}");
     assert_eq!(sha256_file(&partition), good);
 }
+
+/// `--verity` appends a dm-verity tree that `veritysetup` accepts with the
+/// root hash written beside the image; the same inputs give the same bytes;
+/// a flipped data byte fails verification.
+#[test]
+fn verity_tree_verifies_and_is_deterministic() {
+    let Some(veritysetup) = support::require_tool("veritysetup") else { return };
+    let Some(reg) = Registry::start() else { return };
+    let corpus = images::push_test_corpus(&reg);
+    for format in ["erofs", "squashfs"] {
+        let text = corpus_manifest(&corpus, format);
+        let one = tempfile::tempdir().unwrap();
+        let (a, out) = bundle(one.path(), &text, &["--verity"]);
+        ok(&out);
+        let image = a.out.join(format!("preseed.{format}"));
+        let root = std::fs::read_to_string(a.out.join("preseed.roothash")).unwrap().trim().to_string();
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(a.out.join("preseed.json")).unwrap()).unwrap();
+        let v = &index["verity"];
+        assert_eq!(v["root_hash"], root.as_str(), "{index}");
+        assert_eq!(v["hash_algorithm"], "sha256");
+        let offset = v["hash_offset"].as_u64().unwrap();
+        assert_eq!(offset, v["data_blocks"].as_u64().unwrap() * 4096);
+        let verify = |root: &str| {
+            Command::new(&veritysetup)
+                .arg("verify")
+                .arg(format!("--hash-offset={offset}"))
+                .arg(&image)
+                .arg(&image)
+                .arg(root)
+                .output()
+                .unwrap()
+        };
+        let out = verify(&root);
+        assert!(out.status.success(), "{format}: veritysetup verify: {}", String::from_utf8_lossy(&out.stderr));
+        // The partition itself still mounts and holds the index (without
+        // the verity record, which only the copy beside the image has).
+        {
+            let mounted = Mounted::new(&image, format);
+            let inside: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(mounted.path().join("preseed.json")).unwrap()).unwrap();
+            assert!(inside.get("verity").is_none(), "{inside}");
+        }
+        // Another cache and directory, offline from a copy of the cache: same bytes.
+        let two = tempfile::tempdir().unwrap();
+        let cache_b = BlobCache::open(two.path().join("cache")).unwrap();
+        for e in std::fs::read_dir(a.cache.join("blobs/sha256")).unwrap() {
+            cache_b.put_bytes(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
+        }
+        let (b, out) = bundle(two.path(), &text, &["--verity", "--offline"]);
+        ok(&out);
+        assert_eq!(sha256_file(&image), sha256_file(&b.out.join(format!("preseed.{format}"))), "{format}");
+        // A warm run keeps the image and still reports the tree.
+        let (_, out) = bundle(one.path(), &text, &["--verity"]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is up to date"));
+        assert_eq!(std::fs::read_to_string(a.out.join("preseed.roothash")).unwrap().trim(), root);
+        // One flipped byte in the data: verification fails.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&image).unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, offset / 2).unwrap();
+        f.write_all_at(&[byte[0] ^ 1], offset / 2).unwrap();
+        let out = verify(&root);
+        assert!(!out.status.success(), "{format}: a damaged image verified");
+    }
+}

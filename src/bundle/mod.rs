@@ -36,6 +36,8 @@ pub struct BundleOptions {
     pub out: PathBuf,
     /// Overrides `[partition] format`.
     pub format: Option<Format>,
+    /// Append a dm-verity hash tree (or `[partition] verity = true`).
+    pub verity: bool,
     /// Blob cache directory.
     pub cache: PathBuf,
     /// Build from the cache alone.
@@ -195,6 +197,7 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
     let strict = Strictness { allow_unpinned: opts.allow_unpinned };
     let manifest = BundleManifest::load(&opts.manifest, strict)?;
     let format = opts.format.unwrap_or(manifest.format);
+    let verity = opts.verity || manifest.verity;
     let cache = BlobCache::open(&opts.cache)?;
     let registries = Registries::new(&manifest.registries, DockerConfig::from_env().map_err(ResolveError::from)?)?;
     let progress = &opts.progress;
@@ -333,6 +336,7 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         version: INDEX_VERSION,
         images: indexed,
         build: BuildInfo { tool: format!("preseed {}", env!("CARGO_PKG_VERSION")), format: format.to_string() },
+        verity: None,
     };
     let index_json = index.to_json();
     tree.insert_file(INDEX_FILE, PlannedFile::from_bytes(index_json.clone()));
@@ -340,10 +344,11 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
     // 4. Write the partition and the index beside it.
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let partition = opts.out.join(format!("preseed.{}", format.extension()));
-    let stamp = Stamp::of(&tree, format);
+    let mut stamp = Stamp::of(&tree, format, verity);
     let partition_bytes = match stamp.matches(&partition) {
-        Some(bytes) => {
+        Some((bytes, recorded)) => {
             progress.line(&format!("{} is up to date", partition.display()));
+            stamp.verity = recorded;
             bytes
         }
         None => {
@@ -386,13 +391,42 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
                     return Err(e);
                 }
             };
+            let bytes = if verity {
+                // Salt and UUID from the plan: the same inputs, the same bytes.
+                let salt = Digest::of(format!("preseed verity salt {}", stamp.plan).as_bytes());
+                let mut salt_bytes = [0u8; 32];
+                hex::decode_to_slice(salt.hex(), &mut salt_bytes)
+                    .map_err(|e| io_err(&staging)(std::io::Error::other(e)))?;
+                let mut uuid = [0u8; 16];
+                uuid.copy_from_slice(&salt_bytes[16..]);
+                let info = crate::partition::verity::append(&staging, &salt_bytes, &uuid).map_err(io_err(&staging))?;
+                stamp.verity = Some(info);
+                std::fs::metadata(&staging).map_err(io_err(&staging))?.len()
+            } else {
+                bytes
+            };
             std::fs::rename(&staging, &partition).map_err(io_err(&partition))?;
             stamp.record(&partition);
             bytes
         }
     };
+    // The copy beside the image also says where its verity tree is.
+    let outside = match &stamp.verity {
+        Some(info) => PartitionIndex { verity: Some(info.clone()), ..index }.to_json(),
+        None => index_json,
+    };
     let index_path = opts.out.join(INDEX_FILE);
-    std::fs::write(&index_path, &index_json).map_err(io_err(&index_path))?;
+    std::fs::write(&index_path, &outside).map_err(io_err(&index_path))?;
+    let roothash_path = opts.out.join("preseed.roothash");
+    match &stamp.verity {
+        Some(info) => {
+            std::fs::write(&roothash_path, format!("{}\n", info.root_hash)).map_err(io_err(&roothash_path))?
+        }
+        None => match std::fs::remove_file(&roothash_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&roothash_path)(e)),
+            _ => {}
+        },
+    }
     Ok(BundleSummary {
         partition,
         format,
@@ -413,13 +447,19 @@ struct Stamp {
     plan: Digest,
     size: u64,
     modified_ns: u128,
+    /// The verity tree written after the filesystem, if any.
+    #[serde(default)]
+    verity: Option<crate::partition::verity::VerityInfo>,
 }
 
 impl Stamp {
-    fn of(tree: &Tree, format: Format) -> Stamp {
+    fn of(tree: &Tree, format: Format, verity: bool) -> Stamp {
         use crate::partition::tree::Segment;
         let mut h = Hasher::new();
         h.update(format!("preseed {} {format}\n", env!("CARGO_PKG_VERSION")).as_bytes());
+        if verity {
+            h.update(b"verity sha256 4096\n");
+        }
         for (path, file) in tree.files() {
             h.update(format!("file {path}\n").as_bytes());
             for segment in &file.segments {
@@ -431,7 +471,7 @@ impl Stamp {
                 h.update(line.as_bytes());
             }
         }
-        Stamp { plan: h.finish(), size: 0, modified_ns: 0 }
+        Stamp { plan: h.finish(), size: 0, modified_ns: 0, verity: None }
     }
 
     fn path(partition: &Path) -> PathBuf {
@@ -442,14 +482,15 @@ impl Stamp {
     fn observed(&self, partition: &Path) -> Option<Stamp> {
         let meta = std::fs::metadata(partition).ok()?;
         let modified_ns = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
-        Some(Stamp { plan: self.plan.clone(), size: meta.len(), modified_ns })
+        Some(Stamp { plan: self.plan.clone(), size: meta.len(), modified_ns, verity: self.verity.clone() })
     }
 
-    /// The partition's size if it was written from this very plan and not touched since.
-    fn matches(&self, partition: &Path) -> Option<u64> {
+    /// The partition's size (and its verity tree) if it was written from
+    /// this very plan and not touched since.
+    fn matches(&self, partition: &Path) -> Option<(u64, Option<crate::partition::verity::VerityInfo>)> {
         let recorded: Stamp = serde_json::from_slice(&std::fs::read(Self::path(partition)).ok()?).ok()?;
-        let observed = self.observed(partition)?;
-        (recorded == observed).then_some(observed.size)
+        let observed = Stamp { verity: recorded.verity.clone(), ..self.observed(partition)? };
+        (recorded == observed).then_some((observed.size, recorded.verity))
     }
 
     /// Best effort: without a stamp the next run just rewrites the image.

@@ -30,6 +30,8 @@ pub struct BundleManifest {
     pub format: Format,
     /// Default platforms for every image.
     pub platforms: Vec<Platform>,
+    /// Append a dm-verity hash tree to the partition.
+    pub verity: bool,
     /// Per-registry settings, keyed by host as written in refs.
     pub registries: BTreeMap<String, RegistryConfig>,
     /// The images, in file order.
@@ -162,6 +164,7 @@ struct RawManifest {
 struct RawPartition {
     format: Option<Spanned<String>>,
     platforms: Option<Vec<Spanned<String>>>,
+    verity: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -374,7 +377,8 @@ impl BundleManifest {
         if !problems.is_empty() {
             return Err(invalid(problems));
         }
-        Ok(BundleManifest { path: path.to_path_buf(), format, platforms, registries, images })
+        let verity = raw.partition.verity.unwrap_or(false);
+        Ok(BundleManifest { path: path.to_path_buf(), format, platforms, verity, registries, images })
     }
 }
 

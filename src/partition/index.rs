@@ -21,6 +21,10 @@ pub struct PartitionIndex {
     /// What built the partition. No timestamps or host names: the partition
     /// must be byte-identical for the same inputs.
     pub build: BuildInfo,
+    /// The dm-verity tree appended to the image: only in the copy beside
+    /// the image (the one inside cannot hold its own root hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<crate::partition::verity::VerityInfo>,
 }
 
 /// One image of the partition.

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod mount;
 pub mod squashfs;
 pub mod tree;
+pub mod verity;
 
 use std::fmt;
 use std::str::FromStr;

@@ -246,6 +246,7 @@ pub fn bundle_tree(cache: &BlobCache, entries: &[Entry], dir: &Path) {
         version: INDEX_VERSION,
         images,
         build: BuildInfo { tool: "preseed test".into(), format: "test".into() },
+        verity: None,
     };
     std::fs::write(dir.join(INDEX_FILE), index.to_json()).unwrap();
 }

@@ -25,6 +25,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("apache2-utils", "htpasswd"),
     ("protobuf-compiler", "protoc"),
     ("openssl", "openssl"),
+    ("cryptsetup-bin", "veritysetup"),
 ];
 
 /// The tests that start a containerd: (test target, name filter).
