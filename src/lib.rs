@@ -17,5 +17,6 @@ pub mod layout;
 pub mod load;
 pub mod manifest;
 pub mod oci;
+pub mod parallel;
 pub mod partition;
 pub mod resolve;

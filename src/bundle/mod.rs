@@ -521,26 +521,7 @@ impl TarballSums {
 
     /// Sums of every tarball, hashing the unknown ones on all cores.
     fn all(&self, planned: &[(TarballSpec, PlannedFile)]) -> std::io::Result<Vec<Digest>> {
-        // Workers take tarballs from a shared counter; each returns (index, sum).
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(planned.len().max(1));
-        let mut sums: Vec<(usize, std::io::Result<Digest>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some((spec, file)) = planned.get(i) else { return done };
-                            done.push((i, self.get_or_compute(spec, file)));
-                        }
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("hashing thread panicked")).collect()
-        });
-        sums.sort_by_key(|(i, _)| *i);
-        sums.into_iter().map(|(_, sum)| sum).collect()
+        crate::parallel::map(planned, |(spec, file)| self.get_or_compute(spec, file)).into_iter().collect()
     }
 
     /// Where the sum of this tarball plan is remembered.

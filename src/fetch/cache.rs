@@ -125,33 +125,15 @@ impl BlobCache {
     /// stored: disk errors, hand edits), with the digest they hash to. A
     /// missing or unreadable file counts as damaged too.
     pub fn check(&self, blobs: &[Digest]) -> Vec<(Digest, String)> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(blobs.len().max(1));
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut bad = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(d) = blobs.get(i) else { return bad };
-                            let path = self.path(d);
-                            let mut h = Hasher::new();
-                            match File::open(&path).and_then(|mut f| io::copy(&mut f, &mut h)) {
-                                Ok(_) => {
-                                    let found = h.finish();
-                                    if &found != d {
-                                        bad.push((d.clone(), format!("its bytes hash to {found}")));
-                                    }
-                                }
-                                Err(e) => bad.push((d.clone(), format!("reading {}: {e}", path.display()))),
-                            }
-                        }
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("hashing thread panicked")).collect()
-        })
+        let problems = crate::parallel::map(blobs, |d| {
+            let path = self.path(d);
+            let mut h = Hasher::new();
+            match File::open(&path).and_then(|mut f| io::copy(&mut f, &mut h)) {
+                Ok(_) => Some(h.finish()).filter(|found| found != d).map(|found| format!("its bytes hash to {found}")),
+                Err(e) => Some(format!("reading {}: {e}", path.display())),
+            }
+        });
+        blobs.iter().zip(problems).filter_map(|(d, p)| p.map(|p| (d.clone(), p))).collect()
     }
 
     /// Removes a blob from the cache (a damaged one, so it is fetched again).
