@@ -47,14 +47,18 @@ fn no_unwrap_outside_tests() {
     assert!(offenders.is_empty(), "use `?` or `expect(\"why\")` instead of unwrap(): {offenders:?}");
 }
 
-/// The node side (load, and the partition reading it shares with inspect)
-/// runs on every node at boot: it must not pull in the build side.
+/// The node side (load, place, serve, and the partition reading they share
+/// with inspect) runs on every node at boot: it must not pull in the build side.
 #[test]
 fn node_side_imports_nothing_from_the_build_side() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    rust_files(&root.join("src/load"), &mut files);
-    for f in ["inspect.rs", "mount.rs", "index.rs"] {
+    for dir in ["src/load", "src/place", "src/serve"] {
+        if root.join(dir).is_dir() {
+            rust_files(&root.join(dir), &mut files);
+        }
+    }
+    for f in ["inspect.rs", "mount.rs", "index.rs", "open.rs"] {
         files.push(root.join("src/partition").join(f));
     }
     let build_side = ["bundle", "resolve", "fetch", "manifest", "build", "layout"];

@@ -77,6 +77,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+pub use crate::partition::open::Source;
 pub use report::{ImageReport, LoadReport, Outcome, StaleLease, Unpinned};
 
 /// containerd's default socket.
@@ -88,17 +89,6 @@ pub const PINNED: &str = "pinned";
 /// preseed's label on image records: the source they were loaded from, so a
 /// later load from the same source can unpin what is gone.
 pub const LABEL_SOURCE: &str = "dev.preseed.source";
-
-/// Where the images come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// A partition image file, loop-mounted.
-    Image(PathBuf),
-    /// A block device holding the partition.
-    Device(PathBuf),
-    /// An already mounted partition, or a preload directory.
-    Dir(PathBuf),
-}
 
 /// How to load.
 #[derive(Clone, Debug)]
@@ -134,15 +124,12 @@ impl LoadOptions {
 /// A failure that stops the whole load (per-image failures are in the report).
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The partition could not be mounted.
+    /// The partition could not be opened.
     #[error(transparent)]
-    Mount(#[from] mount::MountError),
+    Open(#[from] crate::partition::open::OpenError),
     /// The source's contents could not be listed.
     #[error(transparent)]
     Source(#[from] source::SourceError),
-    /// A `--dir` source that is not a directory.
-    #[error("{0}: not a directory")]
-    NotADirectory(PathBuf),
     /// containerd did not answer in time.
     #[error(transparent)]
     Unreachable(#[from] containerd::Unreachable),
@@ -156,28 +143,8 @@ pub async fn load(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
 /// [`load`] with the given mount syscalls.
 pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Result<LoadReport, LoadError> {
     let start = Instant::now();
-    let (mounted, root, source_id) = match &opts.source {
-        Source::Image(p) => {
-            let m = mount::mount(p, true, sys)?;
-            let id = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-            let root = m.path().to_path_buf();
-            (Some(m), root, id.display().to_string())
-        }
-        // A device path is kept as given: /dev/disk/by-label/… is stable
-        // across partition versions where /dev/vdb may not be.
-        Source::Device(p) => {
-            let m = mount::mount(p, false, sys)?;
-            let root = m.path().to_path_buf();
-            (Some(m), root, p.display().to_string())
-        }
-        Source::Dir(p) => {
-            if !p.is_dir() {
-                return Err(LoadError::NotADirectory(p.clone()));
-            }
-            let id = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-            (None, p.clone(), id.display().to_string())
-        }
-    };
+    let opened = crate::partition::open::open_with(&opts.source, sys)?;
+    let (root, source_id) = (opened.root().to_path_buf(), opened.id().to_string());
     let listing = source::list(&root)?;
     let client = containerd::Client::connect(&opts.address, opts.timeout).await?;
     let mut warnings = listing.warnings.clone();
@@ -239,7 +206,7 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
             containerd::describe(&e)
         ));
     }
-    drop(mounted);
+    drop(opened);
     let bytes_written = images.iter().map(|i| i.bytes_written).sum();
     Ok(LoadReport {
         source: source_id,

@@ -6,6 +6,7 @@ pub mod erofs;
 pub mod index;
 pub mod inspect;
 pub mod mount;
+pub mod open;
 pub mod squashfs;
 pub mod tree;
 pub mod verity;
