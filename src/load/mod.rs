@@ -208,6 +208,7 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
     }
     drop(opened);
     let bytes_written = images.iter().map(|i| i.bytes_written).sum();
+    let bytes_placed = images.iter().map(|i| i.bytes_placed).sum();
     Ok(LoadReport {
         source: source_id,
         containerd_version,
@@ -217,6 +218,7 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
         warnings,
         errors,
         bytes_written,
+        bytes_placed,
         duration_ms: report::millis(start.elapsed()),
     })
 }

@@ -51,6 +51,11 @@ pub struct ImageReport {
     pub blobs_written: usize,
     /// Bytes written to the content store.
     pub bytes_written: u64,
+    /// Blobs `preseed place` had put in containerd's store, registered in
+    /// this load without sending their bytes.
+    pub blobs_placed: usize,
+    /// Their bytes.
+    pub bytes_placed: u64,
     /// Whether layers were unpacked into the snapshotter in this load.
     pub unpacked: bool,
     /// Time spent on this image, in milliseconds.
@@ -95,6 +100,8 @@ pub struct LoadReport {
     pub errors: Vec<String>,
     /// Total bytes written to the content store.
     pub bytes_written: u64,
+    /// Total bytes of placed blobs registered without sending them.
+    pub bytes_placed: u64,
     /// Wall time, in milliseconds.
     pub duration_ms: u64,
 }
@@ -135,11 +142,16 @@ impl LoadReport {
                 Some(e) => writeln!(out, "{:<9} {name} [{}]: {e}", i.outcome.word(), i.namespace)?,
                 None => writeln!(
                     out,
-                    "{:<9} {name} [{}] ({} blobs, {}{}, {secs:.2}s)",
+                    "{:<9} {name} [{}] ({} blobs, {}{}{}, {secs:.2}s)",
                     i.outcome.word(),
                     i.namespace,
                     i.blobs_written,
                     human_bytes(i.bytes_written),
+                    if i.blobs_placed > 0 {
+                        format!(", {} placed blobs registered ({})", i.blobs_placed, human_bytes(i.bytes_placed))
+                    } else {
+                        String::new()
+                    },
                     if i.unpacked { ", unpacked" } else { "" },
                 )?,
             }
@@ -152,7 +164,7 @@ impl LoadReport {
         }
         writeln!(
             out,
-            "preseed load: {} images: {} imported, {} updated, {} already present, {} failed; {} written in {:.2}s \
+            "preseed load: {} images: {} imported, {} updated, {} already present, {} failed; {} written{} in {:.2}s \
              (containerd {})",
             self.images.len(),
             self.count(Outcome::Imported),
@@ -160,6 +172,7 @@ impl LoadReport {
             self.count(Outcome::AlreadyPresent),
             self.count(Outcome::Failed),
             human_bytes(self.bytes_written),
+            if self.bytes_placed > 0 { format!(", {} placed", human_bytes(self.bytes_placed)) } else { String::new() },
             self.duration_ms as f64 / 1000.0,
             if self.containerd_version.is_empty() { "version unknown" } else { &self.containerd_version },
         )
@@ -180,6 +193,8 @@ mod tests {
             error: error.map(str::to_string),
             blobs_written: 2,
             bytes_written: 2048,
+            blobs_placed: 0,
+            bytes_placed: 0,
             unpacked: false,
             duration_ms: 120,
         };
@@ -192,6 +207,7 @@ mod tests {
             warnings: vec![],
             errors: vec![],
             bytes_written: 2048,
+            bytes_placed: 0,
             duration_ms: 1500,
         };
         assert!(r.failed());
