@@ -19,4 +19,7 @@ pub mod manifest;
 pub mod oci;
 pub mod parallel;
 pub mod partition;
+// Reads tarballs with the loader's archive code, so it comes with the `containerd` feature.
+#[cfg(feature = "containerd")]
+pub mod place;
 pub mod resolve;
