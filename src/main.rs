@@ -207,6 +207,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.jobs = jobs;
             opts.unpack = unpack;
             opts.snapshotter = snapshotter;
+            opts.notify = preseed::load::notify::Notifier::from_env()
+                .context("$NOTIFY_SOCKET is set but unusable")?
+                .map(std::sync::Arc::new);
             let report = preseed::load::load(&opts).await?;
             if json {
                 println!("{}", report.to_json());
