@@ -2,7 +2,7 @@
 //! partition that a node imports into containerd at boot.
 //!
 //! Build side, in pipeline order: [`manifest`] (bundles.toml) → [`resolve`]
-//! (registries) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
+//! (registries) → [`verify`] (signatures) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
 //! [`layout`] (per-image tarballs) → [`partition`] (erofs/squashfs), driven by
 //! [`bundle`]. Node side: [`load`] (partition → containerd).
 #![deny(missing_docs)]
@@ -20,3 +20,4 @@ pub mod oci;
 pub mod parallel;
 pub mod partition;
 pub mod resolve;
+pub mod verify;

@@ -240,6 +240,7 @@ pub fn bundle_tree(cache: &BlobCache, entries: &[Entry], dir: &Path) {
             sandbox: e.sandbox,
             size,
             sha256: Digest::of(&bytes),
+            signed_by: None,
         });
     }
     let index = PartitionIndex {
