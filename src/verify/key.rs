@@ -35,7 +35,7 @@ impl PublicKey {
     /// manifest problem on the line that names the file.
     pub fn load(name: &str, path: &Path) -> Result<PublicKey, String> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            format!("public key {}: {e} (key paths are relative to bundles.toml's directory)", path.display())
+            format!("public key {name} ({}): {e}; key paths are relative to bundles.toml's directory", path.display())
         })?;
         Self::from_pem(name, path, &text)
     }
@@ -44,7 +44,7 @@ impl PublicKey {
     pub fn from_pem(name: &str, path: &Path, text: &str) -> Result<PublicKey, String> {
         let bad = |what: &str| {
             format!(
-                "key {name} ({}): {what}; expected a PEM \"PUBLIC KEY\" (ECDSA P-256) as `cosign generate-key-pair` writes it to cosign.pub",
+                "public key {name} ({}): {what}; expected a PEM \"PUBLIC KEY\" (ECDSA P-256) as `cosign generate-key-pair` writes it to cosign.pub",
                 path.display()
             )
         };
