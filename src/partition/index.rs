@@ -62,8 +62,9 @@ pub struct IndexedImage {
     pub signed_by: Option<SignedBy>,
 }
 
-/// Which key verified an image's signature (mirrors the build side's
-/// `verify::SignedBy`; the node side does not import the build side).
+/// Which key verified an image's signature at bundle time (defined here,
+/// not in the build side's `verify`, which fills it in: the node side reads
+/// it and imports nothing from the build side).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignedBy {
