@@ -63,11 +63,22 @@ impl Registries {
         let pinned = reference.with_digest(digest.clone());
         let mut found = Vec::new();
 
-        // Referrers API, falling back to the `sha256-<hex>` tag (oci-client does both).
-        let referrers =
-            self.with_hosts(image, &pinned, |r| async move { self.client.pull_referrers(&r, None).await }).await?;
-        for entry in &referrers.manifests {
-            let Ok(d) = entry.digest.parse::<Digest>() else { continue };
+        // Referrers API, falling back to the `sha256-<hex>` tag on a 404 (oci-client does both).
+        let referrers: Vec<String> = match self
+            .with_hosts(image, &pinned, |r| async move { self.client.pull_referrers(&r, None).await })
+            .await
+        {
+            Ok(index) => index.manifests.into_iter().map(|m| m.digest).collect(),
+            // Some registries answer the referrers API with another error: try the tag.
+            Err(e) => {
+                let tag = format!("sha256-{}", digest.hex());
+                let Some(bytes) = self.artifact_manifest(image, reference, &tag).await? else { return Err(e) };
+                let index: crate::oci::Index = serde_json::from_slice(&bytes).map_err(|_| e)?;
+                index.manifests.into_iter().map(|m| m.digest.to_string()).collect()
+            }
+        };
+        for entry in &referrers {
+            let Ok(d) = entry.parse::<Digest>() else { continue };
             let Some(bytes) = self.artifact_manifest(image, reference, &d.to_string()).await? else { continue };
             if Digest::of(&bytes) != d {
                 continue;
