@@ -2,7 +2,7 @@
 //! partition that a node imports into containerd at boot.
 //!
 //! Build side, in pipeline order: [`manifest`] (bundles.toml) → [`resolve`]
-//! (registries) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
+//! (registries) → [`verify`] (signatures) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
 //! [`layout`] (per-image tarballs) → [`partition`] (erofs/squashfs), driven by
 //! [`bundle`]. Node side: [`load`] (partition → containerd).
 #![deny(missing_docs)]
@@ -23,3 +23,4 @@ pub mod partition;
 #[cfg(feature = "containerd")]
 pub mod place;
 pub mod resolve;
+pub mod verify;

@@ -953,6 +953,17 @@ impl Report<'_> {
                     format!("{:.1}×", iw.secs() / lw.secs()),
                     Some(iw.secs() / lw.secs() >= 50.0),
                 );
+                // Issue 13.
+                let (streamed, ctr, floor) = (lc.secs() / pl.secs(), ic.secs() / pl.secs(), pl.secs() / cp.secs());
+                let goals = [
+                    ("place + load ≥ 5× faster than streamed cold load", format!("{streamed:.2}×"), streamed >= 5.0),
+                    ("place + load ≥ 10× faster than the ctr import loop", format!("{ctr:.2}×"), ctr >= 10.0),
+                    ("place + load within 1.5× of cp + sync", format!("{floor:.2}×"), floor <= 1.5),
+                    ("place + load peak RSS ≤ 128 MiB", format!("{:.0} MiB", pl.rss_mib()), pl.rss_mib() <= 128.0),
+                ];
+                for (what, measured, pass) in goals {
+                    goal(&mut o, &format!("{what} (containerd {v})"), measured, Some(pass));
+                }
             } else {
                 goal(&mut o, "load cold ≥ 4× faster than the ctr import loop", "loader not merged".into(), None);
                 goal(&mut o, "load warm ≥ 50× faster than the ctr import loop", "loader not merged".into(), None);

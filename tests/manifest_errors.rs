@@ -76,3 +76,25 @@ fn every_problem_is_reported_at_once() {
     assert!(!ok);
     assert!(stderr.contains("bundles.toml:2:") && stderr.contains("bundles.toml:5:"), "{stderr}");
 }
+
+#[test]
+fn missing_or_bad_verify_keys_name_their_line() {
+    // The temp dir holds only bundles.toml: keys/*.pub do not exist.
+    let text = format!(
+        "[verify]\nkeys = [\"keys/release.pub\"]\n\n[registries.\"HOST\"]\ninsecure = true\n\n[[image]]\nref = \"HOST/a:1@{D}\"\n"
+    );
+    assert_fails(&text, "bundles.toml:2: public key keys/release.pub (");
+    let text = format!("[[image]]\nref = \"HOST/a:1@{D}\"\nverify = [\"keys/x.pub\"]\n");
+    assert_fails(&text, "bundles.toml:3: public key keys/x.pub (");
+    // A key file that is not a PEM public key (bundles.toml itself).
+    let text = format!("[[image]]\nref = \"HOST/a:1@{D}\"\nverify = [\"bundles.toml\"]\n");
+    assert_fails(&text, "/bundles.toml): no \"-----BEGIN PUBLIC KEY-----\" line");
+    let text = format!("[[image]]\nref = \"HOST/a:1@{D}\"\nverify = \"yes\"\n");
+    assert_fails(&text, "bundles.toml:3: verify: expected false (exempt this image), true or a list");
+    let text = format!("[[image]]\nref = \"HOST/a:1@{D}\"\nverify = true\n");
+    assert_fails(&text, "bundles.toml:3: verify = true but [verify] keys lists no key");
+    let text = "[[image]]\nbuild = \"hello\"\nref = \"preseed.local/hello:0.1\"\nverify = [\"bundles.toml\"]\n";
+    assert_fails(text, "bundles.toml:4: image \"preseed.local/hello:0.1\" is built from this workspace");
+    let text = "[verify]\nkeys = []\nsigners = []\n";
+    assert_fails(text, "bundles.toml:3: unknown field `signers`");
+}

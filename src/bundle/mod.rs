@@ -100,6 +100,9 @@ pub enum BundleError {
     /// Building an in-tree image failed.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// An image is not signed as the `[verify]` policy requires.
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
     /// In-tree images need the manifest to sit at a cargo workspace root.
     #[error("{image}: `build` entries need a cargo workspace: {manifest} not found; put bundles.toml at the workspace root or pass --workspace DIR")]
     NoWorkspace {
@@ -237,6 +240,10 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         images.push(Planned { entry: entry.clone(), resolved });
     }
 
+    // Signatures ([verify]) before any blob is downloaded or anything written.
+    let to_check: Vec<_> = images.iter().map(|i| (&i.entry, &i.resolved.root.digest)).collect();
+    let signed = crate::verify::check_images(&registries, &to_check, &cache, opts.offline).await?;
+
     // 2. Fetch every missing blob once, concurrently, whichever image needs it.
     let mut missing: BTreeMap<Digest, (usize, Descriptor)> = BTreeMap::new();
     let mut unique: HashMap<Digest, u64> = HashMap::new();
@@ -314,7 +321,7 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
     let sum_keys: Vec<PathBuf> = planned.iter().map(|(spec, file)| sums_store.key_path(spec, file)).collect();
     let mut tree = Tree::default();
     let mut indexed = Vec::new();
-    for ((img, (spec, file)), sha256) in images.iter().zip(planned).zip(sums) {
+    for (((img, (spec, file)), sha256), signed_by) in images.iter().zip(planned).zip(sums).zip(signed) {
         let e = &img.entry;
         indexed.push(IndexedImage {
             namespace: e.namespace.clone(),
@@ -330,6 +337,7 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
             boot: e.boot,
             size: file.len(),
             sha256,
+            signed_by,
         });
         tree.insert_file(&e.tarball_path(), file);
     }

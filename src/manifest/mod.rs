@@ -10,12 +10,14 @@ pub mod reference;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::oci::Platform;
 use crate::partition::Format;
+use crate::verify::PublicKey;
 pub use reference::Reference;
 
 /// Default containerd namespace: the one kubelet's CRI uses.
@@ -86,6 +88,9 @@ pub struct ImageEntry {
     /// Needed before kubelet starts: `preseed load` imports it before it
     /// tells systemd it is ready (sandbox images always are).
     pub boot: bool,
+    /// Keys one of which must have signed the pinned digest (empty: not
+    /// checked — `verify = false`, no `[verify]` policy, or an in-tree image).
+    pub verify: Vec<Arc<PublicKey>>,
 }
 
 impl ImageEntry {
@@ -160,6 +165,15 @@ struct RawManifest {
     registries: BTreeMap<String, Spanned<RegistryConfig>>,
     #[serde(default)]
     image: Vec<RawImage>,
+    verify: Option<RawVerify>,
+}
+
+/// `[verify]`: the keys every remote image must be signed by (one of).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    #[serde(default)]
+    keys: Vec<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -184,6 +198,9 @@ struct RawImage {
     pin: Option<bool>,
     sandbox: Option<bool>,
     boot: Option<bool>,
+    /// `false`, `true` or a list of key files (checked by hand: an untagged
+    /// enum would lose the spans).
+    verify: Option<Spanned<toml::Value>>,
 }
 
 /// Maps byte offsets to 1-based line numbers.
@@ -280,6 +297,25 @@ impl BundleManifest {
             registries.insert(host, cfg);
         }
 
+        // Each key file is read once, however many images name it.
+        let mut keys: HashMap<String, Option<Arc<PublicKey>>> = HashMap::new();
+        let mut load_key = |name: &str, line: usize, problem: &mut dyn FnMut(usize, String)| {
+            let key = keys.entry(name.to_string()).or_insert_with(|| match PublicKey::load(name, &base.join(name)) {
+                Ok(k) => Some(Arc::new(k)),
+                Err(e) => {
+                    problem(line, e);
+                    None
+                }
+            });
+            key.clone()
+        };
+        let mut default_keys = Vec::new();
+        for k in raw.verify.iter().flat_map(|v| &v.keys) {
+            if let Some(key) = load_key(k.get_ref(), lines.line(k), &mut problem) {
+                default_keys.push(key);
+            }
+        }
+
         let mut images = Vec::new();
         let mut seen_files: HashMap<String, usize> = HashMap::new();
         let mut sandboxes: HashMap<String, usize> = HashMap::new();
@@ -366,6 +402,36 @@ impl BundleManifest {
                     problem(line, format!("namespace {namespace:?} already has a sandbox image (line {first}): at most one per namespace"));
                 }
             }
+            let verify = match &raw_image.verify {
+                None if source == ImageSource::Remote => default_keys.clone(),
+                None => vec![],
+                Some(v) => {
+                    let vline = lines.line(v);
+                    match v.get_ref() {
+                        toml::Value::Boolean(false) => vec![],
+                        _ if source != ImageSource::Remote => {
+                            problem(vline, format!("image {text:?} is built from this workspace, not pulled: it has no signature to check; remove `verify` (in-tree images are exempt)"));
+                            vec![]
+                        }
+                        toml::Value::Boolean(true) if default_keys.is_empty() => {
+                            problem(
+                                vline,
+                                "verify = true but [verify] keys lists no key: list the keys here or there".into(),
+                            );
+                            vec![]
+                        }
+                        toml::Value::Boolean(true) => default_keys.clone(),
+                        toml::Value::Array(list) if !list.is_empty() && list.iter().all(|k| k.is_str()) => list
+                            .iter()
+                            .filter_map(|k| load_key(k.as_str().unwrap_or_default(), vline, &mut problem))
+                            .collect(),
+                        _ => {
+                            problem(vline, "verify: expected false (exempt this image), true or a list of public key files, e.g. [\"keys/release.pub\"]".into());
+                            vec![]
+                        }
+                    }
+                }
+            };
             images.push(ImageEntry {
                 line,
                 reference,
@@ -377,6 +443,7 @@ impl BundleManifest {
                 pin: raw_image.pin.unwrap_or(true),
                 sandbox,
                 boot: sandbox || raw_image.boot.unwrap_or(false),
+                verify,
             });
         }
         if !problems.is_empty() {

@@ -60,6 +60,24 @@ pub struct IndexedImage {
     pub size: u64,
     /// sha256 of the whole tarball.
     pub sha256: Digest,
+    /// The key whose signature on `digest` was verified at bundle time
+    /// (images under a `[verify]` policy only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<SignedBy>,
+}
+
+/// Which key verified an image's signature at bundle time (defined here,
+/// not in the build side's `verify`, which fills it in: the node side reads
+/// it and imports nothing from the build side).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedBy {
+    /// The public key file as named in bundles.toml.
+    pub key: String,
+    /// sha256 of the key (its DER SubjectPublicKeyInfo).
+    pub key_sha256: Digest,
+    /// `sigstore-bundle` or `simple-signing`.
+    pub format: String,
 }
 
 /// Provenance of a partition.

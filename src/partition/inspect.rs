@@ -77,6 +77,9 @@ pub fn render(index: &PartitionIndex) -> String {
         for n in &i.names {
             let _ = writeln!(out, "  {:<32} also {n}", "");
         }
+        if let Some(s) = &i.signed_by {
+            let _ = writeln!(out, "  {:<32} signed by {} ({}, {})", "", s.key, s.key_sha256, s.format);
+        }
     }
     out
 }

@@ -243,6 +243,7 @@ pub fn bundle_tree(cache: &BlobCache, entries: &[Entry], dir: &Path) {
             boot: e.boot,
             size,
             sha256: Digest::of(&bytes),
+            signed_by: None,
         });
     }
     let index = PartitionIndex {

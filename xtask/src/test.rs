@@ -6,7 +6,9 @@
 //! `target/debian/` by [`crate::debian`]. The test harness takes the binaries
 //! from `PRESEED_CONTAINERD_BIN` (a directory holding `containerd`, `ctr` and
 //! the runc shim). The workspace run includes the VM boot test, whose
-//! prerequisites [`crate::vm::prerequisites`] provides.
+//! prerequisites [`crate::vm::prerequisites`] provides. The signature tests
+//! sign with sid's `cosign` (not in bookworm), fetched the same way and
+//! named by `PRESEED_COSIGN_BIN`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -71,6 +73,7 @@ pub fn run(args: &[String]) -> Result<()> {
     crate::install_missing(PACKAGES, "tests")?;
     let root = crate::workspace_root()?;
     let versions = containerds(&root.join("target"))?;
+    let cosign = crate::debian::unpacked(&root.join("target"), "cosign", "sid")?.root.join("usr/bin/cosign");
     if !containerd_only {
         crate::vm::prerequisites(&root.join("target"))?;
     }
@@ -96,6 +99,7 @@ pub fn run(args: &[String]) -> Result<()> {
             let extra: &[String] = if r[0] == "--workspace" { &args } else { &[] };
             let mut cmd = crate::cargo();
             cmd.current_dir(&root).arg("test").args(&r).args(extra).env("PRESEED_CONTAINERD_BIN", &v.bin);
+            cmd.env("PRESEED_COSIGN_BIN", &cosign);
             // The VM test's mmdebstrap fetches from the machine's own mirror.
             cmd.env("PRESEED_VM_MIRROR", crate::debian::system_mirror());
             if let Err(e) = cargo_test(cmd, &mut counts) {
