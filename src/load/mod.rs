@@ -78,6 +78,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 pub use crate::partition::open::Source;
+pub use crate::partition::verity_open::RootHash;
 pub use report::{ImageReport, LoadReport, Outcome, StaleLease, Unpinned};
 
 /// containerd's default socket.
@@ -105,6 +106,8 @@ pub struct LoadOptions {
     pub unpack: bool,
     /// Snapshotter to unpack into.
     pub snapshotter: String,
+    /// Read the partition through dm-verity, checked against this root hash.
+    pub verity_root_hash: Option<RootHash>,
 }
 
 impl LoadOptions {
@@ -117,6 +120,7 @@ impl LoadOptions {
             jobs: 4,
             unpack: false,
             snapshotter: "overlayfs".into(),
+            verity_root_hash: None,
         }
     }
 }
@@ -130,6 +134,14 @@ pub enum LoadError {
     /// The source's contents could not be listed.
     #[error(transparent)]
     Source(#[from] source::SourceError),
+    /// The partition's index read as EIO through dm-verity.
+    #[error("{source_id}: {error}: {}", crate::partition::verity_open::CORRUPT)]
+    Corrupt {
+        /// The partition.
+        source_id: String,
+        /// The read that failed.
+        error: source::SourceError,
+    },
     /// containerd did not answer in time.
     #[error(transparent)]
     Unreachable(#[from] containerd::Unreachable),
@@ -143,9 +155,16 @@ pub async fn load(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
 /// [`load`] with the given mount syscalls.
 pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Result<LoadReport, LoadError> {
     let start = Instant::now();
-    let opened = crate::partition::open::open_with(&opts.source, sys)?;
+    let open_opts = crate::partition::open::OpenOptions { verity_root_hash: opts.verity_root_hash };
+    let opened = crate::partition::open::open_with_options(&opts.source, &open_opts, sys)?;
     let (root, source_id) = (opened.root().to_path_buf(), opened.id().to_string());
-    let listing = source::list(&root)?;
+    let listing = match source::list(&root) {
+        Ok(l) => l,
+        Err(e) if opened.verity().is_some() && crate::partition::verity_open::is_eio(&e) => {
+            return Err(LoadError::Corrupt { source_id, error: e })
+        }
+        Err(e) => return Err(e.into()),
+    };
     let client = containerd::Client::connect(&opts.address, opts.timeout).await?;
     let mut warnings = listing.warnings.clone();
     let mut errors = Vec::new();
