@@ -147,7 +147,7 @@ pub enum VerityError {
     },
     /// The root hash is not this partition's.
     #[error(
-        "{path}: the root hash {root} does not match this partition; nothing was imported. \
+        "{path}: the root hash {root} does not match this partition; refused before anything was read from it. \
          Give the root hash of the release that wrote this partition (its preseed.roothash), \
          or the partition was altered and must be rewritten"
     )]
@@ -200,9 +200,14 @@ fn read_block(f: &File, path: &Path, at: u64) -> Result<Vec<u8>, VerityError> {
 /// Finds the tree after the filesystem on `device` (an image file or block
 /// device), without anything from outside the partition.
 pub fn locate(device: &Path) -> Result<TreeLocation, VerityError> {
-    let f = File::open(device).map_err(|source| VerityError::Io { path: device.to_path_buf(), source })?;
-    let head = read_block(&f, device, 0)?;
-    let format = Format::sniff(&head).ok_or_else(|| VerityError::UnknownFormat { path: device.to_path_buf() })?;
+    locate_named(device, device)
+}
+
+/// [`locate`], naming the partition `shown` in errors.
+fn locate_named(device: &Path, shown: &Path) -> Result<TreeLocation, VerityError> {
+    let f = File::open(device).map_err(|source| VerityError::Io { path: shown.to_path_buf(), source })?;
+    let head = read_block(&f, shown, 0)?;
+    let format = Format::sniff(&head).ok_or_else(|| VerityError::UnknownFormat { path: shown.to_path_buf() })?;
     let fs_bytes = match format {
         // erofs: `blocks` (u32 at 36) << `blkszbits` (u8 at 12), superblock at 1024.
         Format::Erofs => {
@@ -218,13 +223,13 @@ pub fn locate(device: &Path) -> Result<TreeLocation, VerityError> {
         }
     };
     let hash_offset = fs_bytes.div_ceil(BLOCK).saturating_mul(BLOCK);
-    let no_tree = || VerityError::NoTree { path: device.to_path_buf(), format, offset: hash_offset };
-    let sb = match read_block(&f, device, hash_offset) {
+    let no_tree = || VerityError::NoTree { path: shown.to_path_buf(), format, offset: hash_offset };
+    let sb = match read_block(&f, shown, hash_offset) {
         Ok(b) => Superblock::parse(&b).ok_or_else(no_tree)?,
         Err(VerityError::Io { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => return Err(no_tree()),
         Err(e) => return Err(e),
     };
-    let unsupported = |what: String| VerityError::Unsupported { path: device.to_path_buf(), what };
+    let unsupported = |what: String| VerityError::Unsupported { path: shown.to_path_buf(), what };
     if sb.version != 1 || sb.hash_type != 1 {
         return Err(unsupported(format!("version {}, hash type {}", sb.version, sb.hash_type)));
     }
@@ -248,12 +253,16 @@ pub fn locate(device: &Path) -> Result<TreeLocation, VerityError> {
 /// Checks `root` against the top block of the tree: refuses a wrong root
 /// hash before anything is attached (the kernel would only fail reads).
 pub fn check_root(device: &Path, at: &TreeLocation, root: &RootHash) -> Result<(), VerityError> {
-    let f = File::open(device).map_err(|source| VerityError::Io { path: device.to_path_buf(), source })?;
+    check_root_named(device, device, at, root)
+}
+
+fn check_root_named(device: &Path, shown: &Path, at: &TreeLocation, root: &RootHash) -> Result<(), VerityError> {
+    let f = File::open(device).map_err(|source| VerityError::Io { path: shown.to_path_buf(), source })?;
     // The top level comes first, right after the superblock block.
     debug_assert_eq!(verity::levels(at.data_blocks).last(), Some(&1));
-    let top = read_block(&f, device, at.hash_offset + BLOCK)?;
+    let top = read_block(&f, shown, at.hash_offset + BLOCK)?;
     if verity::salted(&at.salt, &top) != root.0 {
-        return Err(VerityError::RootHashMismatch { path: device.to_path_buf(), root: *root });
+        return Err(VerityError::RootHashMismatch { path: shown.to_path_buf(), root: *root });
     }
     Ok(())
 }
@@ -270,8 +279,13 @@ impl VerityDevice {
     /// dm-verity with `root`, after [`locate`] and [`check_root`];
     /// `partition` is what the user named, for messages.
     pub fn open(partition: &Path, device: &Path, root: &RootHash) -> Result<VerityDevice, VerityError> {
-        let at = locate(device)?;
-        check_root(device, &at, root)?;
+        let shown = if partition == device {
+            partition.to_path_buf()
+        } else {
+            PathBuf::from(format!("{} (on {})", partition.display(), device.display()))
+        };
+        let at = locate_named(device, &shown)?;
+        check_root_named(device, &shown, &at, root)?;
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let name = format!("preseed-verity-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let out = Command::new(veritysetup())
@@ -290,7 +304,7 @@ impl VerityDevice {
         let opened = VerityDevice { name, path, partition: partition.to_path_buf() };
         if !out.status.success() {
             // Dropping `opened` removes whatever veritysetup left behind.
-            let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            let message = String::from_utf8_lossy(&out.stderr).lines().map(str::trim).collect::<Vec<_>>().join("; ");
             let message = if message.is_empty() { out.status.to_string() } else { message };
             return Err(VerityError::Veritysetup {
                 path: partition.to_path_buf(),
