@@ -1,7 +1,8 @@
 //! The node side: import a partition's (or a preload directory's) image
 //! tarballs into a running containerd over its gRPC API.
 //!
-//! Pipeline: [`mount`] the partition read-only (or take a directory) →
+//! Pipeline: [`mount`] the partition read-only (through dm-verity when given
+//! a root hash, see [`crate::partition::verity_open`]; or take a directory) →
 //! [`source`] lists the tarballs (`preseed.json`, else Monogon/k3s layouts) →
 //! [`archive`] reads each tarball by seeking → [`image`] works out blobs, GC
 //! labels and names → [`import`] writes what containerd lacks under a lease
