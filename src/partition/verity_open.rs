@@ -338,24 +338,24 @@ impl VerityDevice {
 
 impl Drop for VerityDevice {
     fn drop(&mut self) {
-        let close = |deferred: bool| {
-            let mut c = Command::new(veritysetup());
-            c.arg("close");
-            if deferred {
-                c.arg("--deferred");
-            }
-            c.arg(&self.name).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-            c.status().map(|s| s.success()).unwrap_or(false)
+        let veritysetup = |args: &[&str]| {
+            Command::new(veritysetup())
+                .args(args)
+                .arg(&self.name)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
         };
         // A lazily unmounted filesystem may hold it a moment longer.
         for _ in 0..20 {
-            if !self.path.exists() || close(false) {
+            if veritysetup(&["close"]) || !veritysetup(&["status"]) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         // Removed by the kernel once its last user goes.
-        close(true);
+        veritysetup(&["close", "--deferred"]);
     }
 }
 
