@@ -149,3 +149,18 @@ fn mount_verified(dm: &VerityDevice, sys: Arc<dyn MountSys>) -> Result<Mounted, 
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_hash_for_a_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OpenOptions { verity_root_hash: Some("ab".repeat(32).parse().unwrap()) };
+        let e = open_with_options(&Source::Dir(dir.path().to_path_buf()), &opts, Arc::new(mount::LinuxMount))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot be checked against a root hash"), "{e}");
+    }
+}
