@@ -728,7 +728,7 @@ fn judge_boot4(b: &Boot) -> Verdict {
 }
 
 #[test]
-fn node_boots_three_times_from_the_preseed_partition() {
+fn node_boots_four_times_from_the_preseed_partition() {
     if !support::require_root() {
         return;
     }
