@@ -9,6 +9,9 @@
 //! * `PRESEED-VM: boot <boot_id>`
 //! * `PRESEED-VM: as <unit>`  the unit it runs as (kubelet's stand-in, or the failure reporter)
 //! * `PRESEED-VM: net <interface>`  every network interface (the VM has none but `lo`)
+//! * `PRESEED-VM: load-at-start <SubState>`  preseed-load.service when kubelet's stand-in
+//!   started: `running` while it still imports background images after READY
+//!   (`Type=notify`), `exited` once done
 //! * `PRESEED-VM: unit <name> <ActiveState> <Result>`
 //! * `PRESEED-VM: load-log <line>`  every journal line of `preseed-load.service` this boot
 //! * `PRESEED-VM: image <name> pinned=<true|false>`  every name CRI lists
@@ -71,6 +74,21 @@ async fn main() {
     for i in interfaces {
         say(format!("net {i}"));
     }
+    let load_state = || {
+        let props = output(Command::new("systemctl").args(["show", "-p", "SubState", "preseed-load.service"]));
+        props.trim().strip_prefix("SubState=").unwrap_or("?").to_string()
+    };
+    say(format!("load-at-start {}", load_state()));
+    // What kubelet does first: the pod, while the loader may still import
+    // background images.
+    if let Err(e) = pod(&socket, &image, &boot_id).await {
+        say(format!("error {e:#}"));
+    }
+    // Then wait for the whole load, to report it.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while load_state() == "running" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for unit in ["containerd.service", "preseed-load.service"] {
         let props = output(Command::new("systemctl").args(["show", "-p", "ActiveState", "-p", "Result", unit]));
         let get = |k: &str| {
@@ -82,9 +100,6 @@ async fn main() {
         output(Command::new("journalctl").args(["-b", "-u", "preseed-load.service", "-o", "cat", "--no-pager"])).lines()
     {
         say(format!("load-log {line}"));
-    }
-    if let Err(e) = pod(&socket, &image, &boot_id).await {
-        say(format!("error {e:#}"));
     }
     if let Err(e) = list_images(&socket).await {
         say(format!("error listing images: {e:#}"));

@@ -111,6 +111,8 @@ enum Command {
         /// Machine-readable report on stdout.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        verity: VerityArgs,
     },
     /// Copy the partition's blobs into containerd's content store before it starts.
     #[cfg(feature = "containerd")]
@@ -126,6 +128,8 @@ enum Command {
         /// Machine-readable report on stdout.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        verity: VerityArgs,
     },
     /// Show what a partition (image file, device, directory or preseed.json) holds.
     Inspect {
@@ -134,7 +138,31 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        verity: VerityArgs,
     },
+}
+
+/// `--verity-root-hash HEX | --verity-root-hash-file F` (load, place, inspect).
+#[derive(clap::Args)]
+struct VerityArgs {
+    /// Open the partition through dm-verity with this root hash (hex, as in preseed.roothash).
+    #[arg(long, value_name = "HEX", conflicts_with = "verity_root_hash_file")]
+    verity_root_hash: Option<preseed::partition::verity_open::RootHash>,
+    /// The same, read from a file: the hash alone, or a kernel command line
+    /// with `preseed.roothash=HEX` (e.g. /proc/cmdline).
+    #[arg(long, value_name = "FILE")]
+    verity_root_hash_file: Option<PathBuf>,
+}
+
+impl VerityArgs {
+    fn root_hash(&self) -> anyhow::Result<Option<preseed::partition::verity_open::RootHash>> {
+        Ok(match (&self.verity_root_hash, &self.verity_root_hash_file) {
+            (Some(h), _) => Some(*h),
+            (None, Some(f)) => Some(preseed::partition::verity_open::RootHash::from_file(f)?),
+            (None, None) => None,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -200,7 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{} reference(s) pinned", changes.len());
         }
         #[cfg(feature = "containerd")]
-        Command::Load { from, address, timeout, jobs, unpack, snapshotter, json } => {
+        Command::Load { from, address, timeout, jobs, unpack, snapshotter, json, verity } => {
             let mut opts = preseed::load::LoadOptions::new(from.source());
             opts.address = address;
             opts.timeout = std::time::Duration::from_secs(timeout);
@@ -210,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.notify = preseed::load::notify::Notifier::from_env()
                 .context("$NOTIFY_SOCKET is set but unusable")?
                 .map(std::sync::Arc::new);
+            opts.verity_root_hash = verity.root_hash()?;
             let report = preseed::load::load(&opts).await?;
             if json {
                 println!("{}", report.to_json());
@@ -221,10 +250,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         #[cfg(feature = "containerd")]
-        Command::Place { from, root, config, json } => {
+        Command::Place { from, root, config, json, verity } => {
             let mut opts = preseed::place::PlaceOptions::new(from.source());
             opts.root = root;
             opts.config = config;
+            opts.verity_root_hash = verity.root_hash()?;
             let report = tokio::task::spawn_blocking(move || preseed::place::place(&opts)).await??;
             if json {
                 println!("{}", report.to_json());
@@ -235,9 +265,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Inspect { partition, json } => {
-            let index = preseed::partition::inspect::read_index(&partition)
-                .with_context(|| format!("inspecting {}", partition.display()))?;
+        Command::Inspect { partition, json, verity } => {
+            let index = match verity.root_hash()? {
+                Some(root) => preseed::partition::inspect::read_index_verified(&partition, &root),
+                None => preseed::partition::inspect::read_index(&partition),
+            }
+            .with_context(|| format!("inspecting {}", partition.display()))?;
             if json {
                 println!("{}", String::from_utf8_lossy(&index.to_json()).trim_end());
             } else {

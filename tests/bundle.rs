@@ -546,6 +546,22 @@ fn verity_tree_verifies_and_is_deterministic() {
                 serde_json::from_slice(&std::fs::read(mounted.path().join("preseed.json")).unwrap()).unwrap();
             assert!(inside.get("verity").is_none(), "{inside}");
         }
+        // The node finds the tree from the partition alone: a wrong root
+        // hash is refused as such (not as "no tree"), before any device.
+        let mut wrong = root.clone().into_bytes();
+        wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+        let out = Command::new(env!("CARGO_BIN_EXE_preseed"))
+            .arg("inspect")
+            .arg(&image)
+            .arg("--verity-root-hash")
+            .arg(String::from_utf8(wrong).unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("does not match this partition"), "{format}: {err}");
+        let at = preseed::partition::verity_open::locate(&image).unwrap();
+        assert_eq!(at.hash_offset, offset, "{format}");
+        preseed::partition::verity_open::check_root(&image, &at, &root.parse().unwrap()).unwrap();
         // Another cache and directory, offline from a copy of the cache: same bytes.
         let two = tempfile::tempdir().unwrap();
         let cache_b = BlobCache::open(two.path().join("cache")).unwrap();

@@ -58,7 +58,7 @@ fn node_side_imports_nothing_from_the_build_side() {
             rust_files(&root.join(dir), &mut files);
         }
     }
-    for f in ["inspect.rs", "mount.rs", "index.rs", "open.rs"] {
+    for f in ["inspect.rs", "mount.rs", "index.rs", "open.rs", "verity_open.rs"] {
         files.push(root.join("src/partition").join(f));
     }
     let build_side = ["bundle", "resolve", "fetch", "manifest", "build", "layout", "verify"];

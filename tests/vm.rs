@@ -10,12 +10,21 @@
 //! drop-in's `OnFailure=` starts `tests/vm/preseed-vm-report.service`, which
 //! reports the same way.
 //!
-//! Three boots of one root disk (containerd's state carries over):
+//! Both partitions are bundled with `--verity`, and each boot passes its
+//! root hash on the kernel command line (`preseed.roothash=`): the README's
+//! verity drop-in (also read from README.md) makes the unit open the
+//! partition through dm-verity (cryptsetup-bin's `veritysetup`, the cloud
+//! kernel's dm-verity module).
+//!
+//! Four boots of one root disk (containerd's state carries over):
 //! 1. partition v1 (pause, hello, tool): every image imported and pinned; the
 //!    sandbox and hello start offline;
 //! 2. the same partition again: metadata only (nothing imported or written);
 //! 3. partition v2 (tool removed, tool2 added): tool2 imported and pinned,
-//!    tool unpinned.
+//!    tool unpinned;
+//! 4. partition v3 (tool3 added) with one byte of tool3's layer flipped after
+//!    bundling: dm-verity fails tool3's reads, the load fails saying the
+//!    partition is corrupt, tool3 gets no image record, the rest is there.
 //!
 //! The base root filesystem (mmdebstrap of bookworm + sid's containerd files
 //! and config) is cached under `target/vm/root-<key>/`, keyed by a hash of
@@ -55,8 +64,16 @@ fn boot_timeout() -> Duration {
 
 /// Debian suite, variant and packages of the VM's base root filesystem.
 const SUITE: &str = "bookworm";
-const PACKAGES: &[&str] =
-    &["systemd", "systemd-sysv", "udev", "kmod", "runc", "linux-image-cloud-amd64", "initramfs-tools"];
+const PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "runc",
+    "linux-image-cloud-amd64",
+    "initramfs-tools",
+    "cryptsetup-bin",
+];
 /// Files in the base that have no use in a test VM (smaller, faster image).
 const DPKG_EXCLUDES: &[&str] = &["/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*"];
 
@@ -141,6 +158,18 @@ fn readme_unit() -> String {
     let body = &readme[start + "```ini\n".len()..];
     let end = body.find("```").expect("the unit's block ends");
     body[..end].to_string()
+}
+
+/// The README's dm-verity drop-in for that unit, verbatim.
+fn readme_verity_drop_in() -> String {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let header = "# /etc/systemd/system/preseed-load.service.d/verity.conf\n";
+    let start = readme.find(header).expect("README.md has the verity drop-in of preseed-load.service");
+    let body = &readme[start..];
+    let end = body.find("```").expect("the drop-in's block ends");
+    // Its lines are indented like the list item the block is in.
+    let indent = readme[..start].rsplit('\n').next().unwrap_or("").to_string();
+    body[..end].lines().map(|l| l.strip_prefix(indent.as_str()).unwrap_or(l).to_string() + "\n").collect()
 }
 
 /// Enables a unit the way `systemctl enable` does: a symlink per
@@ -300,6 +329,7 @@ fn root_disk(base: &Path, work: &Path, cri_smoke: &Path) -> PathBuf {
     fs::write(units.join(REPORT_UNIT_NAME), REPORT_UNIT).unwrap();
     fs::create_dir_all(units.join("preseed-load.service.d")).unwrap();
     fs::write(units.join("preseed-load.service.d/vm-test.conf"), LOAD_DROP_IN).unwrap();
+    fs::write(units.join("preseed-load.service.d/verity.conf"), readme_verity_drop_in()).unwrap();
     let disk = work.join("root.ext4");
     run("mkfs.ext4", Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&stage).arg(&disk).arg("4G"));
     disk
@@ -403,7 +433,8 @@ impl Boot {
 }
 
 /// Boots the VM once and collects what the stand-in printed.
-fn boot(work: &Path, name: &str, kernel: &Path, initrd: &Path, root: &Path, preseed: &Path) -> Boot {
+fn boot(work: &Path, name: &str, kernel: &Path, initrd: &Path, root: &Path, preseed: &(PathBuf, String)) -> Boot {
+    let (preseed, root_hash) = preseed;
     let console_path = work.join(format!("{name}.console"));
     let console = fs::File::create(&console_path).unwrap();
     let started = Instant::now();
@@ -413,10 +444,11 @@ fn boot(work: &Path, name: &str, kernel: &Path, initrd: &Path, root: &Path, pres
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 root=/dev/vda rw panic=1 systemd.show_status=0 systemd.journald.forward_to_console=0",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 root=/dev/vda rw panic=1 systemd.show_status=0 systemd.journald.forward_to_console=0 \
+             preseed.roothash={root_hash}"
+        ))
         .arg("-drive")
         .arg(format!("file={},if=virtio,format=raw", root.display()))
         .arg("-drive")
@@ -484,18 +516,25 @@ fn host_journal(root: &Path, dir: &Path) -> String {
     }
 }
 
-/// The partition images: v1 (pause, hello, tool) and v2 (pause, hello, tool2).
-fn partitions(work: &Path) -> Option<(PathBuf, PathBuf)> {
+/// The partition disks: v1 (pause, hello, tool) and v2 (pause, hello,
+/// tool2), bundled with `--verity`, each with its root hash.
+/// v3 (pause, hello, tool3) has one byte of tool3's layer flipped after
+/// the tree was computed.
+fn partitions(work: &Path) -> Option<[(PathBuf, String); 3]> {
     let workspace = env!("CARGO_MANIFEST_DIR");
     let reg = Registry::start()?;
-    let tool = images::push_image(&reg, "team/tool", "1.0", &[LayerSpec::new(1101, 3, 64 << 10)], Media::Oci);
+    // tool is a background image (not `boot`), big enough that boot1's
+    // loader is still importing it when kubelet's stand-in starts.
+    let tool = images::push_image(&reg, "team/tool", "1.0", &[LayerSpec::new(1101, 4, 8 << 20)], Media::Oci);
     let tool2 = images::push_image(&reg, "team/tool2", "1.0", &[LayerSpec::new(1102, 3, 64 << 10)], Media::Oci);
+    let tool3 = images::push_image(&reg, "team/tool3", "1.0", &[LayerSpec::new(1103, 3, 64 << 10)], Media::Oci);
     let host = reg.host();
     let base = fs::read_to_string(Path::new(workspace).join("bundles.toml")).unwrap();
     let mut out = Vec::new();
     for (version, (repo, pushed, name)) in [
         ("v1", ("team/tool", &tool, "registry.local/tool:1.0")),
         ("v2", ("team/tool2", &tool2, "registry.local/tool2:1.0")),
+        ("v3", ("team/tool3", &tool3, "registry.local/tool3:1.0")),
     ] {
         let manifest = format!(
             "{base}\n[registries.\"{host}\"]\ninsecure = true\n\n[[image]]\nref = \"{host}/{repo}:1.0@{}\"\nnames = [\"{name}\"]\n",
@@ -507,20 +546,35 @@ fn partitions(work: &Path) -> Option<(PathBuf, PathBuf)> {
         run(
             &format!("preseed bundle ({version})"),
             Command::new(env!("CARGO_BIN_EXE_preseed"))
-                .args(["bundle", "--no-progress", "--manifest"])
+                .args(["bundle", "--no-progress", "--verity", "--manifest"])
                 .arg(dir.join("bundles.toml"))
                 .args(["--workspace", workspace, "--out"])
                 .arg(dir.join("out"))
                 .arg("--cache")
                 .arg(work.join("cache")),
         );
+        let image = dir.join("out/preseed.erofs");
+        if version == "v3" {
+            let layer = &pushed.layer_digests[0];
+            let hex = layer.strip_prefix("sha256:").unwrap_or(layer);
+            corrupt(&image, &fs::read(work.join("cache/blobs/sha256").join(hex)).unwrap());
+        }
         let disk = work.join(format!("preseed-{version}.img"));
-        preseed_disk(&dir.join("out/preseed.erofs"), &disk);
-        out.push(disk);
+        preseed_disk(&image, &disk);
+        let root_hash = fs::read_to_string(dir.join("out/preseed.roothash")).unwrap().trim().to_string();
+        out.push((disk, root_hash));
     }
-    let v2 = out.pop()?;
-    let v1 = out.pop()?;
-    Some((v1, v2))
+    out.try_into().ok()
+}
+
+/// Flips one byte of `blob` where it is stored in `image`.
+fn corrupt(image: &Path, blob: &[u8]) {
+    let bytes = fs::read(image).unwrap();
+    let needle = &blob[blob.len() / 2..blob.len() / 2 + 64];
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("the layer's bytes are in the image") + 7;
+    let mut changed = bytes;
+    changed[at] ^= 0x20;
+    fs::write(image, changed).unwrap();
 }
 
 /// Builds the stand-in kubelet's CRI client (`examples/cri_smoke.rs`) with
@@ -610,8 +664,23 @@ fn judge_boot1(b: &Boot) -> Verdict {
         problems.push(format!("cold load summary: {summary}"));
     }
     expect_pinned(b, V1, true, &mut problems);
+    // Type=notify: kubelet is released at READY (pause and hello in), while
+    // the loader still imports tool.
+    if !b.has("load-at-start running") {
+        problems.push(format!(
+            "kubelet's stand-in should start while the load still imports background images: {:?}",
+            b.lines("load-at-start").collect::<Vec<_>>()
+        ));
+    }
     let secs = b.load_secs().unwrap_or(f64::NAN);
-    verdict(b, problems, format!("boot1 ok in {:.0}s (cold load {secs:.2}s, 3 imported)", b.wall.as_secs_f64()))
+    verdict(
+        b,
+        problems,
+        format!(
+            "boot1 ok in {:.0}s (cold load {secs:.2}s, 3 imported; kubelet started before it ended)",
+            b.wall.as_secs_f64()
+        ),
+    )
 }
 
 fn judge_boot2(b: &Boot) -> Verdict {
@@ -649,8 +718,34 @@ fn judge_boot3(b: &Boot) -> Verdict {
     verdict(b, problems, format!("boot3 ok in {:.0}s (load {secs:.2}s, 1 added, 1 unpinned)", b.wall.as_secs_f64()))
 }
 
+fn judge_boot4(b: &Boot) -> Verdict {
+    let mut problems = Vec::new();
+    if !b.finished {
+        problems.push("the failure reporter never reported (no `done` before poweroff)".into());
+        return verdict(b, problems, String::new());
+    }
+    if !b.has("unit preseed-load.service failed") {
+        problems.push(format!(
+            "preseed-load.service should have failed: {:?}",
+            b.lines("unit").find(|l| l.starts_with("preseed-load.service"))
+        ));
+    }
+    let summary = b.load_summary().unwrap_or("(none)");
+    if !summary.contains("3 images: 0 imported, 0 updated, 2 already present, 1 failed") {
+        problems.push(format!("load of the corrupted partition: {summary}"));
+    }
+    if !b.lines("load-log").any(|l| l.contains("tool3") && l.contains("partition is corrupt")) {
+        problems.push("no load-log line says tool3's partition blocks are corrupt".into());
+    }
+    if b.images().contains_key("registry.local/tool3:1.0") {
+        problems.push("the corrupt tool3 has an image record".into());
+    }
+    expect_pinned(b, &[SANDBOX, HELLO], true, &mut problems);
+    verdict(b, problems, format!("boot4 ok in {:.0}s (corrupt tool3 refused, others present)", b.wall.as_secs_f64()))
+}
+
 #[test]
-fn node_boots_three_times_from_the_preseed_partition() {
+fn node_boots_four_times_from_the_preseed_partition() {
     if !support::require_root() {
         return;
     }
@@ -669,14 +764,18 @@ fn node_boots_three_times_from_the_preseed_partition() {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).unwrap();
     let smoke = cri_smoke(&target);
-    let Some((v1, v2)) = partitions(&work) else { return };
+    let Some([v1, v2, v3]) = partitions(&work) else { return };
     let root = root_disk(&base, &work, &smoke);
     let kernel = one_file(&base.join("boot"), "vmlinuz-");
     let initrd = one_file(&base.join("boot"), "initrd.img-");
     eprintln!("vm: base root {base_secs:.0}s, run prepared in {:.0}s", started.elapsed().as_secs_f64() - base_secs);
 
-    let plan: [(&str, &Path, Judge); 3] =
-        [("boot1", &v1, judge_boot1), ("boot2", &v1, judge_boot2), ("boot3", &v2, judge_boot3)];
+    let plan: [(&str, &(PathBuf, String), Judge); 4] = [
+        ("boot1", &v1, judge_boot1),
+        ("boot2", &v1, judge_boot2),
+        ("boot3", &v2, judge_boot3),
+        ("boot4", &v3, judge_boot4),
+    ];
     let mut outcomes = Vec::new();
     let mut failure = None;
     for (name, disk, judge) in plan {

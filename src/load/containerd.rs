@@ -471,7 +471,7 @@ pub enum WriteError {
     Grpc(Status),
     /// Reading the source failed.
     #[error("reading the blob: {0}")]
-    Read(std::io::Error),
+    Read(#[source] std::io::Error),
 }
 
 /// RFC 3339 UTC time with second precision, as containerd's labels expect.

@@ -87,6 +87,7 @@ fn grpc(op: &'static str, target: impl ToString) -> impl FnOnce(tonic::Status) -
 pub struct Context {
     client: Client,
     source_id: String,
+    verity: bool,
     jobs: usize,
     unpack: bool,
     snapshotter: String,
@@ -104,6 +105,7 @@ impl Context {
         Context {
             client,
             source_id,
+            verity: opts.verity_root_hash.is_some(),
             jobs: opts.jobs.max(1),
             unpack: opts.unpack,
             snapshotter: opts.snapshotter.clone(),
@@ -146,6 +148,16 @@ impl Context {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// An image's error for the report: through dm-verity, an EIO means
+    /// the partition is corrupt, and the message says so.
+    fn describe(&self, e: &ImportError) -> String {
+        if self.verity && crate::partition::verity_open::is_eio(e) {
+            format!("{e}: {}", crate::partition::verity_open::CORRUPT)
+        } else {
+            e.to_string()
+        }
+    }
+
     /// Imports every image of one tarball; never fails as a whole.
     pub async fn import_tarball(&self, img: SourceImage) -> Vec<ImageReport> {
         let start = Instant::now();
@@ -154,7 +166,7 @@ impl Context {
             tarball: img.rel.clone(),
             names,
             outcome: Outcome::Failed,
-            error: Some(e.to_string()),
+            error: Some(self.describe(&e)),
             blobs_written: 0,
             bytes_written: 0,
             blobs_placed: 0,
@@ -212,7 +224,7 @@ impl Context {
                     Ok(o) => *o,
                     Err(_) => Outcome::Failed,
                 },
-                error: result.err().map(|e| e.to_string()),
+                error: result.err().map(|e| self.describe(&e)),
                 blobs_written: stats.blobs,
                 bytes_written: stats.bytes,
                 blobs_placed: stats.adopted,

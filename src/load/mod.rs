@@ -1,7 +1,8 @@
 //! The node side: import a partition's (or a preload directory's) image
 //! tarballs into a running containerd over its gRPC API.
 //!
-//! Pipeline: [`mount`] the partition read-only (or take a directory) →
+//! Pipeline: [`mount`] the partition read-only (through dm-verity when given
+//! a root hash, see [`crate::partition::verity_open`]; or take a directory) →
 //! [`source`] lists the tarballs (`preseed.json`, else Monogon/k3s layouts) →
 //! [`archive`] reads each tarball by seeking → [`image`] works out blobs, GC
 //! labels and names → [`import`] writes what containerd lacks under a lease
@@ -79,6 +80,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 pub use crate::partition::open::Source;
+pub use crate::partition::verity_open::RootHash;
 pub use report::{ImageReport, LoadReport, Outcome, StaleLease, Unpinned};
 
 /// containerd's default socket.
@@ -109,6 +111,8 @@ pub struct LoadOptions {
     /// systemd's notification socket (`Type=notify`): READY once the boot
     /// images are in, then progress while the rest are imported.
     pub notify: Option<Arc<notify::Notifier>>,
+    /// Read the partition through dm-verity, checked against this root hash.
+    pub verity_root_hash: Option<RootHash>,
 }
 
 impl LoadOptions {
@@ -122,6 +126,7 @@ impl LoadOptions {
             unpack: false,
             snapshotter: "overlayfs".into(),
             notify: None,
+            verity_root_hash: None,
         }
     }
 }
@@ -135,6 +140,14 @@ pub enum LoadError {
     /// The source's contents could not be listed.
     #[error(transparent)]
     Source(#[from] source::SourceError),
+    /// The partition's index read as EIO through dm-verity.
+    #[error("{source_id}: {error}: {}", crate::partition::verity_open::CORRUPT)]
+    Corrupt {
+        /// The partition.
+        source_id: String,
+        /// The read that failed.
+        error: source::SourceError,
+    },
     /// containerd did not answer in time.
     #[error(transparent)]
     Unreachable(#[from] containerd::Unreachable),
@@ -148,9 +161,16 @@ pub async fn load(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
 /// [`load`] with the given mount syscalls.
 pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Result<LoadReport, LoadError> {
     let start = Instant::now();
-    let opened = crate::partition::open::open_with(&opts.source, sys)?;
+    let open_opts = crate::partition::open::OpenOptions { verity_root_hash: opts.verity_root_hash };
+    let opened = crate::partition::open::open_with_options(&opts.source, &open_opts, sys)?;
     let (root, source_id) = (opened.root().to_path_buf(), opened.id().to_string());
-    let listing = source::list(&root)?;
+    let listing = match source::list(&root) {
+        Ok(l) => l,
+        Err(e) if opened.verity().is_some() && crate::partition::verity_open::is_eio(&e) => {
+            return Err(LoadError::Corrupt { source_id, error: e })
+        }
+        Err(e) => return Err(e.into()),
+    };
     let client = containerd::Client::connect(&opts.address, opts.timeout).await?;
     let mut warnings = listing.warnings.clone();
     let mut errors = Vec::new();

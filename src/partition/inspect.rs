@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::index::{PartitionIndex, INDEX_FILE};
+use super::open::{OpenOptions, Source};
+use super::verity_open::RootHash;
 
 /// Errors reading a partition's index.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,15 @@ pub enum InspectError {
     /// The partition image could not be mounted.
     #[error(transparent)]
     Mount(#[from] super::mount::MountError),
+    /// The partition could not be opened (through dm-verity).
+    #[error(transparent)]
+    Open(#[from] super::open::OpenError),
+    /// The index read as EIO through dm-verity.
+    #[error("{path}: {}", super::verity_open::CORRUPT)]
+    Corrupt {
+        /// The index file.
+        path: String,
+    },
 }
 
 /// Reads the index of a partition: an image file or block device (mounted
@@ -42,6 +53,24 @@ pub fn read_index(path: &Path) -> Result<PartitionIndex, InspectError> {
         return read_json(&mounted.path().join(INDEX_FILE));
     }
     read_json(path)
+}
+
+/// [`read_index`] of a partition (image file or block device) opened
+/// through dm-verity, checked against `root`.
+pub fn read_index_verified(path: &Path, root: &RootHash) -> Result<PartitionIndex, InspectError> {
+    let source = if std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false) {
+        Source::Image(path.to_path_buf())
+    } else if path.is_dir() {
+        Source::Dir(path.to_path_buf())
+    } else {
+        Source::Device(path.to_path_buf())
+    };
+    let opts = OpenOptions { verity_root_hash: Some(*root) };
+    let opened = super::open::open_with_options(&source, &opts, std::sync::Arc::new(super::mount::LinuxMount))?;
+    read_json(&opened.root().join(INDEX_FILE)).map_err(|e| match e {
+        InspectError::Io { path, source } if source.raw_os_error() == Some(libc::EIO) => InspectError::Corrupt { path },
+        e => e,
+    })
 }
 
 fn read_json(file: &Path) -> Result<PartitionIndex, InspectError> {

@@ -10,6 +10,7 @@ pub mod open;
 pub mod squashfs;
 pub mod tree;
 pub mod verity;
+pub mod verity_open;
 
 use std::fmt;
 use std::str::FromStr;

@@ -2,11 +2,17 @@
 //! share: an image file (loop-mounted), a block device (mounted), or a
 //! directory taken as it is (an already mounted partition or a preload
 //! directory). The mount, if any, goes away when [`Opened`] is dropped.
+//!
+//! With a root hash ([`OpenOptions::verity_root_hash`]) a partition is
+//! opened through dm-verity ([`super::verity_open`]) and that device is
+//! mounted: the loop device (for an image file), the verity device and the
+//! mount all go away with [`Opened`], also when opening fails halfway.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::mount::{self, MountError, MountSys, Mounted};
+use super::verity_open::{RootHash, VerityDevice, VerityError};
 
 /// Where the images come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +25,13 @@ pub enum Source {
     Dir(PathBuf),
 }
 
+/// How to open a source.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Open the partition through dm-verity, checked against this root hash.
+    pub verity_root_hash: Option<RootHash>,
+}
+
 /// Why a source could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -28,11 +41,27 @@ pub enum OpenError {
     /// A `--dir` source that is not a directory.
     #[error("{0}: not a directory")]
     NotADirectory(PathBuf),
+    /// The dm-verity device could not be set up (wrong root hash, no tree…).
+    #[error(transparent)]
+    Verity(#[from] VerityError),
+    /// A root hash given for a directory.
+    #[error("{0}: a directory cannot be checked against a root hash: give the partition (--image or --device)")]
+    VerityNeedsPartition(PathBuf),
+    /// The verified partition's first blocks read as EIO.
+    #[error("{partition} (through {device}): {}", super::verity_open::CORRUPT)]
+    Corrupt {
+        /// The partition as named.
+        partition: PathBuf,
+        /// The verity device.
+        device: PathBuf,
+    },
 }
 
 /// An open source: its root directory, kept mounted while this lives.
 pub struct Opened {
+    // Dropped in this order: the mount, then the verity device under it.
     mounted: Option<Mounted>,
+    verity: Option<VerityDevice>,
     root: PathBuf,
     id: String,
 }
@@ -55,6 +84,12 @@ impl Opened {
     pub fn mounted(&self) -> Option<&Mounted> {
         self.mounted.as_ref()
     }
+
+    /// The dm-verity device the partition is read through, if any: then
+    /// an EIO reading it means the partition is corrupt.
+    pub fn verity(&self) -> Option<&VerityDevice> {
+        self.verity.as_ref()
+    }
 }
 
 /// Opens `source` read-only with the kernel's mount syscalls.
@@ -64,21 +99,68 @@ pub fn open(source: &Source) -> Result<Opened, OpenError> {
 
 /// [`open`] with the given mount syscalls.
 pub fn open_with(source: &Source, sys: Arc<dyn MountSys>) -> Result<Opened, OpenError> {
+    open_with_options(source, &OpenOptions::default(), sys)
+}
+
+/// [`open_with`] with options (a dm-verity root hash).
+pub fn open_with_options(source: &Source, opts: &OpenOptions, sys: Arc<dyn MountSys>) -> Result<Opened, OpenError> {
     let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string();
-    Ok(match source {
-        Source::Image(p) => {
-            let m = mount::mount(p, true, sys)?;
-            Opened { root: m.path().to_path_buf(), mounted: Some(m), id: canonical(p) }
+    let opened = |m: Mounted, verity: Option<VerityDevice>, id: String| Opened {
+        root: m.path().to_path_buf(),
+        mounted: Some(m),
+        verity,
+        id,
+    };
+    Ok(match (source, &opts.verity_root_hash) {
+        (Source::Image(p), None) => opened(mount::mount(p, true, sys)?, None, canonical(p)),
+        (Source::Device(p), None) => opened(mount::mount(p, false, sys)?, None, p.display().to_string()),
+        (Source::Image(p), Some(root)) => {
+            // Held until the verity device holds the loop device; it
+            // detaches itself when that goes.
+            let handle = sys.attach_loop(p).map_err(|source| MountError::Loop { path: p.clone(), source })?;
+            let dm = VerityDevice::open(p, &handle.device, root)?;
+            let m = mount_verified(&dm, sys)?;
+            drop(handle);
+            opened(m, Some(dm), canonical(p))
         }
-        Source::Device(p) => {
-            let m = mount::mount(p, false, sys)?;
-            Opened { root: m.path().to_path_buf(), mounted: Some(m), id: p.display().to_string() }
+        (Source::Device(p), Some(root)) => {
+            let dm = VerityDevice::open(p, p, root)?;
+            let m = mount_verified(&dm, sys)?;
+            opened(m, Some(dm), p.display().to_string())
         }
-        Source::Dir(p) => {
+        (Source::Dir(p), Some(_)) => return Err(OpenError::VerityNeedsPartition(p.clone())),
+        (Source::Dir(p), None) => {
             if !p.is_dir() {
                 return Err(OpenError::NotADirectory(p.clone()));
             }
-            Opened { mounted: None, root: p.clone(), id: canonical(p) }
+            Opened { mounted: None, verity: None, root: p.clone(), id: canonical(p) }
         }
     })
+}
+
+/// Mounts the verity device; an EIO means the blocks the filesystem
+/// starts with do not match the tree.
+fn mount_verified(dm: &VerityDevice, sys: Arc<dyn MountSys>) -> Result<Mounted, OpenError> {
+    mount::mount(dm.path(), false, sys).map_err(|e| {
+        if super::verity_open::is_eio(&e) {
+            OpenError::Corrupt { partition: dm.partition().to_path_buf(), device: dm.path().to_path_buf() }
+        } else {
+            e.into()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_hash_for_a_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OpenOptions { verity_root_hash: Some("ab".repeat(32).parse().unwrap()) };
+        let e = open_with_options(&Source::Dir(dir.path().to_path_buf()), &opts, Arc::new(mount::LinuxMount))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot be checked against a root hash"), "{e}");
+    }
 }

@@ -50,17 +50,7 @@ pub fn append(image: &Path, salt: &[u8; 32], uuid: &[u8; 16]) -> io::Result<Veri
     let hash_offset = data_blocks * BLOCK;
     file.set_len(hash_offset)?;
 
-    // Blocks per level, lowest (over the data) first.
-    let mut levels = Vec::new();
-    let mut n = data_blocks.max(1);
-    loop {
-        let blocks = n.div_ceil(PER_BLOCK);
-        levels.push(blocks);
-        if blocks == 1 {
-            break;
-        }
-        n = blocks;
-    }
+    let levels = levels(data_blocks);
     // Positions: after the superblock block, the highest level first.
     let mut starts = vec![0u64; levels.len()];
     let mut at = hash_offset + BLOCK;
@@ -88,13 +78,6 @@ pub fn append(image: &Path, salt: &[u8; 32], uuid: &[u8; 16]) -> io::Result<Veri
         salt: hex::encode(salt),
         hash_algorithm: "sha256".into(),
     })
-}
-
-fn salted(salt: &[u8], block: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(block);
-    h.finalize().into()
 }
 
 /// Hashes `count` blocks starting at byte `from` into hash blocks written at
@@ -134,10 +117,78 @@ fn hash_level(file: &File, salt: &[u8], from: u64, count: u64, to: u64) -> io::R
     })
 }
 
+/// The superblock's first eight bytes.
+pub const MAGIC: &[u8; 8] = b"verity\0\0";
+
+/// What a verity superblock says (the fields the node side checks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    /// Format version (1).
+    pub version: u32,
+    /// Hash type (1: salt first, as veritysetup's default).
+    pub hash_type: u32,
+    /// Hash algorithm name, e.g. `sha256`.
+    pub algorithm: String,
+    /// Data block size in bytes.
+    pub data_block_size: u32,
+    /// Hash block size in bytes.
+    pub hash_block_size: u32,
+    /// Data blocks covered.
+    pub data_blocks: u64,
+    /// The salt.
+    pub salt: Vec<u8>,
+}
+
+impl Superblock {
+    /// Parses a superblock, `None` without the magic (no tree there).
+    pub fn parse(b: &[u8]) -> Option<Superblock> {
+        if b.len() < 512 || &b[..8] != MAGIC {
+            return None;
+        }
+        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let mut blocks = [0u8; 8];
+        blocks.copy_from_slice(&b[72..80]);
+        let salt_len = (u16::from_le_bytes([b[80], b[81]]) as usize).min(256);
+        let algorithm = b[32..64].split(|&c| c == 0).next().unwrap_or_default();
+        Some(Superblock {
+            version: u32_at(8),
+            hash_type: u32_at(12),
+            algorithm: String::from_utf8_lossy(algorithm).into_owned(),
+            data_block_size: u32_at(64),
+            hash_block_size: u32_at(68),
+            data_blocks: u64::from_le_bytes(blocks),
+            salt: b[88..88 + salt_len].to_vec(),
+        })
+    }
+}
+
+/// Blocks per hash level for `data_blocks` of data, the level over the data
+/// first; the last level is the single block the root hash is taken of.
+pub fn levels(data_blocks: u64) -> Vec<u64> {
+    let mut levels = Vec::new();
+    let mut n = data_blocks.max(1);
+    loop {
+        let blocks = n.div_ceil(PER_BLOCK);
+        levels.push(blocks);
+        if blocks == 1 {
+            return levels;
+        }
+        n = blocks;
+    }
+}
+
+/// The hash of a block: `sha256(salt ‖ block)`.
+pub fn salted(salt: &[u8], block: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(block);
+    h.finalize().into()
+}
+
 /// The 512-byte verity superblock (format 1), zero-padded to a block.
 fn superblock(data_blocks: u64, salt: &[u8; 32], uuid: &[u8; 16]) -> Vec<u8> {
     let mut sb = vec![0u8; BLOCK as usize];
-    sb[0..8].copy_from_slice(b"verity\0\0");
+    sb[0..8].copy_from_slice(MAGIC);
     sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
     sb[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type: normal (salt first)
     sb[16..32].copy_from_slice(uuid);
@@ -168,5 +219,17 @@ mod tests {
         let mut top = vec![0u8; 4096];
         top[..32].copy_from_slice(&salted(&[1; 32], &block));
         assert_eq!(a.root_hash, hex::encode(salted(&[1; 32], &top)));
+    }
+
+    #[test]
+    fn superblock_parses_back() {
+        let sb = Superblock::parse(&superblock(300, &[5; 32], &[6; 16])).unwrap();
+        assert_eq!((sb.version, sb.hash_type, sb.algorithm.as_str()), (1, 1, "sha256"));
+        assert_eq!((sb.data_block_size, sb.hash_block_size, sb.data_blocks), (4096, 4096, 300));
+        assert_eq!(sb.salt, [5; 32]);
+        assert!(Superblock::parse(&[0u8; 4096]).is_none());
+        // 300 blocks: 3 hash blocks, then the top one.
+        assert_eq!(levels(300), [3, 1]);
+        assert_eq!(levels(1), [1]);
     }
 }

@@ -40,7 +40,8 @@ use crate::digest::{Digest, Hasher};
 use crate::human::human_bytes;
 use crate::load::archive::{Archive, Entry};
 use crate::load::source;
-use crate::partition::open::{self, Source};
+use crate::partition::open::{self, OpenOptions, Source};
+use crate::partition::verity_open::RootHash;
 
 /// containerd's local content store, under its root.
 pub const CONTENT_DIR: &str = "io.containerd.content.v1.content";
@@ -63,12 +64,15 @@ pub struct PlaceOptions {
     pub root: Option<PathBuf>,
     /// containerd's configuration file.
     pub config: PathBuf,
+    /// Read the partition through dm-verity, checked against this root
+    /// hash; its blocks are then verified by the kernel and not hashed again.
+    pub verity_root_hash: Option<RootHash>,
 }
 
 impl PlaceOptions {
     /// Defaults: root from `/etc/containerd/config.toml`.
     pub fn new(source: Source) -> Self {
-        PlaceOptions { source, root: None, config: PathBuf::from(config::DEFAULT_CONFIG) }
+        PlaceOptions { source, root: None, config: PathBuf::from(config::DEFAULT_CONFIG), verity_root_hash: None }
     }
 }
 
@@ -111,7 +115,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PlaceError + '_ {
 pub struct Damaged {
     /// Its name.
     pub digest: String,
-    /// What its bytes hash to.
+    /// What was found instead: the digest its bytes hash to, or the read error.
     pub found: String,
     /// The tarballs holding it (relative to the source root).
     pub tarballs: Vec<String>,
@@ -160,8 +164,7 @@ impl PlaceReport {
         for d in &self.damaged {
             writeln!(
                 out,
-                "damaged   {} in {}: its bytes hash to {}; not placed (the partition is corrupt: rebuild or \
-                 re-write it)",
+                "damaged   {} in {}: found {}; not placed (the partition is corrupt: rebuild or re-write it)",
                 d.digest,
                 d.tarballs.join(", "),
                 d.found
@@ -214,7 +217,10 @@ pub fn place(opts: &PlaceOptions) -> Result<PlaceReport, PlaceError> {
     }
     let _lock = lock(&root)?;
 
-    let opened = open::open(&opts.source)?;
+    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash.clone() };
+    let opened = open::open_with_options(&opts.source, &open_opts, Arc::new(crate::partition::mount::LinuxMount))?;
+    // Through dm-verity every block read is checked against the root hash.
+    let verified = opened.verity().is_some();
     report.source = opened.id().to_string();
     let listing = source::list(opened.root())?;
     report.warnings.extend(listing.warnings.iter().cloned());
@@ -265,16 +271,14 @@ pub fn place(opts: &PlaceOptions) -> Result<PlaceReport, PlaceError> {
     }
 
     let temp = TempDir::create(store.join(TEMP_DIR))?;
-    let copied = crate::parallel::map(&todo, |c| copy(archives[c.archive].file(), c, &temp.0));
+    let copied = crate::parallel::map(&todo, |c| copy(archives[c.archive].file(), c, &temp.0, !verified));
     let mut good = Vec::new();
     for (c, result) in todo.iter().zip(copied) {
         match result? {
             None => good.push(c),
-            Some(found) => report.damaged.push(Damaged {
-                digest: c.digest.to_string(),
-                found: found.to_string(),
-                tarballs: c.tarballs.clone(),
-            }),
+            Some(found) => {
+                report.damaged.push(Damaged { digest: c.digest.to_string(), found, tarballs: c.tarballs.clone() })
+            }
         }
     }
     // One flush for all the files, before any of them gets its name.
@@ -325,9 +329,11 @@ fn make_dirs(root: &Path, blobs: &Path) -> Result<(), PlaceError> {
     std::fs::DirBuilder::new().recursive(true).mode(0o755).create(blobs).map_err(io_err(blobs))
 }
 
-/// Copies one blob into `dir` under its hex name, hashing it on the way.
-/// `Some(actual digest)` if the bytes do not match (nothing is left).
-fn copy(file: &Arc<File>, c: &Candidate, dir: &Path) -> Result<Option<Digest>, PlaceError> {
+/// Copies one blob into `dir` under its hex name, hashing it on the way
+/// unless `hash` is false (dm-verity checked the bytes).
+/// `Some(what was found)` if the bytes do not match or the partition
+/// refuses them (EIO: dm-verity found a bad block); nothing is left then.
+fn copy(file: &Arc<File>, c: &Candidate, dir: &Path, hash: bool) -> Result<Option<String>, PlaceError> {
     let to = dir.join(c.digest.hex());
     let mut out =
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(&to).map_err(io_err(&to))?;
@@ -336,16 +342,27 @@ fn copy(file: &Arc<File>, c: &Candidate, dir: &Path) -> Result<Option<Digest>, P
     let mut at = 0u64;
     while at < c.entry.size {
         let n = PIECE.min((c.entry.size - at) as usize);
-        file.read_exact_at(&mut buf[..n], c.entry.offset + at).map_err(io_err(&to))?;
-        hasher.update(&buf[..n]);
+        if let Err(e) = file.read_exact_at(&mut buf[..n], c.entry.offset + at) {
+            if e.raw_os_error() != Some(libc::EIO) {
+                return Err(io_err(&to)(e));
+            }
+            drop(out);
+            std::fs::remove_file(&to).map_err(io_err(&to))?;
+            return Ok(Some(format!(
+                "an I/O error at byte {at} ({e}; through dm-verity: a block that does not match the root hash)"
+            )));
+        }
+        if hash {
+            hasher.update(&buf[..n]);
+        }
         out.write_all(&buf[..n]).map_err(io_err(&to))?;
         at += n as u64;
     }
     let found = hasher.finish();
-    if found != c.digest {
+    if hash && found != c.digest {
         drop(out);
         std::fs::remove_file(&to).map_err(io_err(&to))?;
-        return Ok(Some(found));
+        return Ok(Some(format!("bytes that hash to {found}")));
     }
     Ok(None)
 }

@@ -35,6 +35,7 @@ const CONTAINERD_SUITES: &[(&str, Option<&str>)] = &[
     ("load", None),
     ("place", None),
     ("boot", None),
+    ("verity", None),
     ("e2e", None),
     ("intree", Some("images_import_and_run_in_containerd")),
     ("bundle", Some("corpus_bundles_mounts_and_imports")),
