@@ -4,7 +4,8 @@
 //! Build side, in pipeline order: [`manifest`] (bundles.toml) → [`resolve`]
 //! (registries) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
 //! [`layout`] (per-image tarballs) → [`partition`] (erofs/squashfs), driven by
-//! [`bundle`]. Node side: [`load`] (partition → containerd).
+//! [`bundle`]. Node side: [`load`] (partition → containerd), [`serve`] (partition → a
+//! read-only registry).
 #![deny(missing_docs)]
 
 pub mod build;
@@ -20,3 +21,5 @@ pub mod oci;
 pub mod parallel;
 pub mod partition;
 pub mod resolve;
+#[cfg(feature = "containerd")]
+pub mod serve;

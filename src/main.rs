@@ -91,6 +91,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a partition's images as a read-only OCI registry (a mirror for containerd, CRI-O, podman).
+    #[cfg(feature = "containerd")]
+    Serve {
+        /// A partition image file (loop-mounted read-only).
+        #[arg(long, group = "source")]
+        image: Option<PathBuf>,
+        /// A block device holding the partition (mounted read-only).
+        #[arg(long, group = "source")]
+        device: Option<PathBuf>,
+        /// A directory: a mounted partition, or a Monogon/k3s preload directory.
+        #[arg(long, group = "source")]
+        dir: Option<PathBuf>,
+        /// Address to listen on (port 0: any free port, printed at start).
+        #[arg(long, default_value = preseed::serve::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+    },
     /// Show what a partition (image file, device, directory or preseed.json) holds.
     Inspect {
         /// Partition image or directory.
@@ -187,6 +203,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if report.failed() {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        #[cfg(feature = "containerd")]
+        Command::Serve { image, device, dir, listen } => {
+            use preseed::partition::open::Source;
+            let source = match (image, device, dir) {
+                (Some(p), _, _) => Source::Image(p),
+                (_, Some(p), _) => Source::Device(p),
+                (_, _, Some(p)) => Source::Dir(p),
+                _ => anyhow::bail!("say where the partition is: --image FILE, --device DEV or --dir DIR"),
+            };
+            let server = preseed::serve::Server::bind(&source, listen).await?;
+            for w in &server.catalog().warnings {
+                eprintln!("preseed: warning: {w}");
+            }
+            println!(
+                "preseed: serving {} image(s) in {} repositories from {} on http://{}",
+                server.catalog().images,
+                server.catalog().repository_count(),
+                server.source_id(),
+                server.local_addr()
+            );
+            server.run(preseed::serve::shutdown_signal()).await;
         }
         Command::Inspect { partition, json } => {
             let index = preseed::partition::inspect::read_index(&partition)
