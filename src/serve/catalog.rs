@@ -8,9 +8,9 @@
 //! name; a request says which with containerd's `?ns=<host>` mirror
 //! parameter, or by prefixing the host to the repository
 //! (`/v2/<host>/<repo>/…`, for clients that cannot add a parameter). A
-//! request naming neither gets `docker.io` if it is among them (the default
-//! registry, what a plain docker mirror is asked for), else the host that
-//! sorts first.
+//! request naming neither gets the tags of `docker.io` if it is among them
+//! (the default registry, what a plain docker mirror is asked for), else of
+//! the host that sorts first; a digest is found under any of them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -193,24 +193,29 @@ impl Catalog {
         Ok(())
     }
 
-    /// The repository a request names: `name` under the registry `ns`
-    /// (containerd's mirror parameter) if given; else `name` under
-    /// `docker.io` or the first host that has it; else, if `name` starts
-    /// with a known registry host, the rest under that host.
-    pub fn repository(&self, name: &str, ns: Option<&str>) -> Option<&Repository> {
+    /// The repositories a request for `name` may mean, the one whose tags
+    /// count first: `name` under the registry `ns` (containerd's mirror
+    /// parameter) if given; else `name` under `docker.io` or the first host
+    /// that has it, then its other hosts (a digest is the same content
+    /// wherever it is found); else, if `name` starts with a known registry
+    /// host, the rest under that host. Empty: no such repository.
+    pub fn repositories(&self, name: &str, ns: Option<&str>) -> Vec<&Repository> {
         if let Some(ns) = ns {
-            return self.repos.get(name)?.get(canonical_host(ns));
+            return self.repos.get(name).and_then(|hosts| hosts.get(canonical_host(ns))).into_iter().collect();
         }
         if let Some(hosts) = self.repos.get(name) {
-            return hosts.get("docker.io").or_else(|| hosts.values().next());
+            let mut all: Vec<(&String, &Repository)> = hosts.iter().collect();
+            // Stable: docker.io first, then the others in host order.
+            all.sort_by_key(|(host, _)| host.as_str() != "docker.io");
+            return all.into_iter().map(|(_, r)| r).collect();
         }
-        let (host, rest) = name.split_once('/')?;
-        self.repos.get(rest)?.get(canonical_host(host))
+        let Some((host, rest)) = name.split_once('/') else { return Vec::new() };
+        self.repos.get(rest).and_then(|hosts| hosts.get(canonical_host(host))).into_iter().collect()
     }
 
-    /// A blob of `repo`.
-    pub fn content(&self, repo: &Repository, digest: &Digest) -> Option<&Content> {
-        if repo.digests.contains(digest) {
+    /// A blob of one of `repos`.
+    pub fn content(&self, repos: &[&Repository], digest: &Digest) -> Option<&Content> {
+        if repos.iter().any(|r| r.digests.contains(digest)) {
             self.blobs.get(digest)
         } else {
             None
@@ -261,16 +266,18 @@ mod tests {
             cat.repos.entry("lib/x".into()).or_default().insert(host.into(), repo_with_tag(host));
         }
         cat.repos.entry("only/y".into()).or_default().insert("b.example".into(), repo_with_tag("b.example"));
-        let tag_of = |r: Option<&Repository>| r.map(|r| r.tags.keys().next().cloned().unwrap_or_default());
-        assert_eq!(tag_of(cat.repository("lib/x", Some("quay.io"))), Some("quay.io".into()));
-        assert_eq!(tag_of(cat.repository("lib/x", Some("registry-1.docker.io"))), Some("docker.io".into()));
-        assert_eq!(tag_of(cat.repository("lib/x", None)), Some("docker.io".into()));
-        assert_eq!(tag_of(cat.repository("quay.io/lib/x", None)), Some("quay.io".into()));
-        assert_eq!(tag_of(cat.repository("lib/x", Some("ghcr.io"))), None);
-        assert_eq!(tag_of(cat.repository("only/y", None)), Some("b.example".into()));
-        assert_eq!(tag_of(cat.repository("only/y", Some("docker.io"))), None);
+        let tag_of = |r: Vec<&Repository>| r.first().map(|r| r.tags.keys().next().cloned().unwrap_or_default());
+        assert_eq!(tag_of(cat.repositories("lib/x", Some("quay.io"))), Some("quay.io".into()));
+        assert_eq!(tag_of(cat.repositories("lib/x", Some("registry-1.docker.io"))), Some("docker.io".into()));
+        assert_eq!(tag_of(cat.repositories("lib/x", None)), Some("docker.io".into()));
+        assert_eq!(cat.repositories("lib/x", None).len(), 3);
+        assert_eq!(tag_of(cat.repositories("quay.io/lib/x", None)), Some("quay.io".into()));
+        assert_eq!(tag_of(cat.repositories("lib/x", Some("ghcr.io"))), None);
+        assert_eq!(tag_of(cat.repositories("only/y", None)), Some("b.example".into()));
+        assert_eq!(tag_of(cat.repositories("only/y", Some("docker.io"))), None);
+        assert_eq!(tag_of(cat.repositories("nope/z", None)), None);
         cat.repos.get_mut("lib/x").map(|h| h.remove("docker.io"));
-        assert_eq!(tag_of(cat.repository("lib/x", None)), Some("a.example".into()));
+        assert_eq!(tag_of(cat.repositories("lib/x", None)), Some("a.example".into()));
         assert_eq!(cat.repository_names().collect::<Vec<_>>(), ["lib/x", "only/y"]);
     }
 }

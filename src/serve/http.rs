@@ -50,6 +50,7 @@ enum Code {
     DigestInvalid,
     PaginationNumberInvalid,
     Unsupported,
+    NoSuchEndpoint,
     RangeInvalid,
 }
 
@@ -63,6 +64,7 @@ impl Code {
             Code::DigestInvalid => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
             Code::PaginationNumberInvalid => (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
             Code::Unsupported => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            Code::NoSuchEndpoint => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
             Code::RangeInvalid => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
         }
     }
@@ -170,7 +172,7 @@ fn valid_name(name: &str) -> bool {
 fn route<B>(catalog: &Catalog, req: &Request<B>) -> Response<Body> {
     let path = req.uri().path();
     let Some(rest) = path.strip_prefix("/v2") else {
-        return error(Code::NameUnknown, "not a registry API path (they start with /v2/)");
+        return error(Code::NoSuchEndpoint, "not a registry API path (they start with /v2/)");
     };
     let reading = matches!(*req.method(), Method::GET | Method::HEAD);
     if rest.contains("/blobs/uploads") || !reading {
@@ -187,7 +189,7 @@ fn route<B>(catalog: &Catalog, req: &Request<B>) -> Response<Body> {
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         let Some(repo) = repository(catalog, name, &q) else { return unknown_name(name, &q) };
-        let tags: Vec<&str> = repo.tags.keys().map(String::as_str).collect();
+        let tags: Vec<&str> = repo[0].tags.keys().map(String::as_str).collect();
         return paginated(
             &tags,
             &q,
@@ -197,20 +199,22 @@ fn route<B>(catalog: &Catalog, req: &Request<B>) -> Response<Body> {
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         let Some(repo) = repository(catalog, name, &q) else { return unknown_name(name, &q) };
-        return manifest(catalog, repo, name, reference);
+        return manifest(catalog, &repo, name, reference);
     }
     if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
         let Some(repo) = repository(catalog, name, &q) else { return unknown_name(name, &q) };
-        return blob(catalog, repo, digest, req.headers().get(header::RANGE));
+        return blob(catalog, &repo, digest, req.headers().get(header::RANGE));
     }
-    error(Code::Unsupported, &format!("{path}: not an endpoint of this read-only registry"))
+    error(Code::NoSuchEndpoint, &format!("{path}: not an endpoint of this read-only registry"))
 }
 
-fn repository<'a>(catalog: &'a Catalog, name: &str, q: &Query) -> Option<&'a Repository> {
+/// The repositories `name` may mean, the one whose tags count first; `None`
+/// if there is none.
+fn repository<'a>(catalog: &'a Catalog, name: &str, q: &Query) -> Option<Vec<&'a Repository>> {
     if !valid_name(name) {
         return None;
     }
-    catalog.repository(name, q.ns.as_deref())
+    Some(catalog.repositories(name, q.ns.as_deref())).filter(|r| !r.is_empty())
 }
 
 fn unknown_name(name: &str, q: &Query) -> Response<Body> {
@@ -260,7 +264,7 @@ fn is_digest_like(s: &str) -> bool {
     })
 }
 
-fn manifest(catalog: &Catalog, repo: &Repository, name: &str, reference: &str) -> Response<Body> {
+fn manifest(catalog: &Catalog, repo: &[&Repository], name: &str, reference: &str) -> Response<Body> {
     let digest = if reference.contains(':') {
         match reference.parse::<Digest>() {
             Ok(d) => d,
@@ -270,7 +274,7 @@ fn manifest(catalog: &Catalog, repo: &Repository, name: &str, reference: &str) -
             Err(e) => return error(Code::DigestInvalid, &e.to_string()),
         }
     } else {
-        match repo.tags.get(reference) {
+        match repo[0].tags.get(reference) {
             Some(d) => d.clone(),
             None => return error(Code::ManifestUnknown, &format!("{name}:{reference}: no such tag in this partition")),
         }
@@ -281,7 +285,7 @@ fn manifest(catalog: &Catalog, repo: &Repository, name: &str, reference: &str) -
     }
 }
 
-fn blob(catalog: &Catalog, repo: &Repository, digest: &str, range: Option<&HeaderValue>) -> Response<Body> {
+fn blob(catalog: &Catalog, repo: &[&Repository], digest: &str, range: Option<&HeaderValue>) -> Response<Body> {
     let digest = match digest.parse::<Digest>() {
         Ok(d) => d,
         Err(_) if is_digest_like(digest) => {
