@@ -295,6 +295,37 @@ fn skopeo_and_containerd_pull_every_image_from_a_served_partition() {
     let extra = format!("docker://{addr}/team/app-b:stable");
     assert_eq!(sha256(skopeo(&["inspect", tls, "--raw", &extra]).as_bytes()), corpus.image("app-b").digest);
 
+    // CRI-O and podman read mirrors from registries.conf (containers/image,
+    // as skopeo does): the original host's name, answered by the server.
+    let conf = dir.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nprefix = \"{0}\"\nlocation = \"{0}\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{addr}\"\ninsecure = true\n",
+            corpus.host
+        ),
+    )
+    .unwrap();
+    for image in &corpus.images {
+        for reference in [format!("{}:{}", image.repo, image.tag), format!("{}@{}", image.repo, image.digest)] {
+            let src = format!("docker://{}/{reference}", corpus.host);
+            let out = Command::new("skopeo")
+                .arg("--registries-conf")
+                .arg(&conf)
+                .args(["inspect", "--raw", &src])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "skopeo inspect {src} via registries.conf: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // No ns here either: app-a's tag is the first host's.
+            let expected = if image.name == "app-a" && !reference.contains('@') { first } else { &image.digest };
+            assert_eq!(&sha256(&out.stdout), expected, "{src} via registries.conf");
+        }
+    }
+
     // containerd, configured as a node would be: hosts.toml mirrors each
     // (stopped) registry host to the server, which tells them apart by ns.
     let Some(ctrd) = Containerd::start() else { return };
