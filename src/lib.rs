@@ -14,12 +14,10 @@ pub mod digest;
 pub mod fetch;
 pub mod human;
 pub mod layout;
-#[cfg(feature = "containerd")]
 pub mod load;
 pub mod manifest;
 pub mod oci;
 pub mod parallel;
 pub mod partition;
 pub mod resolve;
-#[cfg(feature = "containerd")]
 pub mod serve;

@@ -92,7 +92,6 @@ enum Command {
         json: bool,
     },
     /// Serve a partition's images as a read-only OCI registry (a mirror for containerd, CRI-O, podman).
-    #[cfg(feature = "containerd")]
     Serve {
         /// A partition image file (loop-mounted read-only).
         #[arg(long, group = "source")]
@@ -204,7 +203,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        #[cfg(feature = "containerd")]
         Command::Serve { image, device, dir, listen } => {
             use preseed::partition::open::Source;
             let source = match (image, device, dir) {

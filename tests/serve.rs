@@ -7,7 +7,6 @@
 //! And the load test: 100 concurrent downloads of a large layer keep the
 //! server's peak RSS under 64 MiB; clients that go away mid-blob cost
 //! nothing; malformed requests get a 4xx.
-#![cfg(feature = "containerd")]
 
 mod support;
 

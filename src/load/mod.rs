@@ -20,6 +20,9 @@
 //! from images carrying that source label whose names it no longer has; the
 //! images themselves stay, for kubelet's GC to decide.
 //!
+//! The reading half ([`source`], [`archive`], [`image`]) is built without
+//! the `containerd` feature too: `serve` uses it.
+//!
 //! Works with containerd 1.6, 1.7 and 2.x: every record update sends the
 //! whole record (as read) with a field mask, as containerd's own clients do.
 //! containerd going away mid-load fails the load with a message that says so;
@@ -61,23 +64,34 @@
 
 pub mod archive;
 pub use crate::partition::mount;
+#[cfg(feature = "containerd")]
 pub mod containerd;
 pub mod image;
+#[cfg(feature = "containerd")]
 pub mod import;
+#[cfg(feature = "containerd")]
 pub mod lease;
 
+#[cfg(feature = "containerd")]
 pub mod report;
 pub mod source;
+#[cfg(feature = "containerd")]
 pub mod unpack;
 
+#[cfg(feature = "containerd")]
 use std::collections::HashSet;
+#[cfg(feature = "containerd")]
 use std::path::PathBuf;
+#[cfg(feature = "containerd")]
 use std::sync::Arc;
+#[cfg(feature = "containerd")]
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "containerd")]
 use futures_util::StreamExt;
 
 pub use crate::partition::open::Source;
+#[cfg(feature = "containerd")]
 pub use report::{ImageReport, LoadReport, Outcome, StaleLease, Unpinned};
 
 /// containerd's default socket.
@@ -91,6 +105,7 @@ pub const PINNED: &str = "pinned";
 pub const LABEL_SOURCE: &str = "dev.preseed.source";
 
 /// How to load.
+#[cfg(feature = "containerd")]
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Where the images come from.
@@ -107,6 +122,7 @@ pub struct LoadOptions {
     pub snapshotter: String,
 }
 
+#[cfg(feature = "containerd")]
 impl LoadOptions {
     /// Defaults: containerd's standard socket, 60 s timeout, 4 jobs, no unpack, overlayfs.
     pub fn new(source: Source) -> Self {
@@ -122,6 +138,7 @@ impl LoadOptions {
 }
 
 /// A failure that stops the whole load (per-image failures are in the report).
+#[cfg(feature = "containerd")]
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The partition could not be opened.
@@ -136,11 +153,13 @@ pub enum LoadError {
 }
 
 /// Imports every image of `opts.source` into containerd at `opts.address`.
+#[cfg(feature = "containerd")]
 pub async fn load(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
     load_with(opts, Arc::new(mount::LinuxMount)).await
 }
 
 /// [`load`] with the given mount syscalls.
+#[cfg(feature = "containerd")]
 pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Result<LoadReport, LoadError> {
     let start = Instant::now();
     let opened = crate::partition::open::open_with(&opts.source, sys)?;
@@ -223,6 +242,7 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
 
 /// Removes the pinned label from images this loader pinned from `source`
 /// whose names are not in `keep`, adding each to `out` as it is done.
+#[cfg(feature = "containerd")]
 async fn unpin_gone(
     client: &containerd::Client,
     source: &str,

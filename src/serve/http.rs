@@ -171,7 +171,7 @@ fn valid_name(name: &str) -> bool {
 
 fn route<B>(catalog: &Catalog, req: &Request<B>) -> Response<Body> {
     let path = req.uri().path();
-    let Some(rest) = path.strip_prefix("/v2") else {
+    let Some(rest) = path.strip_prefix("/v2").filter(|r| r.is_empty() || r.starts_with('/')) else {
         return error(Code::NoSuchEndpoint, "not a registry API path (they start with /v2/)");
     };
     let reading = matches!(*req.method(), Method::GET | Method::HEAD);
