@@ -19,5 +19,8 @@ pub mod manifest;
 pub mod oci;
 pub mod parallel;
 pub mod partition;
+// Reads tarballs with the loader's archive code, so it comes with the `containerd` feature.
+#[cfg(feature = "containerd")]
+pub mod place;
 pub mod resolve;
 pub mod serve;

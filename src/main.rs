@@ -16,6 +16,33 @@ struct Cli {
     command: Command,
 }
 
+/// Where the node side reads the partition from (exactly one).
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct SourceArgs {
+    /// A partition image file (loop-mounted read-only).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// A block device holding the partition (mounted read-only).
+    #[arg(long)]
+    device: Option<PathBuf>,
+    /// A directory: a mounted partition, or a Monogon/k3s preload directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn source(self) -> preseed::partition::open::Source {
+        use preseed::partition::open::Source;
+        match (self.image, self.device, self.dir) {
+            (Some(p), _, _) => Source::Image(p),
+            (_, Some(p), _) => Source::Device(p),
+            (_, _, Some(p)) => Source::Dir(p),
+            _ => unreachable!("clap requires one of --image, --device, --dir"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Pull, verify and pack every image of bundles.toml into a partition image.
@@ -63,15 +90,8 @@ enum Command {
     /// Import a partition's images into containerd (the node side, at boot).
     #[cfg(feature = "containerd")]
     Load {
-        /// A partition image file (loop-mounted read-only).
-        #[arg(long, group = "source")]
-        image: Option<PathBuf>,
-        /// A block device holding the partition (mounted read-only).
-        #[arg(long, group = "source")]
-        device: Option<PathBuf>,
-        /// A directory: a mounted partition, or a Monogon/k3s preload directory.
-        #[arg(long, group = "source")]
-        dir: Option<PathBuf>,
+        #[command(flatten)]
+        from: SourceArgs,
         /// containerd's gRPC socket.
         #[arg(long, default_value = preseed::load::DEFAULT_ADDRESS)]
         address: PathBuf,
@@ -91,17 +111,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy the partition's blobs into containerd's content store before it starts.
+    #[cfg(feature = "containerd")]
+    Place {
+        #[command(flatten)]
+        from: SourceArgs,
+        /// containerd's root directory [default: `root` in --config, else /var/lib/containerd].
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// containerd's configuration file.
+        #[arg(long, default_value = preseed::place::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Machine-readable report on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a partition's images as a read-only OCI registry (a mirror for containerd, CRI-O, podman).
     Serve {
-        /// A partition image file (loop-mounted read-only).
-        #[arg(long, group = "source")]
-        image: Option<PathBuf>,
-        /// A block device holding the partition (mounted read-only).
-        #[arg(long, group = "source")]
-        device: Option<PathBuf>,
-        /// A directory: a mounted partition, or a Monogon/k3s preload directory.
-        #[arg(long, group = "source")]
-        dir: Option<PathBuf>,
+        #[command(flatten)]
+        from: SourceArgs,
         /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, default_value = preseed::serve::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
@@ -179,20 +207,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{} reference(s) pinned", changes.len());
         }
         #[cfg(feature = "containerd")]
-        Command::Load { image, device, dir, address, timeout, jobs, unpack, snapshotter, json } => {
-            use preseed::load::{LoadOptions, Source};
-            let source = match (image, device, dir) {
-                (Some(p), _, _) => Source::Image(p),
-                (_, Some(p), _) => Source::Device(p),
-                (_, _, Some(p)) => Source::Dir(p),
-                _ => anyhow::bail!("say where the partition is: --image FILE, --device DEV or --dir DIR"),
-            };
-            let mut opts = LoadOptions::new(source);
+        Command::Load { from, address, timeout, jobs, unpack, snapshotter, json } => {
+            let mut opts = preseed::load::LoadOptions::new(from.source());
             opts.address = address;
             opts.timeout = std::time::Duration::from_secs(timeout);
             opts.jobs = jobs;
             opts.unpack = unpack;
             opts.snapshotter = snapshotter;
+            opts.notify = preseed::load::notify::Notifier::from_env()
+                .context("$NOTIFY_SOCKET is set but unusable")?
+                .map(std::sync::Arc::new);
             let report = preseed::load::load(&opts).await?;
             if json {
                 println!("{}", report.to_json());
@@ -203,15 +227,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Serve { image, device, dir, listen } => {
-            use preseed::partition::open::Source;
-            let source = match (image, device, dir) {
-                (Some(p), _, _) => Source::Image(p),
-                (_, Some(p), _) => Source::Device(p),
-                (_, _, Some(p)) => Source::Dir(p),
-                _ => anyhow::bail!("say where the partition is: --image FILE, --device DEV or --dir DIR"),
-            };
-            let server = preseed::serve::Server::bind(&source, listen).await?;
+        #[cfg(feature = "containerd")]
+        Command::Place { from, root, config, json } => {
+            let mut opts = preseed::place::PlaceOptions::new(from.source());
+            opts.root = root;
+            opts.config = config;
+            let report = tokio::task::spawn_blocking(move || preseed::place::place(&opts)).await??;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                report.print_human(&mut std::io::stdout())?;
+            }
+            if report.failed() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Serve { from, listen } => {
+            let server = preseed::serve::Server::bind(&from.source(), listen).await?;
             for w in &server.catalog().warnings {
                 eprintln!("preseed: warning: {w}");
             }

@@ -404,6 +404,33 @@ fn preseed_load(partition: &Path, images: usize, bin: &Option<PathBuf>) -> (Samp
     (cold, warm)
 }
 
+/// `preseed place` into a fresh containerd's root while it is stopped, then
+/// `preseed load` once it runs again (containerd's restart not counted).
+fn place_then_load(partition: &Path, images: usize, bin: &Option<PathBuf>) -> (Sample, Sample) {
+    let mut ctrd = start_containerd(bin);
+    ctrd.stop();
+    let config = ctrd.dir().join("config.toml");
+    let place = timed(&preseed(), &["place", "--image", s(partition), "--config", s(&config)]);
+    ctrd.restart();
+    let sock = ctrd.socket().display().to_string();
+    let load = timed(&preseed(), &["load", "--image", s(partition), "--address", &sock]);
+    let listed = ctrd.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(listed.lines().count() >= images, "place + load imported too few images:\n{listed}");
+    (place, load)
+}
+
+/// The floor for placing: `cp -r` of the unique blob files, then `sync`.
+fn cp_sync(blobs: &Path, work: &Path) -> Sample {
+    let dest = work.join("cp-floor");
+    let start = Instant::now();
+    let cp = Command::new("cp").arg("-r").arg(blobs).arg(&dest).status().unwrap();
+    assert!(cp.success());
+    assert!(Command::new("sync").status().unwrap().success());
+    let secs = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&dest).unwrap();
+    Sample { secs, rss_kib: 0 }
+}
+
 /// What existing preload loaders do: mount the partition, `ctr -n <ns>
 /// images import` every tarball in turn (no unpack, like `preseed load`
 /// without `--unpack`), into a fresh containerd; then again (warm).
@@ -602,6 +629,11 @@ fn bench() {
                         let keep = work.path().join("preseed.erofs");
                         std::fs::rename(&part, &keep).unwrap();
                         erofs_partition = keep;
+                        // The unique blobs as files, for the `cp` floor of place.
+                        let blobs = work.path().join("blobs");
+                        if !blobs.exists() {
+                            std::fs::rename(Path::new(&cache).join("blobs/sha256"), &blobs).unwrap();
+                        }
                     }
                     summaries.push(format!("{name}: cold {:.2}s, warm {:.2}s", c.secs, w.secs));
                 }
@@ -650,11 +682,19 @@ fn bench() {
                     let (c, w) = preseed_load(&erofs_partition, corpus.images.len(), &bin);
                     row.series[0].0.push(c);
                     row.series[1].0.push(w);
+                    let (p, l) = place_then_load(&erofs_partition, corpus.images.len(), &bin);
+                    row.series[4].0.push(Sample { secs: p.secs + l.secs, rss_kib: p.rss_kib.max(l.rss_kib) });
+                    let cp = cp_sync(&work.path().join("blobs"), work.path());
+                    row.series[5].0.push(cp);
                     eprintln!(
-                        "bench: containerd {version} round {} preseed load: cold {:.2}s, warm {:.2}s",
+                        "bench: containerd {version} round {} preseed load: cold {:.2}s, warm {:.2}s; place {:.2}s + \
+                         load {:.2}s; cp + sync {:.2}s",
                         round + 1,
                         c.secs,
-                        w.secs
+                        w.secs,
+                        p.secs,
+                        l.secs,
+                        cp.secs
                     );
                 } else {
                     let (c, w) = ctr_import_loop(&erofs_partition, &bin);
@@ -711,8 +751,9 @@ fn bench() {
 struct LoadRow {
     /// Its version.
     containerd: String,
-    /// preseed cold, preseed warm, ctr import cold, ctr import warm.
-    series: [Series; 4],
+    /// preseed cold, preseed warm, ctr import cold, ctr import warm,
+    /// place + load (cold), cp + sync of the unique blobs.
+    series: [Series; 6],
 }
 
 struct Report<'a> {
@@ -811,7 +852,7 @@ impl Report<'_> {
         let _ = writeln!(o, "| containerd | contender | cold (median) | runs | warm (median) | runs | peak RSS |");
         let _ = writeln!(o, "| --- | --- | ---: | --- | ---: | --- | ---: |");
         for row in self.loads {
-            let [lc, lw, ic, iw] = &row.series;
+            let [lc, lw, ic, iw, pl, cp] = &row.series;
             let v = &row.containerd;
             if self.loader {
                 let _ = writeln!(
@@ -838,6 +879,29 @@ impl Report<'_> {
                     "| {v} | ratio (ctr / preseed) | {:.2}× | | {:.1}× | | |",
                     ic.secs() / lc.secs(),
                     iw.secs() / lw.secs()
+                );
+            }
+            if self.loader {
+                let _ = writeln!(
+                    o,
+                    "| {v} | `preseed place` (containerd stopped) + `preseed load` | {:.2}s | {} | | | {:.0} MiB |",
+                    pl.secs(),
+                    pl.all(),
+                    pl.rss_mib()
+                );
+                let _ = writeln!(
+                    o,
+                    "| {v} | `cp -r` of the unique blobs + `sync` (floor) | {:.2}s | {} | | | |",
+                    cp.secs(),
+                    cp.all()
+                );
+                let _ = writeln!(
+                    o,
+                    "| {v} | place + load: × faster than streamed load / than the ctr loop; × the cp floor | {:.1}× / \
+                     {:.1}× ; {:.2}× | | | | |",
+                    lc.secs() / pl.secs(),
+                    ic.secs() / pl.secs(),
+                    pl.secs() / cp.secs()
                 );
             }
         }
@@ -874,7 +938,7 @@ impl Report<'_> {
             goal(&mut o, &format!("partition ({name}) ≤ 1.02 × unique blob bytes"), format!("{r:.4}"), Some(r <= 1.02));
         }
         for row in self.loads {
-            let [lc, lw, ic, iw] = &row.series;
+            let [lc, lw, ic, iw, pl, cp] = &row.series;
             let v = &row.containerd;
             if self.loader {
                 goal(

@@ -558,7 +558,7 @@ fn device_source_mounts_the_block_device() {
 
 #[test]
 fn content_writes_are_verified_and_not_repeated() {
-    use preseed::load::containerd::{BlobBytes, Client, WriteError};
+    use preseed::load::containerd::{BlobBytes, Client, WriteError, Wrote};
     use preseed::oci::{Descriptor, OCI_LAYER_GZIP};
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -569,13 +569,22 @@ fn content_writes_are_verified_and_not_repeated() {
         client.lease_create("t", "l", Duration::from_secs(600), &BTreeMap::new()).await.unwrap();
         let data: Arc<[u8]> = fixtures::noise(90, 3 << 20).into();
         let d = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&data), data.len() as u64);
-        let write = |r: &str, d: Descriptor, b: Arc<[u8]>| {
+        let write_in = |ns: &'static str, r: &str, d: Descriptor, b: Arc<[u8]>| {
             let client = client.clone();
             let r = r.to_string();
-            async move { client.write_blob("t", "l", r, &d, BlobBytes::Memory(b), &BTreeMap::new()).await }
+            let labels = BTreeMap::from([("x".to_string(), ns.to_string())]);
+            async move { client.write_blob(ns, "l", r, &d, BlobBytes::Memory(b), &labels).await }
         };
-        assert!(write("a", d.clone(), data.clone()).await.unwrap(), "first write writes");
-        assert!(!write("b", d.clone(), data.clone()).await.unwrap(), "second write finds it");
+        let write = |r: &str, d: Descriptor, b: Arc<[u8]>| write_in("t", r, d, b);
+        assert_eq!(write("a", d.clone(), data.clone()).await.unwrap(), Wrote::Streamed, "first write writes");
+        assert_eq!(write("b", d.clone(), data.clone()).await.unwrap(), Wrote::Present, "second write finds it");
+        // Another namespace: the file is in the local store (as after
+        // `preseed place`), so only the commit is sent; labels still land.
+        client.lease_create("t2", "l", Duration::from_secs(600), &BTreeMap::new()).await.unwrap();
+        let nothing: Arc<[u8]> = Vec::new().into();
+        assert_eq!(write_in("t2", "a", d.clone(), nothing).await.unwrap(), Wrote::Adopted, "adopted, no bytes read");
+        let labels = client.content_labels("t2", &d.digest).await.unwrap().expect("registered in t2");
+        assert_eq!(labels.get("x").map(String::as_str), Some("t2"));
         // Same size, wrong bytes: containerd refuses the commit.
         let mut wrong = data.to_vec();
         wrong[12345] ^= 1;
@@ -585,8 +594,9 @@ fn content_writes_are_verified_and_not_repeated() {
         // Empty blob.
         let empty: Arc<[u8]> = Vec::new().into();
         let d3 = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(&[]), 0);
-        assert!(write("d", d3, empty).await.unwrap());
+        assert_eq!(write("d", d3, empty).await.unwrap(), Wrote::Streamed);
         client.lease_delete("t", "l", true).await.unwrap();
+        client.lease_delete("t2", "l", true).await.unwrap();
     });
     assert!(!c.ctr_ok(&["-n", "t", "content", "ls", "-q"]).contains("sha256"), "lease gone, GC removed all");
 }

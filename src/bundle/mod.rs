@@ -327,6 +327,7 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
             platforms: img.resolved.platforms.iter().map(|p| p.to_string()).collect(),
             pin: e.pin,
             sandbox: e.sandbox,
+            boot: e.boot,
             size: file.len(),
             sha256,
         });

@@ -15,7 +15,6 @@ use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::{self, Code, Request, Status};
 use containerd_client::types as ctypes;
-use futures_util::StreamExt;
 use tonic::transport::Channel;
 
 use crate::digest::Digest;
@@ -180,8 +179,14 @@ impl Client {
     }
 
     /// Writes a blob with its expected digest and size (containerd verifies
-    /// both at commit) and the labels to give it. Returns `false` if
-    /// containerd already had it.
+    /// both on commit), labels set on commit, under `lease`.
+    ///
+    /// The session opens with a STAT: with containerd's default `shared`
+    /// content policy, a blob whose file is already in the local store (put
+    /// there by `preseed place`, or by another namespace) is reported at
+    /// full offset, and a bare COMMIT registers it without a byte sent. A
+    /// WRITE at offset 0 would instead make containerd copy the file aside
+    /// and take every byte again.
     pub async fn write_blob(
         &self,
         ns: &str,
@@ -190,79 +195,97 @@ impl Client {
         desc: &Descriptor,
         bytes: BlobBytes,
         labels: &BTreeMap<String, String>,
-    ) -> Result<bool, WriteError> {
+    ) -> Result<Wrote, WriteError> {
         let total = desc.size as i64;
         let expected = desc.digest.to_string();
         let labels: HashMap<String, String> = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        // Total and digest go on the STAT and the COMMIT only: containerd
+        // looks the digest up again on every message that carries it.
+        let message = |action: api::WriteAction, offset: u64, data: Vec<u8>, last: bool| {
+            let ends = last || action == api::WriteAction::Stat;
+            api::WriteContentRequest {
+                action: action as i32,
+                r#ref: reference.clone(),
+                total: if ends { total } else { 0 },
+                expected: if ends { expected.clone() } else { String::new() },
+                offset: offset as i64,
+                data,
+                labels: if last { labels.clone() } else { HashMap::new() },
+            }
+        };
+        // Requests go through a channel so the answer to the STAT decides
+        // what follows; two chunks of read-ahead at most.
+        let (tx, rx) = tokio::sync::mpsc::channel::<api::WriteContentRequest>(2);
+        let requests = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        tx.send(message(api::WriteAction::Stat, 0, Vec::new(), false)).await.expect("receiver is alive");
+        let session = async {
+            let mut responses = self.content().write(metadata(requests, ns, Some(lease))?).await?.into_inner();
+            let stat = responses.message().await?.ok_or_else(|| Status::internal("no answer to STAT"))?;
+            Ok::<_, Status>((stat.offset.max(0) as u64, responses))
+        };
+        let (offset, mut responses) = match session.await {
+            Ok(v) => v,
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(Wrote::Present),
+            Err(s) => return Err(WriteError::Grpc(s)),
+        };
+        let adopted = desc.size > 0 && offset == desc.size;
+        // From where the store is (0, or all of it for a placed blob), one
+        // message per chunk; the last one commits.
         let size = desc.size;
-        // One message per chunk (at least one: the commit); the stream reads
-        // ahead two chunks. It is dropped when the call ends, whatever the
-        // outcome, so nothing waits on an abandoned reader.
-        let mut chunks: Vec<(u64, usize)> =
-            (0..size).step_by(CHUNK).map(|o| (o, (size - o).min(CHUNK as u64) as usize)).collect();
-        if chunks.is_empty() {
-            chunks.push((0, 0));
-        }
-        let count = chunks.len();
-        let read_error: Arc<std::sync::Mutex<Option<std::io::Error>>> = Arc::default();
-        let slot = read_error.clone();
-        let stream = futures_util::stream::iter(chunks.into_iter().enumerate())
-            .map(move |(i, (offset, n))| {
+        let send = async move {
+            let mut chunks: Vec<(u64, usize)> =
+                (offset..size).step_by(CHUNK).map(|o| (o, (size - o).min(CHUNK as u64) as usize)).collect();
+            if chunks.is_empty() {
+                chunks.push((size, 0));
+            }
+            let count = chunks.len();
+            for (i, (at, n)) in chunks.into_iter().enumerate() {
                 let bytes = bytes.clone();
-                async move {
-                    let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-                        let mut data = vec![0u8; n];
-                        match &bytes {
-                            BlobBytes::File { file, offset: base } => file.read_exact_at(&mut data, base + offset)?,
-                            BlobBytes::Memory(m) => data.copy_from_slice(&m[offset as usize..offset as usize + n]),
-                        }
-                        Ok(data)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-                    (i, offset, data)
+                let data =
+                    if n == 0 { Vec::new() } else { Self::read_chunk(bytes, at, n).await.map_err(WriteError::Read)? };
+                let last = i + 1 == count;
+                let action = if last { api::WriteAction::Commit } else { api::WriteAction::Write };
+                if tx.send(message(action, at, data, last)).await.is_err() {
+                    // containerd ended the session; its answer says why.
+                    break;
                 }
-            })
-            .buffered(2)
-            .scan((), move |_, (i, offset, data)| {
-                let msg = match data {
-                    Err(e) => {
-                        // End without committing; containerd drops the ingest.
-                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                        None
-                    }
-                    Ok(data) => {
-                        let (first, last) = (i == 0, i + 1 == count);
-                        Some(api::WriteContentRequest {
-                            action: if last { api::WriteAction::Commit } else { api::WriteAction::Write } as i32,
-                            r#ref: reference.clone(),
-                            // Total and digest on the first message let
-                            // containerd refuse at once a blob it already has.
-                            total: if first || last { total } else { 0 },
-                            expected: if first || last { expected.clone() } else { String::new() },
-                            offset: offset as i64,
-                            data,
-                            labels: if last { labels.clone() } else { HashMap::new() },
-                        })
-                    }
-                };
-                std::future::ready(msg)
-            });
-        let result = async {
-            let req = metadata(stream, ns, Some(lease))?;
-            let mut responses = self.content().write(req).await?.into_inner();
+            }
+            Ok::<(), WriteError>(())
+        };
+        let receive = async {
             while responses.message().await?.is_some() {}
             Ok::<(), Status>(())
-        }
-        .await;
-        if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(WriteError::Read(e));
-        }
-        match result {
-            Err(s) if s.code() == Code::AlreadyExists => Ok(false),
+        };
+        // A read error ends the stream without a commit (the ingest goes
+        // with the lease); an error from containerd ends the sending.
+        tokio::pin!(send, receive);
+        let received = tokio::select! {
+            r = &mut receive => match r {
+                Err(s) => Err(s),
+                Ok(()) => { send.await?; Ok(()) }
+            },
+            sent = &mut send => { sent?; receive.await }
+        };
+        match received {
+            Err(s) if s.code() == Code::AlreadyExists => Ok(Wrote::Present),
             Err(s) => Err(WriteError::Grpc(s)),
-            Ok(()) => Ok(true),
+            Ok(()) if adopted => Ok(Wrote::Adopted),
+            Ok(()) => Ok(Wrote::Streamed),
         }
+    }
+
+    /// `n` bytes of a blob from offset `at`, read off the async threads.
+    async fn read_chunk(bytes: BlobBytes, at: u64, n: usize) -> std::io::Result<Vec<u8>> {
+        tokio::task::spawn_blocking(move || {
+            let mut data = vec![0u8; n];
+            match &bytes {
+                BlobBytes::File { file, offset: base } => file.read_exact_at(&mut data, base + at)?,
+                BlobBytes::Memory(m) => data.copy_from_slice(&m[at as usize..at as usize + n]),
+            }
+            Ok(data)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
     }
 
     /// containerd's version and revision (Version service).
@@ -426,6 +449,18 @@ impl Client {
         let resp = c.apply(metadata(req, ns, None)?).await?.into_inner();
         Ok(resp.applied.map(|d| d.digest).unwrap_or_default())
     }
+}
+
+/// What a blob write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wrote {
+    /// Its bytes were sent.
+    Streamed,
+    /// Its file was in containerd's local store already (placed): only
+    /// the commit was sent.
+    Adopted,
+    /// containerd had it in this namespace.
+    Present,
 }
 
 /// A blob write failed.

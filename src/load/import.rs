@@ -17,7 +17,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
 
 use super::archive::Archive;
-use super::containerd::{to_wire, BlobBytes, Client};
+use super::containerd::{to_wire, BlobBytes, Client, Wrote};
 use super::image::{self, ArchiveImage, BlobData};
 use super::report::{millis, ImageReport, Outcome};
 use super::source::SourceImage;
@@ -157,6 +157,8 @@ impl Context {
             error: Some(e.to_string()),
             blobs_written: 0,
             bytes_written: 0,
+            blobs_placed: 0,
+            bytes_placed: 0,
             unpacked: false,
             duration_ms: millis(start.elapsed()),
         };
@@ -213,6 +215,8 @@ impl Context {
                 error: result.err().map(|e| e.to_string()),
                 blobs_written: stats.blobs,
                 bytes_written: stats.bytes,
+                blobs_placed: stats.adopted,
+                bytes_placed: stats.adopted_bytes,
                 unpacked: stats.unpacked,
                 duration_ms: millis(started.elapsed()),
             });
@@ -271,21 +275,18 @@ impl Context {
                 .filter(|(b, p)| p.is_none() && !b.is_parent())
                 .map(|(b, _)| b.clone())
                 .collect();
-            let written: Vec<Option<u64>> = futures_util::stream::iter(leaves)
+            let written: Vec<(Wrote, u64)> = futures_util::stream::iter(leaves)
                 .map(|b| self.write(ns, &lease, archive, b))
                 .buffer_unordered(self.jobs)
                 .try_collect()
                 .await?;
-            for n in written.into_iter().flatten() {
-                stats.blobs += 1;
-                stats.bytes += n;
+            for (wrote, n) in written {
+                stats.add(wrote, n);
             }
             for (b, p) in ai.blobs.iter().zip(&present) {
                 if p.is_none() && b.is_parent() {
-                    if let Some(n) = self.write(ns, &lease, archive, b.clone()).await? {
-                        stats.blobs += 1;
-                        stats.bytes += n;
-                    }
+                    let (wrote, n) = self.write(ns, &lease, archive, b.clone()).await?;
+                    stats.add(wrote, n);
                 }
             }
             changed = true;
@@ -326,7 +327,7 @@ impl Context {
                 Record::Updated => changed = true,
             }
         }
-        Ok(if stats.blobs > 0 || created || retarget {
+        Ok(if stats.blobs > 0 || stats.adopted > 0 || created || retarget {
             Outcome::Imported
         } else if changed {
             Outcome::Updated
@@ -335,14 +336,14 @@ impl Context {
         })
     }
 
-    /// Writes one blob; `Some(bytes)` if written, `None` if containerd had it.
+    /// Writes one blob (or registers its placed file); says which, with its size.
     async fn write(
         &self,
         ns: &str,
         lease: &str,
         archive: &Archive,
         blob: image::Blob,
-    ) -> Result<Option<u64>, ImportError> {
+    ) -> Result<(Wrote, u64), ImportError> {
         let _permit = self.writes.acquire().await.expect("semaphore never closed");
         let d = &blob.descriptor;
         let bytes = match &blob.data {
@@ -358,12 +359,12 @@ impl Context {
         } else {
             "layer"
         };
-        let written = self
+        let wrote = self
             .client
             .write_blob(ns, lease, reference, d, bytes, &blob.labels)
             .await
             .map_err(|source| ImportError::Write { what, digest: d.digest.to_string(), source })?;
-        Ok(written.then_some(d.size))
+        Ok((wrote, d.size))
     }
 
     /// Creates or updates one image record: target, pin, source label.
@@ -435,7 +436,19 @@ enum Record {
 struct Stats {
     blobs: usize,
     bytes: u64,
+    adopted: usize,
+    adopted_bytes: u64,
     unpacked: bool,
+}
+
+impl Stats {
+    fn add(&mut self, wrote: Wrote, bytes: u64) {
+        match wrote {
+            Wrote::Streamed => (self.blobs, self.bytes) = (self.blobs + 1, self.bytes + bytes),
+            Wrote::Adopted => (self.adopted, self.adopted_bytes) = (self.adopted + 1, self.adopted_bytes + bytes),
+            Wrote::Present => {}
+        }
+    }
 }
 
 #[allow(dead_code)]

@@ -71,6 +71,7 @@ pub mod image;
 pub mod import;
 #[cfg(feature = "containerd")]
 pub mod lease;
+pub mod notify;
 
 #[cfg(feature = "containerd")]
 pub mod report;
@@ -120,6 +121,9 @@ pub struct LoadOptions {
     pub unpack: bool,
     /// Snapshotter to unpack into.
     pub snapshotter: String,
+    /// systemd's notification socket (`Type=notify`): READY once the boot
+    /// images are in, then progress while the rest are imported.
+    pub notify: Option<Arc<notify::Notifier>>,
 }
 
 #[cfg(feature = "containerd")]
@@ -133,6 +137,7 @@ impl LoadOptions {
             jobs: 4,
             unpack: false,
             snapshotter: "overlayfs".into(),
+            notify: None,
         }
     }
 }
@@ -188,16 +193,63 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
     };
     let ctx = Arc::new(import::Context::new(client.clone(), opts, source_id.clone()));
 
+    // Boot images first; then READY to systemd (kubelet may start); then
+    // the rest, fewer at a time so the node's first pods win. A partition
+    // that marks no image as boot (older ones, k3s/Monogon directories) is
+    // all boot: READY comes after everything, as a oneshot would.
+    let all_boot = !listing.images.iter().any(|i| i.boot);
+    let (boot, background): (Vec<_>, Vec<_>) = listing.images.iter().cloned().partition(|i| i.boot || all_boot);
     let jobs = opts.jobs.max(1);
-    let per_tarball: Vec<Vec<ImageReport>> = futures_util::stream::iter(listing.images.clone())
-        .map(|img| {
-            let ctx = ctx.clone();
-            async move { ctx.import_tarball(img).await }
-        })
-        .buffered(jobs)
-        .collect()
-        .await;
-    let images: Vec<ImageReport> = per_tarball.into_iter().flatten().collect();
+    let mut images = import_all(&ctx, boot, jobs).await;
+    let boot_count = images.len();
+    let boot_failed: Vec<String> = images.iter().filter(|i| i.outcome == Outcome::Failed).map(|i| i.label()).collect();
+    let mut ready_ms = None;
+    let mut skipped = false;
+    if let Some(n) = &opts.notify {
+        if boot_failed.is_empty() {
+            let state = format!(
+                "READY=1\nSTATUS={boot_count} boot images ready; importing {} more in the background",
+                background.len()
+            );
+            match n.send(&state) {
+                Ok(()) => ready_ms = Some(report::millis(start.elapsed())),
+                Err(e) => warnings.push(format!("could not tell systemd the boot images are ready ({n:?}): {e}")),
+            }
+        } else {
+            // No READY: kubelet must not start on a node without them. The
+            // rest waits for the next start rather than for a start timeout.
+            let _ = n.send(&format!("STATUS=boot images failed: {}", boot_failed.join(", ")));
+            errors.push(format!(
+                "boot image(s) failed, so systemd was not told the node is ready: {}; {} background image(s) not \
+                 imported",
+                boot_failed.join(", "),
+                background.len()
+            ));
+            skipped = true;
+        }
+    }
+    if !skipped {
+        let total = background.len();
+        let progress = opts.notify.clone();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let background_jobs = (jobs / 2).max(1);
+        let per_tarball: Vec<Vec<ImageReport>> = futures_util::stream::iter(background)
+            .map(|img| {
+                let (ctx, progress, done) = (ctx.clone(), progress.clone(), &done);
+                async move {
+                    let r = ctx.import_tarball(img).await;
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if let Some(p) = progress {
+                        let _ = p.send(&format!("STATUS=boot images ready; background images {n}/{total} done"));
+                    }
+                    r
+                }
+            })
+            .buffered(background_jobs)
+            .collect()
+            .await;
+        images.extend(per_tarball.into_iter().flatten());
+    }
 
     // Names still in the source keep their pin, failed or not.
     let keep: HashSet<(String, String)> =
@@ -205,7 +257,9 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
     // A tarball that failed before its names were known might hold any of
     // the pinned images: unpin nothing rather than the wrong thing.
     let unknown: Vec<&str> = images.iter().filter(|i| i.names.is_empty()).map(|i| i.tarball.as_str()).collect();
-    let unpinned = if !unknown.is_empty() {
+    let unpinned = if skipped {
+        Vec::new()
+    } else if !unknown.is_empty() {
         warnings.push(format!(
             "not unpinning anything: the names in {} are unknown (it failed to read)",
             unknown.join(", ")
@@ -226,7 +280,16 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
         ));
     }
     drop(opened);
+    if let Some(n) = &opts.notify {
+        let failed = images.iter().filter(|i| i.outcome == Outcome::Failed).count();
+        let _ = n.send(&format!(
+            "STATUS=finished: {} images, {failed} failed, {} other errors",
+            images.len(),
+            errors.len()
+        ));
+    }
     let bytes_written = images.iter().map(|i| i.bytes_written).sum();
+    let bytes_placed = images.iter().map(|i| i.bytes_placed).sum();
     Ok(LoadReport {
         source: source_id,
         containerd_version,
@@ -236,8 +299,25 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
         warnings,
         errors,
         bytes_written,
+        bytes_placed,
+        boot_images: boot_count,
+        ready_ms,
         duration_ms: report::millis(start.elapsed()),
     })
+}
+
+/// Imports `images`, `jobs` tarballs at a time, in order.
+#[cfg(feature = "containerd")]
+async fn import_all(ctx: &Arc<import::Context>, images: Vec<source::SourceImage>, jobs: usize) -> Vec<ImageReport> {
+    let per_tarball: Vec<Vec<ImageReport>> = futures_util::stream::iter(images)
+        .map(|img| {
+            let ctx = ctx.clone();
+            async move { ctx.import_tarball(img).await }
+        })
+        .buffered(jobs)
+        .collect()
+        .await;
+    per_tarball.into_iter().flatten().collect()
 }
 
 /// Removes the pinned label from images this loader pinned from `source`

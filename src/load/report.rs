@@ -51,10 +51,22 @@ pub struct ImageReport {
     pub blobs_written: usize,
     /// Bytes written to the content store.
     pub bytes_written: u64,
+    /// Blobs `preseed place` had put in containerd's store, registered in
+    /// this load without sending their bytes.
+    pub blobs_placed: usize,
+    /// Their bytes.
+    pub bytes_placed: u64,
     /// Whether layers were unpacked into the snapshotter in this load.
     pub unpacked: bool,
     /// Time spent on this image, in milliseconds.
     pub duration_ms: u64,
+}
+
+impl ImageReport {
+    /// The image's main name (or its tarball), with its namespace.
+    pub fn label(&self) -> String {
+        format!("{} [{}]", self.names.first().unwrap_or(&self.tarball), self.namespace)
+    }
 }
 
 /// An image this loader had pinned whose tarball is no longer in the source.
@@ -82,7 +94,7 @@ pub struct LoadReport {
     pub source: String,
     /// containerd's version, from its Version service.
     pub containerd_version: String,
-    /// Per image, in source order.
+    /// Per image: boot images first, then the rest, each in source order.
     pub images: Vec<ImageReport>,
     /// Images unpinned because their tarball is gone.
     pub unpinned: Vec<Unpinned>,
@@ -95,6 +107,15 @@ pub struct LoadReport {
     pub errors: Vec<String>,
     /// Total bytes written to the content store.
     pub bytes_written: u64,
+    /// Total bytes of placed blobs registered without sending them.
+    pub bytes_placed: u64,
+    /// Images imported before READY (boot images and sandbox images).
+    pub boot_images: usize,
+    /// When systemd was told the boot images are ready, in milliseconds
+    /// from the start; absent without `$NOTIFY_SOCKET` or when a boot image
+    /// failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
     /// Wall time, in milliseconds.
     pub duration_ms: u64,
 }
@@ -135,11 +156,16 @@ impl LoadReport {
                 Some(e) => writeln!(out, "{:<9} {name} [{}]: {e}", i.outcome.word(), i.namespace)?,
                 None => writeln!(
                     out,
-                    "{:<9} {name} [{}] ({} blobs, {}{}, {secs:.2}s)",
+                    "{:<9} {name} [{}] ({} blobs, {}{}{}, {secs:.2}s)",
                     i.outcome.word(),
                     i.namespace,
                     i.blobs_written,
                     human_bytes(i.bytes_written),
+                    if i.blobs_placed > 0 {
+                        format!(", {} placed blobs registered ({})", i.blobs_placed, human_bytes(i.bytes_placed))
+                    } else {
+                        String::new()
+                    },
                     if i.unpacked { ", unpacked" } else { "" },
                 )?,
             }
@@ -152,7 +178,7 @@ impl LoadReport {
         }
         writeln!(
             out,
-            "preseed load: {} images: {} imported, {} updated, {} already present, {} failed; {} written in {:.2}s \
+            "preseed load: {} images: {} imported, {} updated, {} already present, {} failed; {} written{} in {:.2}s{} \
              (containerd {})",
             self.images.len(),
             self.count(Outcome::Imported),
@@ -160,7 +186,12 @@ impl LoadReport {
             self.count(Outcome::AlreadyPresent),
             self.count(Outcome::Failed),
             human_bytes(self.bytes_written),
+            if self.bytes_placed > 0 { format!(", {} placed", human_bytes(self.bytes_placed)) } else { String::new() },
             self.duration_ms as f64 / 1000.0,
+            match self.ready_ms {
+                Some(ms) => format!(", ready after {:.2}s ({} boot images)", ms as f64 / 1000.0, self.boot_images),
+                None => String::new(),
+            },
             if self.containerd_version.is_empty() { "version unknown" } else { &self.containerd_version },
         )
     }
@@ -180,6 +211,8 @@ mod tests {
             error: error.map(str::to_string),
             blobs_written: 2,
             bytes_written: 2048,
+            blobs_placed: 0,
+            bytes_placed: 0,
             unpacked: false,
             duration_ms: 120,
         };
@@ -192,6 +225,9 @@ mod tests {
             warnings: vec![],
             errors: vec![],
             bytes_written: 2048,
+            bytes_placed: 0,
+            boot_images: 1,
+            ready_ms: Some(300),
             duration_ms: 1500,
         };
         assert!(r.failed());
@@ -202,7 +238,7 @@ mod tests {
         assert!(text.contains("FAILED    docker.io/library/x:1 [k8s.io]: digest mismatch"), "{text}");
         assert!(text.contains("unpinned  docker.io/library/old:1 [k8s.io]"), "{text}");
         assert!(text.contains("2 images: 1 imported, 0 updated, 0 already present, 1 failed"), "{text}");
-        assert!(text.contains("(containerd 2.1.9)"), "{text}");
+        assert!(text.contains("in 1.50s, ready after 0.30s (1 boot images) (containerd 2.1.9)"), "{text}");
         assert!(text.contains("removed   lease preseed-load-1 [k8s.io]"), "{text}");
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["images"][1]["outcome"], "failed");

@@ -70,6 +70,8 @@ pub struct SourceImage {
     pub size: Option<u64>,
     /// Whether to pin the image.
     pub pin: bool,
+    /// Imported before the loader tells systemd it is ready.
+    pub boot: bool,
 }
 
 /// What a source holds.
@@ -139,6 +141,7 @@ fn from_index(root: &Path, index_path: &Path, bytes: &[u8]) -> Result<Listing, S
             // The sandbox image is always pinned: kubelet GC removing it
             // would make the next pod start need a registry.
             pin: img.pin || img.sandbox,
+            boot: img.boot || img.sandbox,
         });
     }
     Ok(listing)
@@ -195,7 +198,17 @@ fn compat(root: &Path) -> Result<Listing, SourceError> {
 }
 
 fn compat_image(namespace: &str, path: PathBuf, rel: String) -> SourceImage {
-    SourceImage { namespace: namespace.to_string(), path, rel, names: Vec::new(), digest: None, size: None, pin: true }
+    // No index, no boot classes: everything is imported before READY.
+    SourceImage {
+        namespace: namespace.to_string(),
+        path,
+        rel,
+        names: Vec::new(),
+        digest: None,
+        size: None,
+        pin: true,
+        boot: true,
+    }
 }
 
 #[cfg(test)]

@@ -83,6 +83,9 @@ pub struct ImageEntry {
     pub pin: bool,
     /// The namespace's pod sandbox image.
     pub sandbox: bool,
+    /// Needed before kubelet starts: `preseed load` imports it before it
+    /// tells systemd it is ready (sandbox images always are).
+    pub boot: bool,
 }
 
 impl ImageEntry {
@@ -180,6 +183,7 @@ struct RawImage {
     names: Vec<Spanned<String>>,
     pin: Option<bool>,
     sandbox: Option<bool>,
+    boot: Option<bool>,
 }
 
 /// Maps byte offsets to 1-based line numbers.
@@ -372,6 +376,7 @@ impl BundleManifest {
                 names,
                 pin: raw_image.pin.unwrap_or(true),
                 sandbox,
+                boot: sandbox || raw_image.boot.unwrap_or(false),
             });
         }
         if !problems.is_empty() {

@@ -52,6 +52,10 @@ pub struct IndexedImage {
     pub pin: bool,
     /// Whether this is the namespace's pod sandbox image.
     pub sandbox: bool,
+    /// Whether the loader imports it before telling systemd it is ready
+    /// (`boot = true` in bundles.toml, and every sandbox image).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot: bool,
     /// Tarball size in bytes.
     pub size: u64,
     /// sha256 of the whole tarball.

@@ -62,6 +62,9 @@ pub fn render(index: &PartitionIndex) -> String {
         if i.sandbox {
             flags.push("sandbox");
         }
+        if i.boot {
+            flags.push("boot");
+        }
         let _ = writeln!(
             out,
             "  {:<32} {:<48} {:>10} {} [{}]",

@@ -184,6 +184,7 @@ pub struct Entry {
     pub names: Vec<String>,
     pub pin: bool,
     pub sandbox: bool,
+    pub boot: bool,
     pub image: Built,
 }
 
@@ -196,6 +197,7 @@ impl Entry {
             names: vec![],
             pin: true,
             sandbox: false,
+            boot: false,
             image,
         }
     }
@@ -238,6 +240,7 @@ pub fn bundle_tree(cache: &BlobCache, entries: &[Entry], dir: &Path) {
             platforms: vec![Platform::host().to_string()],
             pin: e.pin,
             sandbox: e.sandbox,
+            boot: e.boot,
             size,
             sha256: Digest::of(&bytes),
         });

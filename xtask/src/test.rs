@@ -31,6 +31,8 @@ const PACKAGES: &[(&str, &str)] = &[
 /// The tests that start a containerd: (test target, name filter).
 const CONTAINERD_SUITES: &[(&str, Option<&str>)] = &[
     ("load", None),
+    ("place", None),
+    ("boot", None),
     ("e2e", None),
     ("intree", Some("images_import_and_run_in_containerd")),
     ("bundle", Some("corpus_bundles_mounts_and_imports")),

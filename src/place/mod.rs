@@ -1,0 +1,371 @@
+//! `preseed place`: before containerd starts, copy every blob of the
+//! partition that containerd's local content store lacks straight into it
+//! (`<root>/io.containerd.content.v1.content/blobs/sha256/<hex>`), so that
+//! `preseed load` afterwards only registers them: with containerd's default
+//! `shared` content policy, a content write whose digest is already in the
+//! local store is committed without its bytes (see
+//! [`crate::load::containerd::Client::write_blob`]).
+//!
+//! Rules:
+//! * Every placed byte is hashed on the way (on all cores): a blob whose
+//!   bytes do not match its name is never placed, and is reported.
+//! * A blob appears under its name only complete and on disk: written to a
+//!   temp directory inside the content store, flushed with one `syncfs`,
+//!   renamed into place, and the directory fsynced.
+//! * Never while containerd runs on that root: containerd holds an
+//!   exclusive `flock` on its metadata database (`meta.db`, bbolt) for as
+//!   long as it runs; place takes the same lock without waiting, and holds
+//!   it while placing (a containerd starting meanwhile waits for it).
+//! * Placed blobs belong to nobody until a load registers them; a containerd
+//!   garbage collection that removes content also removes placed blobs no
+//!   image references, so nothing leaks.
+//! * Where a placed blob would not be used (a content store that is not the
+//!   local directory, the `isolated` sharing policy, an unreadable config),
+//!   nothing is placed and the report says why; load then streams.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::digest::{Digest, Hasher};
+use crate::human::human_bytes;
+use crate::load::archive::{Archive, Entry};
+use crate::load::source;
+use crate::partition::open::{self, Source};
+
+/// containerd's local content store, under its root.
+pub const CONTENT_DIR: &str = "io.containerd.content.v1.content";
+/// containerd's metadata database, under its root; containerd holds an
+/// exclusive flock on it while it runs.
+pub const META_DB: &str = "io.containerd.metadata.v1.bolt/meta.db";
+/// Where blobs are written before they are renamed into place (inside the
+/// content store, so the rename stays on one filesystem; containerd only
+/// looks at `blobs/` and `ingest/`).
+const TEMP_DIR: &str = "preseed-place.tmp";
+/// Read and hash in pieces of this size: memory stays bounded per core.
+const PIECE: usize = 1 << 20;
+
+/// What to place, and where.
+#[derive(Clone, Debug)]
+pub struct PlaceOptions {
+    /// The partition.
+    pub source: Source,
+    /// containerd's root; `None` reads it from `config`.
+    pub root: Option<PathBuf>,
+    /// containerd's configuration file.
+    pub config: PathBuf,
+}
+
+impl PlaceOptions {
+    /// Defaults: root from `/etc/containerd/config.toml`.
+    pub fn new(source: Source) -> Self {
+        PlaceOptions { source, root: None, config: PathBuf::from(config::DEFAULT_CONFIG) }
+    }
+}
+
+/// Why placing stopped (damaged blobs are in the report, not here).
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// The partition could not be opened.
+    #[error(transparent)]
+    Open(#[from] open::OpenError),
+    /// The partition's contents could not be listed.
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    /// containerd is running on the root.
+    #[error(
+        "containerd is running on {root} (it holds the lock on {db}): preseed place runs before containerd \
+         starts (ExecStartPre= of containerd.service); nothing placed, preseed load will stream the images"
+    )]
+    Running {
+        /// containerd's root.
+        root: PathBuf,
+        /// The locked database.
+        db: PathBuf,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PlaceError + '_ {
+    move |source| PlaceError::Io { path: path.to_path_buf(), source }
+}
+
+/// A blob in the partition whose bytes do not match its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Damaged {
+    /// Its name.
+    pub digest: String,
+    /// What its bytes hash to.
+    pub found: String,
+    /// The tarballs holding it (relative to the source root).
+    pub tarballs: Vec<String>,
+}
+
+/// What a place did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PlaceReport {
+    /// The source.
+    pub source: String,
+    /// containerd's root.
+    pub root: String,
+    /// Why nothing was placed, when placing would not help.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_placed: Option<String>,
+    /// Blobs copied into the store.
+    pub placed: usize,
+    /// Their bytes.
+    pub bytes_placed: u64,
+    /// Blobs the store had already.
+    pub present: usize,
+    /// Blobs not placed because their bytes are wrong.
+    pub damaged: Vec<Damaged>,
+    /// Things worth knowing.
+    pub warnings: Vec<String>,
+    /// Wall time, in milliseconds.
+    pub duration_ms: u64,
+}
+
+impl PlaceReport {
+    /// Whether the command should exit non-zero: the partition is damaged.
+    pub fn failed(&self) -> bool {
+        !self.damaged.is_empty()
+    }
+
+    /// Machine-readable report.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes")
+    }
+
+    /// Warnings, damaged blobs, then a summary line.
+    pub fn print_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        for w in &self.warnings {
+            writeln!(out, "warning: {w}")?;
+        }
+        for d in &self.damaged {
+            writeln!(
+                out,
+                "damaged   {} in {}: its bytes hash to {}; not placed (the partition is corrupt: rebuild or \
+                 re-write it)",
+                d.digest,
+                d.tarballs.join(", "),
+                d.found
+            )?;
+        }
+        let secs = self.duration_ms as f64 / 1000.0;
+        match &self.not_placed {
+            Some(why) => writeln!(out, "preseed place: nothing placed: {why}; preseed load will stream the images"),
+            None => writeln!(
+                out,
+                "preseed place: {} blobs placed ({}), {} already in {}, {} damaged in {secs:.2}s",
+                self.placed,
+                human_bytes(self.bytes_placed),
+                self.present,
+                self.root,
+                self.damaged.len()
+            ),
+        }
+    }
+}
+
+/// One blob to place: where its bytes are, and who holds it.
+struct Candidate {
+    digest: Digest,
+    archive: usize,
+    entry: Entry,
+    tarballs: Vec<String>,
+}
+
+/// Places the blobs of `opts.source` into containerd's content store.
+pub fn place(opts: &PlaceOptions) -> Result<PlaceReport, PlaceError> {
+    let start = Instant::now();
+    let mut report = PlaceReport::default();
+    let content = match config::read(&opts.config) {
+        Ok(c) => Some(c),
+        Err(e) if opts.root.is_some() => {
+            report.warnings.push(format!("{e} (using --root; content sharing policy unknown)"));
+            None
+        }
+        Err(e) => {
+            report.not_placed = Some(format!("containerd's root is unknown ({e}); give it with --root"));
+            return Ok(report);
+        }
+    };
+    let root = opts.root.clone().or_else(|| content.as_ref().map(|c| c.root.clone())).expect("one of them is set");
+    report.root = root.display().to_string();
+    if let Some(why) = content.and_then(|c| c.unusable) {
+        report.not_placed = Some(why);
+        return Ok(report);
+    }
+    let _lock = lock(&root)?;
+
+    let opened = open::open(&opts.source)?;
+    report.source = opened.id().to_string();
+    let listing = source::list(opened.root())?;
+    report.warnings.extend(listing.warnings.iter().cloned());
+
+    // Every blob of every tarball, once.
+    let mut archives = Vec::new();
+    let mut blobs: BTreeMap<Digest, Candidate> = BTreeMap::new();
+    for img in &listing.images {
+        let archive = match Archive::open(&img.path) {
+            Ok(a) => a,
+            Err(e) => {
+                report.warnings.push(format!("{}: not placed: {e}", img.rel));
+                continue;
+            }
+        };
+        for (name, entry) in archive.entries() {
+            let Some(digest) = name.strip_prefix("blobs/sha256/").and_then(|h| format!("sha256:{h}").parse().ok())
+            else {
+                continue;
+            };
+            let c = blobs.entry(digest).or_insert_with_key(|d| Candidate {
+                digest: d.clone(),
+                archive: archives.len(),
+                entry,
+                tarballs: Vec::new(),
+            });
+            c.tarballs.push(img.rel.clone());
+        }
+        archives.push(archive);
+    }
+
+    let store = root.join(CONTENT_DIR);
+    let target_dir = store.join("blobs/sha256");
+    make_dirs(&root, &target_dir)?;
+    let mut todo = Vec::new();
+    for c in blobs.into_values() {
+        match std::fs::symlink_metadata(target_dir.join(c.digest.hex())) {
+            Ok(m) if m.len() == c.entry.size => report.present += 1,
+            Ok(m) => report.warnings.push(format!(
+                "{} is in the store with {} bytes, not {}: left as it is (containerd will refuse it)",
+                c.digest,
+                m.len(),
+                c.entry.size
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => todo.push(c),
+            Err(e) => return Err(io_err(&target_dir.join(c.digest.hex()))(e)),
+        }
+    }
+
+    let temp = TempDir::create(store.join(TEMP_DIR))?;
+    let copied = crate::parallel::map(&todo, |c| copy(archives[c.archive].file(), c, &temp.0));
+    let mut good = Vec::new();
+    for (c, result) in todo.iter().zip(copied) {
+        match result? {
+            None => good.push(c),
+            Some(found) => report.damaged.push(Damaged {
+                digest: c.digest.to_string(),
+                found: found.to_string(),
+                tarballs: c.tarballs.clone(),
+            }),
+        }
+    }
+    // One flush for all the files, before any of them gets its name.
+    let dir = File::open(&temp.0).map_err(io_err(&temp.0))?;
+    // SAFETY: syncfs on a valid open descriptor.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io_err(&temp.0)(std::io::Error::last_os_error()));
+    }
+    for c in good {
+        let to = target_dir.join(c.digest.hex());
+        std::fs::rename(temp.0.join(c.digest.hex()), &to).map_err(io_err(&to))?;
+        report.placed += 1;
+        report.bytes_placed += c.entry.size;
+    }
+    File::open(&target_dir).and_then(|d| d.sync_all()).map_err(io_err(&target_dir))?;
+    drop(temp);
+    drop(opened);
+    report.duration_ms = crate::load::report::millis(start.elapsed());
+    Ok(report)
+}
+
+/// Takes containerd's own lock on its metadata database, without waiting.
+/// No database yet: no containerd has run on this root.
+fn lock(root: &Path) -> Result<Option<File>, PlaceError> {
+    let db = root.join(META_DB);
+    let file = match File::open(&db) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&db)(e)),
+    };
+    // SAFETY: flock on a valid open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(PlaceError::Running { root: root.to_path_buf(), db });
+        }
+        return Err(io_err(&db)(e));
+    }
+    Ok(Some(file))
+}
+
+/// Creates the store's directories as containerd would (root 0711, the
+/// rest 0755).
+fn make_dirs(root: &Path, blobs: &Path) -> Result<(), PlaceError> {
+    if !root.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(root).map_err(io_err(root))?;
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(blobs).map_err(io_err(blobs))
+}
+
+/// Copies one blob into `dir` under its hex name, hashing it on the way.
+/// `Some(actual digest)` if the bytes do not match (nothing is left).
+fn copy(file: &Arc<File>, c: &Candidate, dir: &Path) -> Result<Option<Digest>, PlaceError> {
+    let to = dir.join(c.digest.hex());
+    let mut out =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(&to).map_err(io_err(&to))?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; PIECE.min(c.entry.size as usize)];
+    let mut at = 0u64;
+    while at < c.entry.size {
+        let n = PIECE.min((c.entry.size - at) as usize);
+        file.read_exact_at(&mut buf[..n], c.entry.offset + at).map_err(io_err(&to))?;
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(io_err(&to))?;
+        at += n as u64;
+    }
+    let found = hasher.finish();
+    if found != c.digest {
+        drop(out);
+        std::fs::remove_file(&to).map_err(io_err(&to))?;
+        return Ok(Some(found));
+    }
+    Ok(None)
+}
+
+/// The temp directory, emptied and removed when dropped (also on failure).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create(path: PathBuf) -> Result<TempDir, PlaceError> {
+        // Left by a run that was killed: nothing in it was ever named.
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(io_err(&path))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
