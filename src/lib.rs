@@ -4,7 +4,8 @@
 //! Build side, in pipeline order: [`manifest`] (bundles.toml) → [`resolve`]
 //! (registries) → [`verify`] (signatures) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
 //! [`layout`] (per-image tarballs) → [`partition`] (erofs/squashfs), driven by
-//! [`bundle`]. Node side: [`load`] (partition → containerd).
+//! [`bundle`]. Node side: [`load`] (partition → containerd), [`serve`] (partition → a
+//! read-only registry).
 #![deny(missing_docs)]
 
 pub mod build;
@@ -13,14 +14,12 @@ pub mod digest;
 pub mod fetch;
 pub mod human;
 pub mod layout;
-#[cfg(feature = "containerd")]
 pub mod load;
 pub mod manifest;
 pub mod oci;
 pub mod parallel;
 pub mod partition;
-// Reads tarballs with the loader's archive code, so it comes with the `containerd` feature.
-#[cfg(feature = "containerd")]
 pub mod place;
 pub mod resolve;
+pub mod serve;
 pub mod verify;

@@ -31,7 +31,6 @@ struct SourceArgs {
     dir: Option<PathBuf>,
 }
 
-#[cfg(feature = "containerd")]
 impl SourceArgs {
     fn source(self) -> preseed::partition::open::Source {
         use preseed::partition::open::Source;
@@ -115,7 +114,6 @@ enum Command {
         verity: VerityArgs,
     },
     /// Copy the partition's blobs into containerd's content store before it starts.
-    #[cfg(feature = "containerd")]
     Place {
         #[command(flatten)]
         from: SourceArgs,
@@ -130,6 +128,14 @@ enum Command {
         json: bool,
         #[command(flatten)]
         verity: VerityArgs,
+    },
+    /// Serve a partition's images as a read-only OCI registry (a mirror for containerd, CRI-O, podman).
+    Serve {
+        #[command(flatten)]
+        from: SourceArgs,
+        /// Address to listen on (port 0: any free port, printed at start).
+        #[arg(long, default_value = preseed::serve::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
     },
     /// Show what a partition (image file, device, directory or preseed.json) holds.
     Inspect {
@@ -249,7 +255,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        #[cfg(feature = "containerd")]
         Command::Place { from, root, config, json, verity } => {
             let mut opts = preseed::place::PlaceOptions::new(from.source());
             opts.root = root;
@@ -264,6 +269,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if report.failed() {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Serve { from, listen } => {
+            let server = preseed::serve::Server::bind(&from.source(), listen).await?;
+            for w in &server.catalog().warnings {
+                eprintln!("preseed: warning: {w}");
+            }
+            println!(
+                "preseed: serving {} image(s) in {} repositories from {} on http://{}",
+                server.catalog().images,
+                server.catalog().repository_count(),
+                server.source_id(),
+                server.local_addr()
+            );
+            server.run(preseed::serve::shutdown_signal()).await;
         }
         Command::Inspect { partition, json, verity } => {
             let index = match verity.root_hash()? {

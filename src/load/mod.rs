@@ -21,6 +21,9 @@
 //! from images carrying that source label whose names it no longer has; the
 //! images themselves stay, for kubelet's GC to decide.
 //!
+//! The reading half ([`source`], [`archive`], [`image`]) is built without
+//! the `containerd` feature too: `serve` uses it.
+//!
 //! Works with containerd 1.6, 1.7 and 2.x: every record update sends the
 //! whole record (as read) with a field mask, as containerd's own clients do.
 //! containerd going away mid-load fails the load with a message that says so;
@@ -62,25 +65,36 @@
 
 pub mod archive;
 pub use crate::partition::mount;
+#[cfg(feature = "containerd")]
 pub mod containerd;
 pub mod image;
+#[cfg(feature = "containerd")]
 pub mod import;
+#[cfg(feature = "containerd")]
 pub mod lease;
 pub mod notify;
 
+#[cfg(feature = "containerd")]
 pub mod report;
 pub mod source;
+#[cfg(feature = "containerd")]
 pub mod unpack;
 
+#[cfg(feature = "containerd")]
 use std::collections::HashSet;
+#[cfg(feature = "containerd")]
 use std::path::PathBuf;
+#[cfg(feature = "containerd")]
 use std::sync::Arc;
+#[cfg(feature = "containerd")]
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "containerd")]
 use futures_util::StreamExt;
 
 pub use crate::partition::open::Source;
 pub use crate::partition::verity_open::RootHash;
+#[cfg(feature = "containerd")]
 pub use report::{ImageReport, LoadReport, Outcome, StaleLease, Unpinned};
 
 /// containerd's default socket.
@@ -94,6 +108,7 @@ pub const PINNED: &str = "pinned";
 pub const LABEL_SOURCE: &str = "dev.preseed.source";
 
 /// How to load.
+#[cfg(feature = "containerd")]
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Where the images come from.
@@ -115,6 +130,7 @@ pub struct LoadOptions {
     pub verity_root_hash: Option<RootHash>,
 }
 
+#[cfg(feature = "containerd")]
 impl LoadOptions {
     /// Defaults: containerd's standard socket, 60 s timeout, 4 jobs, no unpack, overlayfs.
     pub fn new(source: Source) -> Self {
@@ -132,6 +148,7 @@ impl LoadOptions {
 }
 
 /// A failure that stops the whole load (per-image failures are in the report).
+#[cfg(feature = "containerd")]
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The partition could not be opened.
@@ -154,11 +171,13 @@ pub enum LoadError {
 }
 
 /// Imports every image of `opts.source` into containerd at `opts.address`.
+#[cfg(feature = "containerd")]
 pub async fn load(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
     load_with(opts, Arc::new(mount::LinuxMount)).await
 }
 
 /// [`load`] with the given mount syscalls.
+#[cfg(feature = "containerd")]
 pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Result<LoadReport, LoadError> {
     let start = Instant::now();
     let open_opts = crate::partition::open::OpenOptions { verity_root_hash: opts.verity_root_hash };
@@ -308,6 +327,7 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
 }
 
 /// Imports `images`, `jobs` tarballs at a time, in order.
+#[cfg(feature = "containerd")]
 async fn import_all(ctx: &Arc<import::Context>, images: Vec<source::SourceImage>, jobs: usize) -> Vec<ImageReport> {
     let per_tarball: Vec<Vec<ImageReport>> = futures_util::stream::iter(images)
         .map(|img| {
@@ -322,6 +342,7 @@ async fn import_all(ctx: &Arc<import::Context>, images: Vec<source::SourceImage>
 
 /// Removes the pinned label from images this loader pinned from `source`
 /// whose names are not in `keep`, adding each to `out` as it is done.
+#[cfg(feature = "containerd")]
 async fn unpin_gone(
     client: &containerd::Client,
     source: &str,

@@ -296,7 +296,7 @@ pub fn place(opts: &PlaceOptions) -> Result<PlaceReport, PlaceError> {
     File::open(&target_dir).and_then(|d| d.sync_all()).map_err(io_err(&target_dir))?;
     drop(temp);
     drop(opened);
-    report.duration_ms = crate::load::report::millis(start.elapsed());
+    report.duration_ms = start.elapsed().as_millis().min(u64::MAX as u128) as u64;
     Ok(report)
 }
 

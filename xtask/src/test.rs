@@ -39,6 +39,7 @@ const CONTAINERD_SUITES: &[(&str, Option<&str>)] = &[
     ("e2e", None),
     ("intree", Some("images_import_and_run_in_containerd")),
     ("bundle", Some("corpus_bundles_mounts_and_imports")),
+    ("serve", Some("skopeo_and_containerd_pull_every_image_from_a_served_partition")),
 ];
 
 /// A containerd to run the node-side suites against.
