@@ -199,11 +199,10 @@ fn write_and_check(tree: &Tree, image: &Path) -> Option<erofs::Stats> {
     Some(stats)
 }
 
-#[test]
-fn edge_cases_mount_and_read_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let blobs = tmp.path().join("blobs");
-    fs::create_dir(&blobs).unwrap();
+/// A tree touching every corner of the chunk layout: inline files, holes,
+/// blobs at aligned and unaligned offsets, a blob ending a file, a blob twice
+/// in one file, shared chunks.
+fn edge_tree(blobs: &Path) -> Tree {
     let b1 = prng_bytes(1, 10_000);
     let b4k = prng_bytes(2, 4096);
     let mut tree = Tree::default();
@@ -212,8 +211,8 @@ fn edge_cases_mount_and_read_back() {
     tree.insert_file("zero-length", PlannedFile::default());
     tree.insert_file("one-byte", PlannedFile::from_bytes(&b"x"[..]));
     // Small enough to be inlined, read from a blob file.
-    tree.insert_file("small-from-blob", file(vec![inline(b"<"), blob(&blobs, &prng_bytes(8, 3000)), inline(b">")]));
-    tree.insert_file("exactly-one-block", file(vec![blob(&blobs, &b4k)]));
+    tree.insert_file("small-from-blob", file(vec![inline(b"<"), blob(blobs, &prng_bytes(8, 3000)), inline(b">")]));
+    tree.insert_file("exactly-one-block", file(vec![blob(blobs, &b4k)]));
     tree.insert_file("block-inline", PlannedFile::from_bytes(prng_bytes(3, 4096)));
     tree.insert_file("almost-block", PlannedFile::from_bytes(prng_bytes(4, 4095)));
     tree.insert_file("block-and-one", PlannedFile::from_bytes(prng_bytes(5, 4097)));
@@ -221,11 +220,24 @@ fn edge_cases_mount_and_read_back() {
     tree.insert_file("zeros-only", file(vec![Segment::Zeros(3 * 4096 + 17)]));
     tree.insert_file(
         "mixed",
-        file(vec![inline(b"head"), Segment::Zeros(4092), blob(&blobs, &b1), inline(b"tail"), Segment::Zeros(5)]),
+        file(vec![inline(b"head"), Segment::Zeros(4092), blob(blobs, &b1), inline(b"tail"), Segment::Zeros(5)]),
     );
     // The same blob at a 4096-aligned offset in two files: shared chunks.
-    tree.insert_file("shared-1", file(vec![inline(&[1; 4096]), blob(&blobs, &b1)]));
-    tree.insert_file("shared-2", file(vec![inline(&[2; 4096]), blob(&blobs, &b1), inline(b"!")]));
+    tree.insert_file("shared-1", file(vec![inline(&[1; 4096]), blob(blobs, &b1)]));
+    tree.insert_file("shared-2", file(vec![inline(&[2; 4096]), blob(blobs, &b1), inline(b"!")]));
+    // Unaligned (first at 100, again right after itself), then twice aligned
+    // in one file: only aligned copies share blocks.
+    tree.insert_file("unaligned", file(vec![inline(&[7; 100]), blob(blobs, &b1), blob(blobs, &b1)]));
+    tree.insert_file(
+        "twice-aligned",
+        file(vec![
+            inline(&[3; 4096]),
+            blob(blobs, &prng_bytes(6, 3 * 4096 + 5)),
+            Segment::Zeros(4091),
+            blob(blobs, &prng_bytes(6, 3 * 4096 + 5)),
+            inline(b"end"),
+        ]),
+    );
     // Names sorting before "." and "..".
     tree.insert_file("+plus", PlannedFile::from_bytes(&b"+"[..]));
     tree.insert_file("-dash", PlannedFile::from_bytes(&b"-"[..]));
@@ -239,8 +251,28 @@ fn edge_cases_mount_and_read_back() {
     }
     // Many namespaces.
     for ns in 0..60 {
-        tree.insert_file(&format!("ns-{ns:02}/app.tar"), file(vec![inline(b"hdr"), blob(&blobs, &b1)]));
+        tree.insert_file(&format!("ns-{ns:02}/app.tar"), file(vec![inline(b"hdr"), blob(blobs, &b1)]));
     }
+    tree
+}
+
+/// Pinned: a change to this digest is a change of the on-disk output.
+const EDGE_TREE_SHA256: &str = "8afc3dd1c9a2ecde8c4d1d4e469654cedb7dc78ac554bf7a4ca831e6889954d8";
+
+#[test]
+fn edge_tree_gives_pinned_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("edge.erofs");
+    erofs::write(&edge_tree(tmp.path()), &image).unwrap();
+    assert_eq!(sha256_file(&image), EDGE_TREE_SHA256);
+}
+
+#[test]
+fn edge_cases_mount_and_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    fs::create_dir(&blobs).unwrap();
+    let tree = edge_tree(&blobs);
     let image = tmp.path().join("out/preseed.erofs");
     fs::create_dir(tmp.path().join("out")).unwrap();
     let Some(stats) = write_and_check(&tree, &image) else { return };
@@ -518,4 +550,26 @@ fn short_blob_is_an_error_and_leaves_nothing_behind() {
     let err = erofs::write(&tree, &out.join("p.erofs")).unwrap_err();
     assert!(matches!(err, erofs::Error::ShortBlob { .. }), "{err}");
     assert_eq!(fs::read_dir(&out).unwrap().count(), 0);
+}
+
+/// Issue 16: the writer's memory does not grow with the data. 3 GB of
+/// synthetic blobs (5 GB of tarballs) written to /dev/null in a child
+/// process. Before whole-blob chunk runs it grew about 30 MiB per GB
+/// (42 MiB at 1 GB, 309 MiB at 10 GB).
+#[test]
+fn memory_stays_flat_at_gigabytes() {
+    let small = support::synthetic::run_child("synthetic_child", 300_000_000);
+    let large = support::synthetic::run_child("synthetic_child", 3_000_000_000);
+    eprintln!("peak RSS: {} KiB at 0.3 GB, {} KiB at 3 GB", small.peak_rss_kib, large.peak_rss_kib);
+    assert!(large.image_bytes > 3_000_000_000, "{large:?}");
+    assert!(large.peak_rss_kib < 64 * 1024, "{large:?}");
+    // Flat, not merely small: ten times the data, at most 4 MiB more.
+    assert!(large.peak_rss_kib < small.peak_rss_kib + 4 * 1024, "{small:?} vs {large:?}");
+}
+
+/// The child process of the synthetic-corpus tests (see `support::synthetic`).
+#[test]
+#[ignore = "started by memory tests in a child process"]
+fn synthetic_child() {
+    support::synthetic::child_main();
 }

@@ -8,6 +8,7 @@ pub mod cri;
 pub mod images;
 pub mod mount;
 pub mod registry;
+pub mod synthetic;
 
 use std::path::PathBuf;
 

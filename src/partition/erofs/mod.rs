@@ -4,17 +4,21 @@
 //! Regular files use the chunk-based layout (kernel 5.15+): after the inode
 //! comes a block map with one 4-byte block address per 4 KiB chunk, so chunks
 //! of different files may point at the same block. Chunks are recognised as
-//! identical by what the bundler planned, not by reading them: a chunk lying
-//! inside one blob is keyed by (blob digest, offset, length); any other chunk
-//! (tar headers, a blob's tail with the next header) by a hash of its piece
-//! list, where inline bytes are hashed and blob pieces are named by digest and
+//! identical by what the bundler planned, not by reading them: a blob that
+//! starts on a 4096-aligned file offset (every blob in a planned tarball)
+//! has its whole chunks placed once, at consecutive blocks found from its
+//! digest alone; any other chunk (tar headers with a blob's tail, a blob's
+//! unaligned copy) is keyed by its blob range or a hash of its piece list,
+//! where inline bytes are hashed and blob pieces are named by digest and
 //! range. All-zero chunks become holes. Blob data is never re-hashed.
 //!
-//! Two passes: the first lays out inodes, directories and block maps and
-//! assigns every data block; the second writes the metadata area and then
-//! streams the data blocks in ascending order straight from the blob cache
-//! (`copy_file_range` where the kernel allows). Memory is bounded by the
-//! metadata (about 4 bytes per 4 KiB of file data), never by file contents.
+//! The chunk walk ([`Assigner`]) is deterministic, so instead of keeping
+//! block maps it runs three times over the same files: to count blocks and
+//! hash the chunk keys, to stream the metadata area (inodes, block maps), and
+//! to stream the data blocks in ascending order straight from the blob cache
+//! (`copy_file_range` where the kernel allows). Memory is one entry per blob
+//! and per chunk that straddles a tar header, never per 4 KiB of data, and
+//! never file contents.
 //!
 //! Output is deterministic: inodes in depth-first name order, build time 0,
 //! a UUID derived from the metadata and the chunk keys. The image is written
@@ -105,17 +109,24 @@ const VOLUME_NAME: &[u8] = b"preseed";
 
 /// Writes `tree` as an erofs image at `out`.
 pub fn write(tree: &Tree, out: &Path) -> Result<Stats, Error> {
-    let mut plan = Plan::new(tree)?;
-    plan.assign_data()?;
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     let tmp = tempfile::Builder::new().prefix(".preseed-erofs-").tempfile_in(dir).map_err(io_err(dir))?;
-    plan.write_image(tmp.as_file(), out)?;
+    let stats = write_to(tree, tmp.as_file(), out)?;
     tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err(out))?;
     tmp.as_file().sync_all().map_err(io_err(out))?;
     tmp.persist(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e.error })?;
+    Ok(stats)
+}
+
+/// Writes `tree` as an erofs image into the empty `file` (`name` is for
+/// messages). [`write`] uses it; so do benchmarks that write to `/dev/null`.
+pub fn write_to(tree: &Tree, file: &File, name: &Path) -> Result<Stats, Error> {
+    let mut plan = Plan::new(tree)?;
+    plan.assign_data()?;
+    plan.write_image(file, name)?;
     Ok(plan.stats)
 }
 
@@ -138,8 +149,9 @@ enum Layout {
     Plain { blkaddr: u32, blocks: u64 },
     /// `full` blocks from `blkaddr`, then `tail` bytes right after the inode.
     Inline { blkaddr: u32, full: u64, tail: u64 },
-    /// One block address (or hole) per chunk, stored after the inode.
-    Chunked { map: Vec<u32> },
+    /// One block address (or hole) per chunk, stored after the inode; the
+    /// addresses come from the [`Assigner`] walk, not from memory.
+    Chunked,
 }
 
 struct Inode<'a> {
@@ -166,7 +178,8 @@ impl Inode<'_> {
     }
 }
 
-/// What makes a chunk's content: equal keys mean equal bytes.
+/// What makes a chunk's content: equal keys mean equal bytes. Whole chunks of
+/// aligned blobs have no key of their own (see [`Assigner`]).
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum ChunkKey {
     /// `len` bytes at `offset` of one blob (interned digest number).
@@ -219,9 +232,8 @@ impl<'a> Plan<'a> {
                 extra = tail;
                 Layout::Inline { blkaddr: 0, full, tail }
             } else if let Body::File(_) = inode.body {
-                let chunks = inode.size.div_ceil(CHUNK);
-                extra = chunks * 4;
-                Layout::Chunked { map: Vec::with_capacity(chunks as usize) }
+                extra = inode.size.div_ceil(CHUNK) * 4;
+                Layout::Chunked
             } else {
                 extra = 0;
                 Layout::Plain { blkaddr: 0, blocks: inode.size.div_ceil(BLOCK) }
@@ -240,90 +252,90 @@ impl<'a> Plan<'a> {
         Ok(Plan { inodes, data_start, blocks: data_start, content: Sha256::new(), stats })
     }
 
-    /// First pass, part two: data blocks for directories and distinct chunks,
-    /// in inode order (the order the second pass writes them).
+    /// First pass, part two: data blocks for directories (kept) and distinct
+    /// chunks (counted and hashed for the UUID), in inode order, the order
+    /// the second pass writes them.
     fn assign_data(&mut self) -> Result<(), Error> {
-        let mut next = self.data_start;
-        let mut seen: HashMap<ChunkKey, u32> = HashMap::new();
-        let mut blobs: HashMap<&'a Digest, u32> = HashMap::new();
+        let mut at = Assigner::new(self.data_start);
+        let (content, stats) = (&mut self.content, &mut self.stats);
         for inode in &mut self.inodes {
             match (&mut inode.layout, &inode.body) {
-                (Layout::Plain { blkaddr, blocks }, _) if *blocks > 0 => {
-                    *blkaddr = block_addr(next)?;
-                    next += *blocks;
-                }
-                (Layout::Inline { blkaddr, full, .. }, _) if *full > 0 => {
-                    *blkaddr = block_addr(next)?;
-                    next += *full;
-                }
-                (Layout::Chunked { map }, Body::File(file)) => {
-                    let pieces = Pieces::new(file);
-                    for start in (0..inode.size).step_by(CHUNK as usize) {
-                        let end = (start + CHUNK).min(inode.size);
-                        let Some(key) = chunk_key(&pieces, start, end, &mut blobs) else {
-                            self.content.update(b"H");
-                            self.stats.hole_chunks += 1;
-                            map.push(NULL_ADDR);
-                            continue;
-                        };
-                        match &key {
-                            ChunkKey::Blob { blob, offset, len } => {
-                                self.content.update(b"B");
-                                self.content.update(blob.to_le_bytes());
-                                self.content.update(offset.to_le_bytes());
-                                self.content.update(len.to_le_bytes());
+                (Layout::Plain { blkaddr, blocks }, _) if *blocks > 0 => *blkaddr = at.reserve(*blocks)?,
+                (Layout::Inline { blkaddr, full, .. }, _) if *full > 0 => *blkaddr = at.reserve(*full)?,
+                (Layout::Chunked, Body::File(file)) => at.file(file, |_, chunk| {
+                    match chunk {
+                        Chunk::Run { number, count, new, .. } => {
+                            for k in 0..count {
+                                content.update(b"B");
+                                content.update(number.to_le_bytes());
+                                content.update((k * CHUNK).to_le_bytes());
+                                content.update(CHUNK.to_le_bytes());
                             }
-                            ChunkKey::Mixed(hash) => {
-                                self.content.update(b"M");
-                                self.content.update(hash);
+                            if new {
+                                stats.data_blocks += count;
+                            } else {
+                                stats.chunks_deduplicated += count;
                             }
                         }
-                        let addr = match seen.get(&key) {
-                            Some(&addr) => {
-                                self.stats.chunks_deduplicated += 1;
-                                addr
+                        Chunk::One { key: None, .. } => {
+                            content.update(b"H");
+                            stats.hole_chunks += 1;
+                        }
+                        Chunk::One { key: Some(key), new, .. } => {
+                            match key {
+                                ChunkKey::Blob { blob, offset, len } => {
+                                    content.update(b"B");
+                                    content.update(blob.to_le_bytes());
+                                    content.update(offset.to_le_bytes());
+                                    content.update(len.to_le_bytes());
+                                }
+                                ChunkKey::Mixed(hash) => {
+                                    content.update(b"M");
+                                    content.update(hash);
+                                }
                             }
-                            None => {
-                                let addr = block_addr(next)?;
-                                next += 1;
-                                self.stats.data_blocks += 1;
-                                seen.insert(key, addr);
-                                addr
+                            if new {
+                                stats.data_blocks += 1;
+                            } else {
+                                stats.chunks_deduplicated += 1;
                             }
-                        };
-                        map.push(addr);
+                        }
                     }
-                }
+                    Ok(())
+                })?,
                 _ => {}
             }
         }
         // Blob numbers are interned in first-use order, so they are stable;
         // name the blobs themselves in the content hash too.
-        let mut named: Vec<(&u32, &&Digest)> = blobs.iter().map(|(d, n)| (n, d)).collect();
+        let mut named: Vec<(u32, &Digest)> = at.blobs.iter().map(|(d, p)| (p.number, *d)).collect();
         named.sort();
         for (_, digest) in named {
             self.content.update(digest.hex().as_bytes());
         }
-        self.blocks = next;
-        block_addr(next)?;
+        self.blocks = at.next;
+        block_addr(at.next)?;
         Ok(())
     }
 
-    /// The metadata area: superblock, inodes, inline tails, block maps.
-    fn metadata(&self) -> Result<Vec<u8>, Error> {
-        let mut meta = vec![0u8; (self.data_start * BLOCK) as usize];
+    /// Second pass, part one: the metadata area (superblock, inodes, inline
+    /// tails, block maps), streamed. The UUID hashes the area with the
+    /// superblock still zero, so block 0 is kept aside and written last.
+    fn write_metadata(&self, sink: &mut Sink<'_, '_>, file: &File) -> Result<(), Error> {
+        let mut meta = MetaSink { sink, hash: self.content.clone(), first: vec![0u8; BLOCK as usize] };
+        let mut at = Assigner::new(self.data_start);
         for (ino, inode) in self.inodes.iter().enumerate() {
             let (layout, i_u) = match &inode.layout {
                 Layout::Plain { blkaddr, .. } => (DataLayout::FlatPlain, *blkaddr),
                 Layout::Inline { blkaddr, .. } => (DataLayout::FlatInline, *blkaddr),
-                Layout::Chunked { .. } => (DataLayout::ChunkBased, u32::from(chunk_format(0))),
+                Layout::Chunked => (DataLayout::ChunkBased, u32::from(chunk_format(0))),
             };
             let mode = match inode.body {
                 Body::Dir(_) => S_IFDIR | 0o755,
                 Body::File(_) => S_IFREG | 0o644,
             };
-            let at = inode.offset as usize;
-            let end = if inode.extended {
+            meta.pad_to(inode.offset)?;
+            if inode.extended {
                 let raw = InodeExtended {
                     i_format: i_format(true, layout),
                     i_mode: mode,
@@ -334,8 +346,7 @@ impl<'a> Plan<'a> {
                     ..Default::default()
                 }
                 .encode();
-                meta[at..at + raw.len()].copy_from_slice(&raw);
-                at + raw.len()
+                meta.write(&raw)?;
             } else {
                 let raw = InodeCompact {
                     i_format: i_format(false, layout),
@@ -347,32 +358,41 @@ impl<'a> Plan<'a> {
                     ..Default::default()
                 }
                 .encode();
-                meta[at..at + raw.len()].copy_from_slice(&raw);
-                at + raw.len()
-            };
-            match &inode.layout {
-                Layout::Inline { full, tail, .. } => {
-                    let tail_bytes = self.data_of(inode, *full * BLOCK, *tail)?;
-                    meta[end..end + tail_bytes.len()].copy_from_slice(&tail_bytes);
+                meta.write(&raw)?;
+            }
+            match (&inode.layout, &inode.body) {
+                (Layout::Plain { blocks, .. }, _) if *blocks > 0 => {
+                    at.reserve(*blocks)?;
                 }
-                Layout::Chunked { map } => {
-                    for (i, addr) in map.iter().enumerate() {
-                        meta[end + 4 * i..end + 4 * i + 4].copy_from_slice(&addr.to_le_bytes());
+                (Layout::Inline { full, tail, .. }, _) => {
+                    if *full > 0 {
+                        at.reserve(*full)?;
                     }
+                    meta.write(&self.data_of(inode, *full * BLOCK, *tail)?)?;
                 }
-                Layout::Plain { .. } => {}
+                (Layout::Chunked, Body::File(file)) => at.file(file, |_, chunk| match chunk {
+                    Chunk::Run { addr, count, .. } => {
+                        for k in 0..count as u32 {
+                            meta.write(&(addr + k).to_le_bytes())?;
+                        }
+                        Ok(())
+                    }
+                    Chunk::One { addr, .. } => meta.write(&addr.to_le_bytes()),
+                })?,
+                _ => {}
             }
         }
-        let mut uuid_hash = self.content.clone();
-        uuid_hash.update(&meta);
+        meta.pad_to(self.data_start * BLOCK)?;
+        debug_assert_eq!(at.next, self.blocks, "same walk, same blocks");
+        let MetaSink { sink, hash, mut first } = meta;
         let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(&uuid_hash.finalize()[..16]);
+        uuid.copy_from_slice(&hash.finalize()[..16]);
         // RFC 9562 version 8 (custom), variant 0b10.
         uuid[6] = (uuid[6] & 0x0F) | 0x80;
         uuid[8] = (uuid[8] & 0x3F) | 0x80;
         let mut volume_name = [0u8; 16];
         volume_name[..VOLUME_NAME.len()].copy_from_slice(VOLUME_NAME);
-        let chunked = self.inodes.iter().any(|i| matches!(i.layout, Layout::Chunked { .. }));
+        let chunked = self.inodes.iter().any(|i| matches!(i.layout, Layout::Chunked));
         let sb = SuperBlock {
             magic: SUPER_MAGIC,
             feature_compat: FEATURE_COMPAT_SB_CHKSUM,
@@ -386,11 +406,15 @@ impl<'a> Plan<'a> {
             ..Default::default()
         }
         .encode();
-        meta[SUPER_OFFSET as usize..SUPER_OFFSET as usize + sb.len()].copy_from_slice(&sb);
+        first[SUPER_OFFSET as usize..SUPER_OFFSET as usize + sb.len()].copy_from_slice(&sb);
         // Last: the checksum covers the rest of block 0 (the first inodes).
-        let checksum = superblock_checksum(&meta[..BLOCK as usize]);
-        meta[SUPER_OFFSET as usize + 4..SUPER_OFFSET as usize + 8].copy_from_slice(&checksum.to_le_bytes());
-        Ok(meta)
+        let checksum = superblock_checksum(&first);
+        first[SUPER_OFFSET as usize + 4..SUPER_OFFSET as usize + 8].copy_from_slice(&checksum.to_le_bytes());
+        // Block 0 went out as zeros for the superblock; overwrite it in place
+        // once the buffer has reached the file.
+        sink.w.flush().map_err(io_err(sink.path))?;
+        file.write_all_at(&first, 0).map_err(io_err(sink.path))?;
+        Ok(())
     }
 
     /// `len` bytes at `offset` of a directory or small (inlined) file.
@@ -419,21 +443,27 @@ impl<'a> Plan<'a> {
 
     /// Second pass: metadata, then every data block in ascending order.
     fn write_image(&mut self, file: &File, out: &Path) -> Result<(), Error> {
-        let meta = self.metadata()?;
         let mut sink = Sink { w: BufWriter::with_capacity(1 << 20, file), pos: 0, path: out };
-        sink.write(&meta)?;
+        self.write_metadata(&mut sink, file)?;
+        let mut at = Assigner::new(self.data_start);
+        let mut block = vec![0u8; CHUNK as usize];
         for inode in &self.inodes {
             match (&inode.layout, &inode.body) {
                 (Layout::Plain { blkaddr, blocks }, Body::Dir(entries)) if *blocks > 0 => {
+                    at.reserve(*blocks)?;
                     sink.expect_block(*blkaddr);
                     sink.write(&dir_bytes(entries, &self.inodes))?;
                     sink.pad_to_block()?;
                 }
                 (Layout::Inline { blkaddr, full, .. }, Body::Dir(entries)) if *full > 0 => {
+                    at.reserve(*full)?;
                     sink.expect_block(*blkaddr);
                     sink.write(&dir_bytes(entries, &self.inodes)[..(*full * BLOCK) as usize])?;
                 }
-                (Layout::Chunked { map }, Body::File(file)) => write_chunks(&mut sink, file, inode.size, map)?,
+                (Layout::Inline { full, .. }, Body::File(_)) => debug_assert_eq!(*full, 0),
+                (Layout::Chunked, Body::File(file)) => {
+                    at.file(file, |pieces, chunk| write_chunk(&mut sink, pieces, chunk, &mut block))?
+                }
                 (Layout::Plain { blocks, .. }, Body::File(_)) => debug_assert_eq!(*blocks, 0),
                 _ => {}
             }
@@ -443,6 +473,102 @@ impl<'a> Plan<'a> {
         self.stats.image_bytes = sink.pos;
         Ok(())
     }
+}
+
+/// Where each chunk goes, decided in image order. Equal chunks get the block
+/// of their first occurrence; a fresh walk over the same files gives the
+/// same addresses, which is what lets the writer keep no block maps.
+struct Assigner<'a> {
+    /// Next unassigned block.
+    next: u64,
+    blobs: HashMap<&'a Digest, BlobPlace>,
+    /// Chunks that are not whole chunks of an aligned blob.
+    others: HashMap<ChunkKey, u32>,
+}
+
+struct BlobPlace {
+    /// Interned in first-use order (named in [`ChunkKey::Blob`] and the UUID).
+    number: u32,
+    /// First block of the blob's whole chunks, once an aligned copy is placed.
+    first: Option<u32>,
+}
+
+/// One step of the walk over a file's chunks.
+enum Chunk<'a> {
+    /// The `count` whole chunks of a blob that starts on a chunk boundary:
+    /// blocks `addr..addr + count`, written by this copy if `new`.
+    Run { path: &'a Path, number: u32, count: u64, addr: u32, new: bool },
+    /// Chunk `start..end`: a hole (no key), or block `addr`.
+    One { start: u64, end: u64, key: Option<ChunkKey>, addr: u32, new: bool },
+}
+
+impl<'a> Assigner<'a> {
+    fn new(data_start: u64) -> Self {
+        Assigner { next: data_start, blobs: HashMap::new(), others: HashMap::new() }
+    }
+
+    /// `blocks` fresh blocks (directories, inlined files' full blocks).
+    fn reserve(&mut self, blocks: u64) -> Result<u32, Error> {
+        let addr = block_addr(self.next)?;
+        self.next += blocks;
+        Ok(addr)
+    }
+
+    /// Walks `file` chunk by chunk (a whole aligned blob at once).
+    fn file(
+        &mut self,
+        file: &'a PlannedFile,
+        mut each: impl FnMut(&Pieces<'a>, Chunk<'a>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let pieces = Pieces::new(file);
+        let size = file.len();
+        let mut start = 0;
+        while start < size {
+            let i = pieces.ends.partition_point(|&e| e <= start);
+            if let Some(Segment::Blob { digest, size: blob_size, path }) = pieces.segments.get(i) {
+                let count = blob_size / CHUNK;
+                if pieces.ends[i] - blob_size == start && count > 0 {
+                    let number = intern(&mut self.blobs, digest).number;
+                    let place = self.blobs.get_mut(digest).expect("interned");
+                    let (addr, new) = match place.first {
+                        Some(addr) => (addr, false),
+                        None => {
+                            let addr = block_addr(self.next)?;
+                            self.next += count;
+                            block_addr(self.next - 1)?;
+                            place.first = Some(addr);
+                            (addr, true)
+                        }
+                    };
+                    each(&pieces, Chunk::Run { path, number, count, addr, new })?;
+                    start += count * CHUNK;
+                    continue;
+                }
+            }
+            let end = (start + CHUNK).min(size);
+            let key = chunk_key(&pieces, start, end, &mut self.blobs);
+            let (addr, new) = match &key {
+                None => (NULL_ADDR, false),
+                Some(key) => match self.others.get(key) {
+                    Some(&addr) => (addr, false),
+                    None => {
+                        let addr = self.reserve(1)?;
+                        self.others.insert(key.clone(), addr);
+                        (addr, true)
+                    }
+                },
+            };
+            each(&pieces, Chunk::One { start, end, key, addr, new })?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// The blob's place, interning it (next number) on first use.
+fn intern<'a, 'm>(blobs: &'m mut HashMap<&'a Digest, BlobPlace>, digest: &'a Digest) -> &'m mut BlobPlace {
+    let number = blobs.len() as u32;
+    blobs.entry(digest).or_insert(BlobPlace { number, first: None })
 }
 
 fn block_addr(block: u64) -> Result<u32, Error> {
@@ -585,7 +711,12 @@ impl<'a> Pieces<'a> {
 }
 
 /// The key of chunk `start..end`, or `None` if it is all zeros.
-fn chunk_key<'a>(pieces: &Pieces<'a>, start: u64, end: u64, blobs: &mut HashMap<&'a Digest, u32>) -> Option<ChunkKey> {
+fn chunk_key<'a>(
+    pieces: &Pieces<'a>,
+    start: u64,
+    end: u64,
+    blobs: &mut HashMap<&'a Digest, BlobPlace>,
+) -> Option<ChunkKey> {
     let mut zero = true;
     for (i, off, len) in pieces.of(start, end) {
         zero &= match &pieces.segments[i] {
@@ -599,8 +730,7 @@ fn chunk_key<'a>(pieces: &Pieces<'a>, start: u64, end: u64, blobs: &mut HashMap<
     }
     if let Some((i, offset)) = pieces.single_blob(start, end) {
         let Segment::Blob { digest, .. } = &pieces.segments[i] else { unreachable!("single_blob checks") };
-        let next = blobs.len() as u32;
-        let blob = *blobs.entry(digest).or_insert(next);
+        let blob = intern(blobs, digest).number;
         return Some(ChunkKey::Blob { blob, offset, len: end - start });
     }
     Some(ChunkKey::Mixed(piece_list_hash(pieces, start, end)))
@@ -633,57 +763,70 @@ fn piece_list_hash(pieces: &Pieces<'_>, start: u64, end: u64) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Writes the chunks of `file` that own their block (first occurrences):
-/// block addresses were assigned in this same order, so a chunk is new
-/// exactly when its address is the sink's next block.
-fn write_chunks(sink: &mut Sink<'_, '_>, file: &PlannedFile, size: u64, map: &[u32]) -> Result<(), Error> {
-    let pieces = Pieces::new(file);
-    let chunk_range = |i: usize| (i as u64 * CHUNK, ((i as u64 + 1) * CHUNK).min(size));
-    let mut i = 0;
-    while i < map.len() {
-        if u64::from(map[i]) != sink.block() || map[i] == NULL_ADDR {
-            i += 1;
-            continue;
+/// Writes a chunk (or run) that owns its block, i.e. its first occurrence;
+/// the rest are already written.
+fn write_chunk(sink: &mut Sink<'_, '_>, pieces: &Pieces<'_>, chunk: Chunk<'_>, block: &mut [u8]) -> Result<(), Error> {
+    match chunk {
+        Chunk::Run { path, count, addr, new: true, .. } => {
+            sink.expect_block(addr);
+            sink.copy_blob(path, 0, count * CHUNK)
         }
-        let (start, end) = chunk_range(i);
-        if let Some((seg, offset)) = pieces.single_blob(start, end) {
-            // A run of new chunks inside the same blob: one copy.
-            let mut j = i + 1;
-            while j < map.len()
-                && u64::from(map[j]) == u64::from(map[i]) + (j - i) as u64
-                && pieces.single_blob(chunk_range(j).0, chunk_range(j).1).map(|(s, _)| s) == Some(seg)
-            {
-                j += 1;
-            }
-            let Segment::Blob { path, .. } = &pieces.segments[seg] else { unreachable!("single_blob checks") };
-            sink.copy_blob(path, offset, chunk_range(j - 1).1 - start)?;
-            sink.pad_to_block()?;
-            i = j;
-            continue;
-        }
-        let mut block = vec![0u8; CHUNK as usize];
-        let mut at = 0usize;
-        for (s, off, len) in pieces.of(start, end) {
-            let dst = &mut block[at..at + len as usize];
-            match &pieces.segments[s] {
-                Segment::Inline(bytes) => dst.copy_from_slice(&bytes[off as usize..(off + len) as usize]),
-                Segment::Zeros(_) => {}
-                Segment::Blob { path, .. } => {
-                    let f = File::open(path).map_err(io_err(path))?;
-                    f.read_exact_at(dst, off).map_err(|e| match e.kind() {
-                        io::ErrorKind::UnexpectedEof => {
-                            Error::ShortBlob { path: path.clone(), offset: off, wanted: len }
-                        }
-                        _ => Error::Io { path: path.clone(), source: e },
-                    })?;
+        Chunk::One { start, end, key: Some(_), addr, new: true } => {
+            sink.expect_block(addr);
+            block.fill(0);
+            let mut at = 0usize;
+            for (s, off, len) in pieces.of(start, end) {
+                let dst = &mut block[at..at + len as usize];
+                match &pieces.segments[s] {
+                    Segment::Inline(bytes) => dst.copy_from_slice(&bytes[off as usize..(off + len) as usize]),
+                    Segment::Zeros(_) => {}
+                    Segment::Blob { path, .. } => {
+                        let f = File::open(path).map_err(io_err(path))?;
+                        f.read_exact_at(dst, off).map_err(|e| match e.kind() {
+                            io::ErrorKind::UnexpectedEof => {
+                                Error::ShortBlob { path: path.clone(), offset: off, wanted: len }
+                            }
+                            _ => Error::Io { path: path.clone(), source: e },
+                        })?;
+                    }
                 }
+                at += len as usize;
             }
-            at += len as usize;
+            sink.write(block)
         }
-        sink.write(&block)?;
-        i += 1;
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// The metadata area on its way out: hashed for the UUID, block 0 kept aside
+/// for the superblock.
+struct MetaSink<'s, 'f, 'p> {
+    sink: &'s mut Sink<'f, 'p>,
+    hash: Sha256,
+    first: Vec<u8>,
+}
+
+impl MetaSink<'_, '_, '_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let pos = self.sink.pos as usize;
+        if pos < self.first.len() {
+            let n = bytes.len().min(self.first.len() - pos);
+            self.first[pos..pos + n].copy_from_slice(&bytes[..n]);
+        }
+        self.hash.update(bytes);
+        self.sink.write(bytes)
+    }
+
+    /// Zeros up to byte `offset` of the image.
+    fn pad_to(&mut self, offset: u64) -> Result<(), Error> {
+        debug_assert!(offset >= self.sink.pos, "metadata written in offset order");
+        const ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
+        while self.sink.pos < offset {
+            let n = (offset - self.sink.pos).min(BLOCK) as usize;
+            self.write(&ZEROS[..n])?;
+        }
+        Ok(())
+    }
 }
 
 /// The image file, written strictly front to back.
