@@ -15,16 +15,10 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use fixtures::Entry;
-use preseed::fetch::cache::BlobCache;
+use fixtures::{Entry, World};
 use support::containerd::Containerd;
 
-struct World {
-    _tmp: tempfile::TempDir,
-    cache: BlobCache,
-    root: PathBuf,
-}
-
+/// A world whose test images run (`gcc -static` works), or `None` (skipped).
 fn world() -> Option<World> {
     support::require_tool("gcc")?;
     if fixtures::static_binary().is_none() {
@@ -32,10 +26,7 @@ fn world() -> Option<World> {
         eprintln!("SKIPPED: gcc -static does not work here");
         return None;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
-    let root = tmp.path().to_path_buf();
-    Some(World { _tmp: tmp, cache, root })
+    Some(fixtures::world())
 }
 
 /// A sandbox image and a `boot = true` app (small), and two background

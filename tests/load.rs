@@ -9,8 +9,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fixtures::Entry;
-use preseed::fetch::cache::BlobCache;
+use fixtures::{world, Entry, World};
 use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
 use support::containerd::Containerd;
 
@@ -106,19 +105,6 @@ fn names(c: &Containerd, ns: &str) -> Vec<String> {
 
 fn labels_of(c: &Containerd, ns: &str, name: &str) -> String {
     images(c, ns).into_iter().find(|(n, _)| n == name).map(|(_, l)| l).unwrap_or_default()
-}
-
-struct World {
-    _tmp: tempfile::TempDir,
-    cache: BlobCache,
-    root: PathBuf,
-}
-
-fn world() -> World {
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
-    let root = tmp.path().to_path_buf();
-    World { _tmp: tmp, cache, root }
 }
 
 /// Three images: hello (two-platform index, extra name), pause (sandbox) in

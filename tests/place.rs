@@ -13,19 +13,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fixtures::Entry;
+use fixtures::{Entry, World};
 use preseed::digest::Digest;
-use preseed::fetch::cache::BlobCache;
 use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
 use preseed::place::{self, PlaceError, PlaceOptions, PlaceReport};
 use support::containerd::{Containerd, ContainerdOptions};
 
-struct World {
-    _tmp: tempfile::TempDir,
-    cache: BlobCache,
-    root: PathBuf,
-}
-
+/// A world whose test images run (`gcc -static` works), or `None` (skipped).
 fn world() -> Option<World> {
     support::require_tool("gcc")?;
     if fixtures::static_binary().is_none() {
@@ -33,10 +27,7 @@ fn world() -> Option<World> {
         eprintln!("SKIPPED: gcc -static does not work here");
         return None;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
-    let root = tmp.path().to_path_buf();
-    Some(World { _tmp: tmp, cache, root })
+    Some(fixtures::world())
 }
 
 /// Place with the root learnt from the test containerd's own config file.

@@ -22,8 +22,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fixtures::Entry;
-use preseed::fetch::cache::BlobCache;
+use fixtures::{world, Entry, World};
 use preseed::load::{self, LoadOptions, LoadReport, Outcome, RootHash, Source};
 use support::containerd::Containerd;
 
@@ -77,19 +76,6 @@ fn device_mapper() -> bool {
         if loadable { "" } else { " and cannot load it" }
     );
     false
-}
-
-struct World {
-    _tmp: tempfile::TempDir,
-    cache: BlobCache,
-    root: PathBuf,
-}
-
-fn world() -> World {
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
-    let root = tmp.path().to_path_buf();
-    World { _tmp: tmp, cache, root }
 }
 
 /// hello and pause in k8s.io; `big` (its own random layers) in `default`.

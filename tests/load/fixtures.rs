@@ -15,6 +15,20 @@ use preseed::layout::{plan_tarball, TarballSpec};
 use preseed::oci::{self, Descriptor, Platform};
 use preseed::partition::index::{BuildInfo, IndexedImage, PartitionIndex, INDEX_FILE, INDEX_VERSION};
 
+/// A temp dir with a blob cache for test images; removed when dropped.
+pub struct World {
+    _tmp: tempfile::TempDir,
+    pub cache: BlobCache,
+    pub root: PathBuf,
+}
+
+pub fn world() -> World {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
+    let root = tmp.path().to_path_buf();
+    World { _tmp: tmp, cache, root }
+}
+
 /// What `hello` prints.
 pub const HELLO_LINE: &str = "hello from a preseeded image";
 
