@@ -15,15 +15,8 @@ use support::containerd::Containerd;
 
 /// Everything a partition test needs, or `None` (skipped) without it.
 fn prerequisites(format: &str) -> Option<Containerd> {
-    support::require_tool("gcc")?;
     support::require_tool(if format == "erofs" { "mkfs.erofs" } else { "mksquashfs" })?;
-    fixtures::static_binary().or_else(|| {
-        if support::in_ci() {
-            panic!("gcc -static failed (libc6-dev static libc missing?)");
-        }
-        eprintln!("SKIPPED: gcc -static does not work here");
-        None
-    })?;
+    fixtures::require_static_binary()?;
     Containerd::start()
 }
 

@@ -31,17 +31,10 @@ use support::containerd::Containerd;
 static DM: Mutex<()> = Mutex::new(());
 
 fn prerequisites(format: &str) -> Option<Containerd> {
-    support::require_tool("gcc")?;
     support::require_tool("veritysetup")?;
     support::require_tool("losetup")?;
     support::require_tool(if format == "erofs" { "mkfs.erofs" } else { "mksquashfs" })?;
-    fixtures::static_binary().or_else(|| {
-        if support::in_ci() {
-            panic!("gcc -static failed (libc6-dev static libc missing?)");
-        }
-        eprintln!("SKIPPED: gcc -static does not work here");
-        None
-    })?;
+    fixtures::require_static_binary()?;
     Containerd::start()
 }
 

@@ -50,6 +50,18 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// The static binary, or `None` (the test is skipped) without gcc or a
+/// static libc; in CI that is a failure.
+pub fn require_static_binary() -> Option<&'static [u8]> {
+    crate::support::require_tool("gcc")?;
+    let bin = static_binary();
+    if bin.is_none() {
+        assert!(!crate::support::in_ci(), "gcc -static failed (libc6-dev static libc missing?)");
+        eprintln!("SKIPPED: gcc -static does not work here");
+    }
+    bin
+}
+
 /// The static binary (built once per test process), or `None` without gcc.
 pub fn static_binary() -> Option<&'static [u8]> {
     static BIN: OnceLock<Option<Vec<u8>>> = OnceLock::new();
