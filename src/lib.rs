@@ -10,6 +10,7 @@
 
 pub mod build;
 pub mod bundle;
+pub mod cli;
 pub mod digest;
 pub mod fetch;
 pub mod human;

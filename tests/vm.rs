@@ -1,18 +1,18 @@
 //! The node side as it really runs: a Debian VM under qemu (TCG), systemd,
-//! sid's containerd 2.x with bookworm's runc, the README's
-//! `preseed-load.service` (read from README.md at test time, used verbatim)
+//! sid's containerd 2.x with bookworm's runc, the shipped
+//! `dist/systemd/preseed-load.service` (what the .deb installs, used verbatim)
 //! opening `/dev/disk/by-partlabel/preseed` on a second virtio disk, no
 //! network device at all, and a stand-in for kubelet (`tests/vm/kubelet.service`
 //! running `examples/cri_smoke.rs`, ordered after the load only by the
-//! README unit's `Before=`/`RequiredBy=kubelet.service`) that starts the first
+//! shipped unit's `Before=`/`RequiredBy=kubelet.service`) that starts the first
 //! pod through the CRI and prints what it saw on the serial console as
 //! `PRESEED-VM: …` lines. When the load fails, kubelet never starts; a
 //! drop-in's `OnFailure=` starts `tests/vm/preseed-vm-report.service`, which
 //! reports the same way.
 //!
 //! Both partitions are bundled with `--verity`, and each boot passes its
-//! root hash on the kernel command line (`preseed.roothash=`): the README's
-//! verity drop-in (also read from README.md) makes the unit open the
+//! root hash on the kernel command line (`preseed.roothash=`): the shipped
+//! verity drop-in (`dist/systemd/preseed-load.service.d/verity.conf`) makes the unit open the
 //! partition through dm-verity (cryptsetup-bin's `veritysetup`, the cloud
 //! kernel's dm-verity module).
 //!
@@ -148,28 +148,11 @@ fn target_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("binary under target/<profile>/").to_path_buf()
 }
 
-/// The README's unit for the node, verbatim: the ```ini block that starts
-/// with `# /etc/systemd/system/preseed-load.service`.
-fn readme_unit() -> String {
-    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let start = readme
-        .find("```ini\n# /etc/systemd/system/preseed-load.service\n")
-        .expect("README.md has the ```ini block of preseed-load.service");
-    let body = &readme[start + "```ini\n".len()..];
-    let end = body.find("```").expect("the unit's block ends");
-    body[..end].to_string()
-}
-
-/// The README's dm-verity drop-in for that unit, verbatim.
-fn readme_verity_drop_in() -> String {
-    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let header = "# /etc/systemd/system/preseed-load.service.d/verity.conf\n";
-    let start = readme.find(header).expect("README.md has the verity drop-in of preseed-load.service");
-    let body = &readme[start..];
-    let end = body.find("```").expect("the drop-in's block ends");
-    // Its lines are indented like the list item the block is in.
-    let indent = readme[..start].rsplit('\n').next().unwrap_or("").to_string();
-    body[..end].lines().map(|l| l.strip_prefix(indent.as_str()).unwrap_or(l).to_string() + "\n").collect()
+/// A unit or drop-in as shipped (`dist/systemd/`, what the .deb installs
+/// and the node docs show), verbatim.
+fn shipped_unit(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/systemd").join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Enables a unit the way `systemctl enable` does: a symlink per
@@ -321,7 +304,7 @@ fn root_disk(base: &Path, work: &Path, cri_smoke: &Path) -> PathBuf {
     install_binary(Path::new(env!("CARGO_BIN_EXE_preseed")), &stage.join("usr/bin/preseed"));
     install_binary(cri_smoke, &stage.join("usr/local/bin/cri_smoke"));
     let units = stage.join("etc/systemd/system");
-    let load_unit = readme_unit();
+    let load_unit = shipped_unit("preseed-load.service");
     fs::write(units.join("preseed-load.service"), &load_unit).unwrap();
     enable(&stage, "preseed-load.service", &load_unit);
     fs::write(units.join(KUBELET_UNIT_NAME), KUBELET_UNIT).unwrap();
@@ -329,7 +312,8 @@ fn root_disk(base: &Path, work: &Path, cri_smoke: &Path) -> PathBuf {
     fs::write(units.join(REPORT_UNIT_NAME), REPORT_UNIT).unwrap();
     fs::create_dir_all(units.join("preseed-load.service.d")).unwrap();
     fs::write(units.join("preseed-load.service.d/vm-test.conf"), LOAD_DROP_IN).unwrap();
-    fs::write(units.join("preseed-load.service.d/verity.conf"), readme_verity_drop_in()).unwrap();
+    fs::write(units.join("preseed-load.service.d/verity.conf"), shipped_unit("preseed-load.service.d/verity.conf"))
+        .unwrap();
     let disk = work.join("root.ext4");
     run("mkfs.ext4", Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&stage).arg(&disk).arg("4G"));
     disk

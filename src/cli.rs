@@ -1,0 +1,178 @@
+//! The `preseed` command line, as definitions only: `src/main.rs` parses
+//! it and calls the library; `examples/manpages.rs` renders man pages and
+//! shell completions from it (`cargo xtask dist`). Nothing here does work.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::partition::Format;
+
+/// The `preseed` command line.
+#[derive(Parser)]
+#[command(name = "preseed", version, long_about = None, about = "Preload pinned container images into containerd from a boot partition")]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the node side reads the partition from (exactly one).
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct SourceArgs {
+    /// A partition image file (loop-mounted read-only).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// A block device holding the partition (mounted read-only).
+    #[arg(long)]
+    pub device: Option<PathBuf>,
+    /// A directory: a mounted partition, or a Monogon/k3s preload directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// The source these flags name.
+    pub fn source(self) -> crate::partition::open::Source {
+        use crate::partition::open::Source;
+        match (self.image, self.device, self.dir) {
+            (Some(p), _, _) => Source::Image(p),
+            (_, Some(p), _) => Source::Device(p),
+            (_, _, Some(p)) => Source::Dir(p),
+            _ => unreachable!("clap requires one of --image, --device, --dir"),
+        }
+    }
+}
+
+/// The subcommands; each field's doc is its `--help` text (flattened
+/// groups document themselves).
+#[allow(missing_docs)]
+#[derive(Subcommand)]
+pub enum Command {
+    /// Pull, verify and pack every image of bundles.toml into a partition image.
+    Bundle {
+        /// The manifest.
+        #[arg(long, default_value = "bundles.toml")]
+        manifest: PathBuf,
+        /// Output directory.
+        #[arg(long, default_value = "target/preseed")]
+        out: PathBuf,
+        /// Partition format (overrides bundles.toml).
+        #[arg(long)]
+        format: Option<Format>,
+        /// Append a dm-verity hash tree (also `[partition] verity = true`).
+        #[arg(long)]
+        verity: bool,
+        /// Blob cache directory [default: <out>/../preseed-cache].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Build from the cache alone; fail naming any missing blob.
+        #[arg(long)]
+        offline: bool,
+        /// Accept remote images without a digest.
+        #[arg(long)]
+        allow_unpinned: bool,
+        /// Concurrent downloads.
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        /// Plain log lines even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+        /// Cargo workspace holding the packages of `build` entries [default: the manifest's directory].
+        #[arg(long)]
+        workspace: Option<PathBuf>,
+    },
+    /// Resolve tags to digests and write them into bundles.toml in place.
+    Pin {
+        /// The manifest.
+        #[arg(long, default_value = "bundles.toml")]
+        manifest: PathBuf,
+        /// Re-resolve tags of references that already have a digest.
+        #[arg(long)]
+        update: bool,
+    },
+    /// Import a partition's images into containerd (the node side, at boot).
+    #[cfg(feature = "containerd")]
+    Load {
+        #[command(flatten)]
+        from: SourceArgs,
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = crate::load::DEFAULT_ADDRESS)]
+        address: PathBuf,
+        /// Seconds to wait for containerd's socket.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Blob writes in flight at once.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Also unpack layers into the snapshotter, so the first start does not.
+        #[arg(long)]
+        unpack: bool,
+        /// Snapshotter for --unpack.
+        #[arg(long, default_value = "overlayfs")]
+        snapshotter: String,
+        /// Machine-readable report on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        verity: VerityArgs,
+    },
+    /// Copy the partition's blobs into containerd's content store before it starts.
+    Place {
+        #[command(flatten)]
+        from: SourceArgs,
+        /// containerd's root directory [default: `root` in --config, else /var/lib/containerd].
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// containerd's configuration file.
+        #[arg(long, default_value = crate::place::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Machine-readable report on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        verity: VerityArgs,
+    },
+    /// Serve a partition's images as a read-only OCI registry (a mirror for containerd, CRI-O, podman).
+    Serve {
+        #[command(flatten)]
+        from: SourceArgs,
+        /// Address to listen on (port 0: any free port, printed at start).
+        #[arg(long, default_value = crate::serve::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+    },
+    /// Show what a partition (image file, device, directory or preseed.json) holds.
+    Inspect {
+        /// Partition image or directory.
+        partition: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        verity: VerityArgs,
+    },
+}
+
+/// `--verity-root-hash HEX | --verity-root-hash-file F` (load, place, inspect).
+#[derive(clap::Args)]
+pub struct VerityArgs {
+    /// Open the partition through dm-verity with this root hash (hex, as in preseed.roothash).
+    #[arg(long, value_name = "HEX", conflicts_with = "verity_root_hash_file")]
+    pub verity_root_hash: Option<crate::partition::verity_open::RootHash>,
+    /// The same, read from a file: the hash alone, or a kernel command line
+    /// with `preseed.roothash=HEX` (e.g. /proc/cmdline).
+    #[arg(long, value_name = "FILE")]
+    pub verity_root_hash_file: Option<PathBuf>,
+}
+
+impl VerityArgs {
+    /// The root hash given, read from its file if need be.
+    pub fn root_hash(&self) -> anyhow::Result<Option<crate::partition::verity_open::RootHash>> {
+        Ok(match (&self.verity_root_hash, &self.verity_root_hash_file) {
+            (Some(h), _) => Some(*h),
+            (None, Some(f)) => Some(crate::partition::verity_open::RootHash::from_file(f)?),
+            (None, None) => None,
+        })
+    }
+}
