@@ -20,7 +20,7 @@ pub use crate::human::human_bytes;
 use crate::layout::{self, TarballSpec};
 use crate::manifest::{BundleManifest, ImageEntry, ImageSource, ManifestError, Strictness};
 use crate::oci::Descriptor;
-use crate::partition::index::{BuildInfo, IndexedImage, PartitionIndex, INDEX_FILE, INDEX_VERSION};
+use crate::partition::index::{BuildInfo, IndexedBlob, IndexedImage, PartitionIndex, INDEX_FILE, INDEX_VERSION};
 use crate::partition::tree::{PlannedFile, Tree};
 use crate::partition::{erofs, squashfs, Format};
 use crate::resolve::auth::DockerConfig;
@@ -338,6 +338,7 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
             size: file.len(),
             sha256,
             signed_by,
+            blobs: spec.blobs.iter().map(|b| IndexedBlob { digest: b.digest.clone(), size: b.size }).collect(),
         });
         tree.insert_file(&e.tarball_path(), file);
     }

@@ -64,6 +64,21 @@ pub struct IndexedImage {
     /// (images under a `[verify]` policy only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_by: Option<SignedBy>,
+    /// Every blob under the tarball's `blobs/sha256/` (index, manifests,
+    /// configs, layers), in tarball order: what `preseed diff` compares
+    /// without opening tarballs. Empty in indexes written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<IndexedBlob>,
+}
+
+/// One blob of an image's tarball.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexedBlob {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// Which key verified an image's signature at bundle time (defined here,

@@ -270,6 +270,7 @@ pub fn bundle_tree(cache: &BlobCache, entries: &[Entry], dir: &Path) {
             size,
             sha256: Digest::of(&bytes),
             signed_by: None,
+            blobs: Vec::new(),
         });
     }
     let index = PartitionIndex {
