@@ -142,6 +142,17 @@ pub enum Command {
         #[arg(long, default_value = crate::serve::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
     },
+    /// What a node must newly import moving from partition OLD to NEW (added, removed, changed, retagged images; new bytes).
+    Diff {
+        /// The partition nodes have now: an image file or device (mounted read-only: needs root),
+        /// a directory (a mounted partition, or a bundle output directory) or a preseed.json.
+        old: PathBuf,
+        /// The partition they move to (the same kinds).
+        new: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what a partition (image file, device, directory or preseed.json) holds.
     Inspect {
         /// Partition image or directory.

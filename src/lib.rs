@@ -5,12 +5,13 @@
 //! (registries) → [`verify`] (signatures) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
 //! [`layout`] (per-image tarballs) → [`partition`] (erofs/squashfs), driven by
 //! [`bundle`]. Node side: [`load`] (partition → containerd), [`serve`] (partition → a
-//! read-only registry).
+//! read-only registry); [`diff`] compares two partitions (what a node must newly import).
 #![deny(missing_docs)]
 
 pub mod build;
 pub mod bundle;
 pub mod cli;
+pub mod diff;
 pub mod digest;
 pub mod fetch;
 pub mod human;

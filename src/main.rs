@@ -121,6 +121,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             server.run(preseed::serve::shutdown_signal()).await;
         }
+        Command::Diff { old, new, json } => {
+            let diff = preseed::diff::diff_paths(&old, &new)?;
+            if json {
+                print!("{}", diff.to_json());
+            } else {
+                print!("{}", diff.render());
+            }
+        }
         Command::Inspect { partition, json, verity } => {
             let index = match verity.root_hash()? {
                 Some(root) => preseed::partition::inspect::read_index_verified(&partition, &root),
