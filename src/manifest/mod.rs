@@ -249,7 +249,7 @@ impl BundleManifest {
         let raw: RawManifest = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| lines.at(s.start)).unwrap_or(0);
             let message = e.message().trim().to_string();
-            invalid(vec![Problem { line, message: format!("{message} (see the bundles.toml schema in SPEC.md)") }])
+            invalid(vec![Problem { line, message: format!("{message} (see docs/bundles-toml.md)") }])
         })?;
 
         let mut problems = Vec::new();
