@@ -5,10 +5,13 @@
 //!   the node-side ones on containerd 1.6, 1.7 and 2.x
 //! * `cargo xtask bench [--scale S]` benchmarks against the tools users would use instead
 //! * `cargo xtask vm-test [ARGS…]` installs what the VM boot test needs and runs it alone
+//! * `cargo xtask dist [--check]`  builds `target/dist/preseed` and a `.deb`; `--check` installs it, tries it,
+//!   removes it
 
 mod bench;
 mod bundle;
 mod debian;
+mod dist;
 mod test;
 mod vm;
 
@@ -26,7 +29,8 @@ fn main() -> Result<()> {
         "test" => test::run(&rest),
         "bench" => bench::run(&rest),
         "vm-test" => vm::run(&rest),
-        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu three times with a preseed partition"),
+        "dist" => dist::run(&rest),
+        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test|dist> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu three times with a preseed partition\n  dist    build target/dist/preseed and its .deb (--check: install, try, remove it)"),
     }
 }
 

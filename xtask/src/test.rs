@@ -8,7 +8,8 @@
 //! the runc shim). The workspace run includes the VM boot test, whose
 //! prerequisites [`crate::vm::prerequisites`] provides. The signature tests
 //! sign with sid's `cosign` (not in bookworm), fetched the same way and
-//! named by `PRESEED_COSIGN_BIN`.
+//! named by `PRESEED_COSIGN_BIN`. Last, unless given test arguments, it
+//! builds the Debian package and checks it installed ([`crate::dist`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -66,7 +67,8 @@ pub fn containerds(target: &Path) -> Result<Vec<Containerd>> {
 }
 
 /// Installs missing packages (root only), then `cargo test --workspace`,
-/// then the node-side suites again on each newer containerd.
+/// then the node-side suites again on each newer containerd, then the
+/// package check.
 ///
 /// `--containerd-only` runs just the node-side suites, on every version.
 pub fn run(args: &[String]) -> Result<()> {
@@ -114,6 +116,20 @@ pub fn run(args: &[String]) -> Result<()> {
         );
         total.add(&counts);
     }
+    // The package check builds in release: not for a filtered run.
+    if !containerd_only && args.is_empty() {
+        let mut counts = Counts::default();
+        match crate::dist::build(&root).and_then(|deb| crate::dist::check(&deb, &mut counts)) {
+            Err(e) => {
+                counts.failed = counts.failed.max(1);
+                failures.push(format!("dist: {e:#}"));
+            }
+            Ok(()) if counts.failed > 0 => failures.push("dist: the package check failed".into()),
+            Ok(()) => {}
+        }
+        println!("xtask: dist: {} passed, {} failed, {} skipped", counts.passed, counts.failed, counts.ignored);
+        total.add(&counts);
+    }
     println!("xtask: {} passed, {} failed, {} skipped", total.passed, total.failed, total.ignored);
     if !failures.is_empty() {
         bail!("{}", failures.join("\n"));
@@ -121,11 +137,12 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Tests passed, failed and skipped.
 #[derive(Default)]
-struct Counts {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
 }
 
 impl Counts {
