@@ -3,7 +3,7 @@
 //! `man/preseed-<subcommand>.1.gz` per subcommand, gzipped without name or
 //! mtime so the same CLI gives the same bytes, and
 //! `completions/{preseed.bash,_preseed,preseed.fish}`. `cargo xtask dist`
-//! runs it (`cargo run --release --example manpages -- OUTDIR`); it is an
+//! runs it (`cargo run --example manpages -- OUTDIR`); it is an
 //! example so clap_mangen and clap_complete stay out of the preseed binary.
 
 use std::io::Write;

@@ -102,14 +102,20 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     let release = target.join("release");
     let dist = target.join("dist");
 
-    // One cargo run for both, so they share one build of the library.
+    // The binary alone, so it is what `cargo build --release` gives (an
+    // example would bring in the dev-dependencies' features). The pages come
+    // from a dev build of the example: the same text, and `cargo test` has
+    // built it already.
     let mut cmd = crate::cargo();
     cmd.current_dir(root).args(["build", "--release", "--package", "preseed", "--bin", "preseed"]);
-    cmd.args(["--example", "manpages"]);
-    if let Some(protoc) = crate::protoc() {
-        cmd.env("PROTOC", protoc);
+    let mut example = crate::cargo();
+    example.current_dir(root).args(["build", "--package", "preseed", "--example", "manpages"]);
+    for cmd in [&mut cmd, &mut example] {
+        if let Some(protoc) = crate::protoc() {
+            cmd.env("PROTOC", protoc);
+        }
+        crate::run_status(cmd)?;
     }
-    crate::run_status(&mut cmd)?;
 
     std::fs::create_dir_all(&dist)?;
     // The profile keeps line tables (for benches); the shipped copy drops them.
@@ -124,7 +130,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     if generated.exists() {
         std::fs::remove_dir_all(&generated)?;
     }
-    crate::run_status(Command::new(release.join("examples/manpages")).arg(&generated))?;
+    crate::run_status(Command::new(target.join("debug/examples/manpages")).arg(&generated))?;
 
     copy(&binary, &stage.join("usr/bin/preseed"))?;
     let systemd = root.join("dist/systemd");
