@@ -7,12 +7,15 @@ use crate::digest::Digest;
 
 /// File name of the index, at the partition root.
 pub const INDEX_FILE: &str = "preseed.json";
-/// Format version of the index; bump on incompatible changes.
+/// Format version of the index; bump on incompatible changes. Readers
+/// ignore fields they do not know (no `deny_unknown_fields` here), so an
+/// added optional field (as `blobs` and `boot` were) keeps older loaders
+/// working with newer partitions; the version is what refuses a change
+/// they could not handle.
 pub const INDEX_VERSION: u32 = 1;
 
 /// The whole index.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PartitionIndex {
     /// [`INDEX_VERSION`].
     pub version: u32,
@@ -29,7 +32,6 @@ pub struct PartitionIndex {
 
 /// One image of the partition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IndexedImage {
     /// containerd namespace (the directory).
     pub namespace: String,
@@ -73,7 +75,6 @@ pub struct IndexedImage {
 
 /// One blob of an image's tarball.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IndexedBlob {
     /// Its digest.
     pub digest: Digest,
@@ -85,7 +86,6 @@ pub struct IndexedBlob {
 /// not in the build side's `verify`, which fills it in: the node side reads
 /// it and imports nothing from the build side).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SignedBy {
     /// The public key file as named in bundles.toml.
     pub key: String,
@@ -97,7 +97,6 @@ pub struct SignedBy {
 
 /// Provenance of a partition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BuildInfo {
     /// `preseed <version>`.
     pub tool: String,
@@ -111,5 +110,28 @@ impl PartitionIndex {
         let mut out = serde_json::to_vec_pretty(self).expect("index serializes");
         out.push(b'\n');
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A newer preseed may add optional fields at any level: this reader
+    /// must still take the index (only a version bump refuses it).
+    #[test]
+    fn fields_from_a_newer_writer_are_ignored() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let text = format!(
+            r#"{{"version": 1, "later": 1,
+                "images": [{{"namespace": "k8s.io", "file": "x", "path": "k8s.io/x.tar", "name": "docker.io/library/x:1",
+                  "names": [], "digest": "{digest}", "media_type": "application/vnd.oci.image.index.v1+json",
+                  "platforms": ["linux/amd64"], "pin": true, "sandbox": false, "size": 1, "sha256": "{digest}",
+                  "blobs": [{{"digest": "{digest}", "size": 1, "later": true}}], "later": "x"}}],
+                "build": {{"tool": "preseed 9.9", "format": "erofs", "later": []}}}}"#
+        );
+        let index: PartitionIndex = serde_json::from_str(&text).unwrap();
+        assert_eq!(index.images.len(), 1);
+        assert_eq!(index.images[0].blobs.len(), 1);
     }
 }

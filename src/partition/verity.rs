@@ -28,7 +28,6 @@ const PER_BLOCK: u64 = BLOCK / HASH;
 /// Where the tree is and how to check it: what `preseed.json` beside the
 /// image records and what `veritysetup` needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VerityInfo {
     /// Root hash, hex.
     pub root_hash: String,
