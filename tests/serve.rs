@@ -23,12 +23,7 @@ use support::images::{self, LayerSpec, Media};
 use support::registry::Registry;
 
 fn preseed(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_preseed"))
-        .args(args)
-        .env_remove("DOCKER_CONFIG")
-        .env("HOME", "/nonexistent")
-        .output()
-        .unwrap()
+    support::preseed_without_credentials(args)
 }
 
 fn ok(what: &str, out: &Output) -> String {

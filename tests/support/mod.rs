@@ -52,3 +52,15 @@ fn missing(what: &str) {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// Runs the `preseed` binary with no docker credentials in reach (no
+/// `$DOCKER_CONFIG`, a `$HOME` that does not exist), so a test never picks
+/// up the machine's registry logins.
+pub fn preseed_without_credentials(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_preseed"))
+        .args(args)
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
