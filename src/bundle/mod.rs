@@ -1,6 +1,8 @@
 //! `preseed bundle`: the build-side pipeline, in order —
-//! manifest → resolve (or build in-tree) → fetch into the cache → plan one
-//! tarball per image → write the partition and `preseed.json`.
+//! manifest → resolve (or build in-tree) → plan one tarball per image →
+//! fetch into the cache (each tarball hashed for `preseed.json` as soon as
+//! its last blob is in, while the other downloads go on) → write the
+//! partition and `preseed.json`.
 
 mod progress;
 
@@ -244,7 +246,30 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
     let to_check: Vec<_> = images.iter().map(|i| (&i.entry, &i.resolved.root.digest)).collect();
     let signed = crate::verify::check_images(&registries, &to_check, &cache, opts.offline).await?;
 
-    // 2. Fetch every missing blob once, concurrently, whichever image needs it.
+    // 2. Plan the tree: one tarball per image (offsets come from the
+    // descriptors alone, so this needs no blob bytes yet).
+    let planned: Vec<(TarballSpec, PlannedFile)> = images
+        .iter()
+        .map(|img| {
+            let e = &img.entry;
+            let spec = TarballSpec {
+                name: e.reference.name(),
+                tag: e.reference.tag.clone(),
+                extra_names: e.names.clone(),
+                root: img.resolved.root.clone(),
+                blobs: img.resolved.blobs.clone(),
+            };
+            let file = layout::plan_tarball(&spec, &cache);
+            (spec, file)
+        })
+        .collect();
+    let planned = Arc::new(planned);
+    let sums_store = Arc::new(TarballSums::open(&cache));
+    let mut sums = SumQueue::new(planned.clone(), sums_store.clone());
+
+    // 3. Fetch every missing blob once, concurrently, whichever image needs
+    // it; each tarball is hashed as soon as its last blob is in the cache,
+    // while the other downloads go on.
     let mut missing: BTreeMap<Digest, (usize, Descriptor)> = BTreeMap::new();
     let mut unique: HashMap<Digest, u64> = HashMap::new();
     for (i, img) in images.iter().enumerate() {
@@ -267,6 +292,14 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         }
     }
     let downloaded_bytes: u64 = missing.values().map(|(_, d)| d.size).sum();
+    // Blobs each tarball still waits for.
+    let mut waiting: Vec<usize> =
+        planned.iter().map(|(spec, _)| spec.blobs.iter().filter(|b| missing.contains_key(&b.digest)).count()).collect();
+    for (i, n) in waiting.iter().enumerate() {
+        if *n == 0 {
+            sums.start(i);
+        }
+    }
     if !missing.is_empty() {
         let bar = progress.bytes("downloading", downloaded_bytes);
         // One task per download, so hashing and writing use every core.
@@ -275,33 +308,29 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
             let (registries, cache, bar) = (registries.clone(), cache.clone(), bar.clone());
             let (label, reference, blob) = (images[*i].entry.label(), images[*i].entry.reference.clone(), blob.clone());
             async move {
-                tokio::spawn(
-                    async move { registries.fetch_blob(&label, &reference, &blob, &cache, &|n| bar.inc(n)).await },
-                )
+                tokio::spawn(async move {
+                    registries
+                        .fetch_blob(&label, &reference, &blob, &cache, &|n| bar.inc(n))
+                        .await
+                        .map(|()| blob.digest)
+                })
                 .await
                 .expect("download task panicked")
             }
         });
-        stream::iter(tasks).buffer_unordered(opts.jobs.max(1)).try_collect::<Vec<()>>().await?;
+        let mut fetched = stream::iter(tasks).buffer_unordered(opts.jobs.max(1));
+        while let Some(digest) = fetched.try_next().await? {
+            for (i, (spec, _)) in planned.iter().enumerate() {
+                if spec.blobs.iter().any(|b| b.digest == digest) {
+                    waiting[i] -= 1;
+                    if waiting[i] == 0 {
+                        sums.start(i);
+                    }
+                }
+            }
+        }
         bar.finish();
     }
-
-    // 3. Plan the tree: one tarball per image, then the index.
-    let planned: Vec<(TarballSpec, PlannedFile)> = images
-        .iter()
-        .map(|img| {
-            let e = &img.entry;
-            let spec = TarballSpec {
-                name: e.reference.name(),
-                tag: e.reference.tag.clone(),
-                extra_names: e.names.clone(),
-                root: img.resolved.root.clone(),
-                blobs: img.resolved.blobs.clone(),
-            };
-            let file = layout::plan_tarball(&spec, &cache);
-            (spec, file)
-        })
-        .collect();
     // Blobs downloaded in this run were hashed on the way in; every other
     // blob taken from the cache is hashed again before the partition built
     // from it is put in place (below, alongside the write).
@@ -311,17 +340,16 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         u.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
         u.into_iter().map(|(d, _)| d.clone()).collect()
     };
-    let sums_store = TarballSums::open(&cache);
-    let sums = sums_store.all(&planned).map_err(io_err(cache.root()))?;
+    let sums = sums.finish().await.map_err(io_err(cache.root()))?;
     let spec_blobs: Vec<(String, Vec<Digest>)> = images
         .iter()
-        .zip(&planned)
+        .zip(planned.iter())
         .map(|(img, (spec, _))| (img.entry.label(), spec.blobs.iter().map(|b| b.digest.clone()).collect()))
         .collect();
     let sum_keys: Vec<PathBuf> = planned.iter().map(|(spec, file)| sums_store.key_path(spec, file)).collect();
     let mut tree = Tree::default();
     let mut indexed = Vec::new();
-    for (((img, (spec, file)), sha256), signed_by) in images.iter().zip(planned).zip(sums).zip(signed) {
+    for (((img, (spec, file)), sha256), signed_by) in images.iter().zip(planned.iter()).zip(sums).zip(signed) {
         let e = &img.entry;
         indexed.push(IndexedImage {
             namespace: e.namespace.clone(),
@@ -340,7 +368,7 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
             signed_by,
             blobs: spec.blobs.iter().map(|b| IndexedBlob { digest: b.digest.clone(), size: b.size }).collect(),
         });
-        tree.insert_file(&e.tarball_path(), file);
+        tree.insert_file(&e.tarball_path(), file.clone());
     }
     let index = PartitionIndex {
         version: INDEX_VERSION,
@@ -511,6 +539,50 @@ impl Stamp {
     }
 }
 
+/// Tarball sums computed in the background, one per core at most, each
+/// started once every blob of its tarball is in the cache.
+struct SumQueue {
+    planned: Arc<Vec<(TarballSpec, PlannedFile)>>,
+    store: Arc<TarballSums>,
+    cores: Arc<tokio::sync::Semaphore>,
+    running: BTreeMap<usize, tokio::task::JoinHandle<std::io::Result<Digest>>>,
+}
+
+impl SumQueue {
+    fn new(planned: Arc<Vec<(TarballSpec, PlannedFile)>>, store: Arc<TarballSums>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        SumQueue { planned, store, cores: Arc::new(tokio::sync::Semaphore::new(cores)), running: BTreeMap::new() }
+    }
+
+    /// Starts hashing tarball `i` (its blobs are all in the cache).
+    fn start(&mut self, i: usize) {
+        let (planned, store, cores) = (self.planned.clone(), self.store.clone(), self.cores.clone());
+        let task = tokio::spawn(async move {
+            let _core = cores.acquire_owned().await.expect("semaphore never closed");
+            tokio::task::spawn_blocking(move || {
+                let (spec, file) = &planned[i];
+                store.get_or_compute(spec, file)
+            })
+            .await
+            .expect("tarball hashing panicked")
+        });
+        self.running.insert(i, task);
+    }
+
+    /// Every tarball's sum, in order.
+    async fn finish(mut self) -> std::io::Result<Vec<Digest>> {
+        let mut out = Vec::with_capacity(self.planned.len());
+        for i in 0..self.planned.len() {
+            if !self.running.contains_key(&i) {
+                self.start(i);
+            }
+            let task = self.running.remove(&i).expect("just started");
+            out.push(task.await.expect("tarball hashing task panicked")?);
+        }
+        Ok(out)
+    }
+}
+
 /// Remembers tarball sha256s by what determines the tarball's bytes (the
 /// plan: index.json and blob digests), so a warm bundle does not re-read
 /// every blob to hash tarballs it has hashed before.
@@ -527,11 +599,6 @@ struct TarballSum {
 impl TarballSums {
     fn open(cache: &BlobCache) -> Self {
         TarballSums { dir: cache.root().join("tarballs") }
-    }
-
-    /// Sums of every tarball, hashing the unknown ones on all cores.
-    fn all(&self, planned: &[(TarballSpec, PlannedFile)]) -> std::io::Result<Vec<Digest>> {
-        crate::parallel::map(planned, |(spec, file)| self.get_or_compute(spec, file)).into_iter().collect()
     }
 
     /// Where the sum of this tarball plan is remembered.
