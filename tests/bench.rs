@@ -406,6 +406,7 @@ fn preseed_load(partition: &Path, images: usize, bin: &Option<PathBuf>) -> (Samp
     let ctrd = start_containerd(bin);
     let sock = ctrd.socket().display().to_string();
     let args = ["load", "--image", s(partition), "--address", &sock];
+    settle();
     let cold = timed(&preseed(), &args);
     let warm = timed(&preseed(), &args);
     let listed = ctrd.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]);
@@ -428,6 +429,7 @@ fn notified_load(partition: &Path, images: usize, bin: &Option<PathBuf>) -> (f64
     let path = dir.path().join("notify");
     let socket = UnixDatagram::bind(&path).unwrap();
     socket.set_read_timeout(Some(std::time::Duration::from_millis(20))).unwrap();
+    settle();
     let start = Instant::now();
     let mut child = Command::new(preseed())
         .args(["load", "--image", s(partition), "--address", &sock])
@@ -470,11 +472,13 @@ fn place_then_load(partition: &Path, images: usize, bin: &Option<PathBuf>) -> (S
     (place, load)
 }
 
-/// Flushes what earlier steps left dirty and lets the disk finish the
-/// discards of the last fresh containerd's removal, so that a timed write
-/// that ends in a flush (place, cp + sync) pays for its own bytes only.
+/// A node at boot: flushes what earlier steps left dirty, lets the disk
+/// finish the discards of the last fresh containerd's removal, and empties
+/// the page cache, so that every cold node-side run reads the partition (or
+/// the blobs, for cp) from the disk and pays for its own writes only.
 fn settle() {
     assert!(Command::new("sync").status().unwrap().success());
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop the page cache (the benchmark runs as root)");
     std::thread::sleep(std::time::Duration::from_secs(2));
 }
 
@@ -498,7 +502,10 @@ fn ctr_import_loop(partition: &Path, bin: &Option<PathBuf>) -> (Sample, Sample) 
     let ctrd = start_containerd(bin);
     let ctr = ctrd.ctr_path().to_path_buf();
     let sock = ctrd.socket().display().to_string();
-    let run = || {
+    let run = |cold: bool| {
+        if cold {
+            settle();
+        }
         let start = Instant::now();
         let mounted = Mounted::new(partition, "erofs");
         let index: serde_json::Value =
@@ -515,8 +522,8 @@ fn ctr_import_loop(partition: &Path, bin: &Option<PathBuf>) -> (Sample, Sample) 
         drop(mounted);
         Sample { secs: start.elapsed().as_secs_f64(), rss_kib: seq.0.rss_kib }
     };
-    let cold = run();
-    let warm = run();
+    let cold = run(true);
+    let warm = run(false);
     (cold, warm)
 }
 
@@ -870,7 +877,7 @@ impl Report<'_> {
             self.corpus.many_layers,
             self.gen_secs,
         );
-        let _ = writeln!(o, "* {} alternating rounds per contender, medians (all runs listed); each cold run gets an empty cache / fresh containerd; whole benchmark took {:.0}s; load average {} before, {} after (other work on the machine skews the figures)\n", self.rounds, self.total_secs, self.loadavg.0, self.loadavg.1);
+        let _ = writeln!(o, "* {} alternating rounds per contender, medians (all runs listed); each cold run gets an empty cache / fresh containerd, and node-side cold runs (load, place, cp, the ctr loop) start with an empty page cache (`sync`, `drop_caches`), as at boot; whole benchmark took {:.0}s; load average {} before, {} after (other work on the machine skews the figures)\n", self.rounds, self.total_secs, self.loadavg.0, self.loadavg.1);
 
         let _ = writeln!(o, "## Bundle\n");
         let _ = writeln!(o, "| contender | cold (median) | runs | ratio to preseed erofs | warm (median) | cold / warm | peak RSS | partition bytes | partition / unique blobs |");
