@@ -292,11 +292,15 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         }
     }
     let downloaded_bytes: u64 = missing.values().map(|(_, d)| d.size).sum();
-    // Blobs each tarball still waits for.
-    let mut waiting: Vec<usize> =
-        planned.iter().map(|(spec, _)| spec.blobs.iter().filter(|b| missing.contains_key(&b.digest)).count()).collect();
-    for (i, n) in waiting.iter().enumerate() {
-        if *n == 0 {
+    // How many blobs each tarball still waits for, and who waits for each.
+    let mut waiting = vec![0usize; planned.len()];
+    let mut waiters: HashMap<&Digest, Vec<usize>> = HashMap::new();
+    for (i, (spec, _)) in planned.iter().enumerate() {
+        for b in spec.blobs.iter().filter(|b| missing.contains_key(&b.digest)) {
+            waiting[i] += 1;
+            waiters.entry(&b.digest).or_default().push(i);
+        }
+        if waiting[i] == 0 {
             sums.start(i);
         }
     }
@@ -320,12 +324,10 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         });
         let mut fetched = stream::iter(tasks).buffer_unordered(opts.jobs.max(1));
         while let Some(digest) = fetched.try_next().await? {
-            for (i, (spec, _)) in planned.iter().enumerate() {
-                if spec.blobs.iter().any(|b| b.digest == digest) {
-                    waiting[i] -= 1;
-                    if waiting[i] == 0 {
-                        sums.start(i);
-                    }
+            for &i in waiters.get(&digest).into_iter().flatten() {
+                waiting[i] -= 1;
+                if waiting[i] == 0 {
+                    sums.start(i);
                 }
             }
         }
