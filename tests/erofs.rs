@@ -537,6 +537,64 @@ fn bench_against_mkfs_erofs_and_mksquashfs() {
     });
 }
 
+/// Every blob segment of a tree: digest and cache path.
+fn blobs_of(tree: &Tree) -> Vec<(Digest, PathBuf)> {
+    let mut out = Vec::new();
+    for (_, f) in tree.files() {
+        for s in &f.segments {
+            if let Segment::Blob { digest, path, .. } = s {
+                out.push((digest.clone(), path.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// A staged write (blobs placed first, from a provisional tree whose
+/// `preseed.json` differs) gives the very bytes of a one-pass write, also
+/// when the provisional tree put blobs elsewhere or some were never placed.
+#[test]
+fn staged_write_matches_one_pass_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(tmp.path().join("cache")).unwrap();
+    let mut c = corpus(&cache, &[3 << 20, 1 << 20], 7, 200_000);
+    // A 3-block index that sorts before the tarballs, as a real one can.
+    let index = |fill: u8| PlannedFile::from_bytes(vec![fill; 3 * 4096 + 10]);
+    c.tree.insert_file("a-index.json", index(b'x'));
+    let one_pass = tmp.path().join("one.erofs");
+    erofs::write(&c.tree, &one_pass).unwrap();
+    let expected = sha256_file(&one_pass);
+    let blobs = blobs_of(&c.tree);
+
+    // Same length, other bytes: every blob keeps its blocks.
+    let mut provisional = c.tree.clone();
+    provisional.insert_file("a-index.json", index(b'y'));
+    // Longer: every blob after it moves, so the placed copies are not used.
+    let mut longer = c.tree.clone();
+    longer.insert_file("a-index.json", PlannedFile::from_bytes(vec![b'y'; 5 * 4096]));
+    for (name, provisional, every) in
+        [("same length", &provisional, 1), ("moved", &longer, 1), ("half", &provisional, 2)]
+    {
+        let out = tmp.path().join(format!("{name}.erofs"));
+        let staged = erofs::Staged::new(provisional, &out).unwrap();
+        for (digest, path) in blobs.iter().step_by(every) {
+            staged.place(digest, path).unwrap();
+        }
+        staged.finish(&c.tree).unwrap();
+        assert_eq!(sha256_file(&out), expected, "{name}");
+    }
+    // The staged copies are really used: a placed blob's blocks are not
+    // written again (a placed copy with other bytes survives the finish).
+    let out = tmp.path().join("witness.erofs");
+    let staged = erofs::Staged::new(&provisional, &out).unwrap();
+    let (digest, path) = blobs.iter().find(|(_, p)| fs::metadata(p).unwrap().len() >= 1 << 20).unwrap();
+    let fake = tmp.path().join("fake");
+    fs::write(&fake, vec![0xA5u8; fs::metadata(path).unwrap().len() as usize]).unwrap();
+    staged.place(digest, &fake).unwrap();
+    staged.finish(&c.tree).unwrap();
+    assert_ne!(sha256_file(&out), expected);
+}
+
 #[test]
 fn short_blob_is_an_error_and_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();

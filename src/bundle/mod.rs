@@ -292,6 +292,24 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         }
     }
     let downloaded_bytes: u64 = missing.values().map(|(_, d)| d.size).sum();
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let staging = opts.out.join(format!(".preseed.{}.partial", format.extension()));
+    // An erofs image's blocks follow from the plan, so each downloaded blob
+    // goes into the image as soon as it is verified; only `preseed.json`
+    // waits for the tarball sums (a stand-in of the same length holds its
+    // place until then).
+    let staged = match format {
+        Format::Erofs if !missing.is_empty() => {
+            let stand_in: Vec<Digest> =
+                (0..planned.len()).map(|i| Digest::of(format!("preseed stand-in sum {i}").as_bytes())).collect();
+            let (provisional, _) = assemble(&images, &planned, stand_in, &signed, format);
+            let staged = erofs::Staged::new(&provisional, &staging)
+                .map_err(|source| BundleError::Erofs { path: staging.clone(), source })?;
+            Some(Arc::new(staged))
+        }
+        _ => None,
+    };
+    let mut placing = tokio::task::JoinSet::new();
     // How many blobs each tarball still waits for, and who waits for each.
     let mut waiting = vec![0usize; planned.len()];
     let mut waiters: HashMap<&Digest, Vec<usize>> = HashMap::new();
@@ -324,6 +342,10 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         });
         let mut fetched = stream::iter(tasks).buffer_unordered(opts.jobs.max(1));
         while let Some(digest) = fetched.try_next().await? {
+            if let Some(staged) = &staged {
+                let (staged, path, digest) = (staged.clone(), cache.path(&digest), digest.clone());
+                placing.spawn_blocking(move || staged.place(&digest, &path));
+            }
             for &i in waiters.get(&digest).into_iter().flatten() {
                 waiting[i] -= 1;
                 if waiting[i] == 0 {
@@ -342,6 +364,12 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         u.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
         u.into_iter().map(|(d, _)| d.clone()).collect()
     };
+    while let Some(placed) = placing.join_next().await {
+        placed
+            .expect("placing task panicked")
+            .map_err(|source| BundleError::Erofs { path: staging.clone(), source })?;
+    }
+    let staged = staged.map(|s| Arc::into_inner(s).expect("every placing task has ended"));
     let sums = sums.finish().await.map_err(io_err(cache.root()))?;
     let spec_blobs: Vec<(String, Vec<Digest>)> = images
         .iter()
@@ -349,40 +377,10 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         .map(|(img, (spec, _))| (img.entry.label(), spec.blobs.iter().map(|b| b.digest.clone()).collect()))
         .collect();
     let sum_keys: Vec<PathBuf> = planned.iter().map(|(spec, file)| sums_store.key_path(spec, file)).collect();
-    let mut tree = Tree::default();
-    let mut indexed = Vec::new();
-    for (((img, (spec, file)), sha256), signed_by) in images.iter().zip(planned.iter()).zip(sums).zip(signed) {
-        let e = &img.entry;
-        indexed.push(IndexedImage {
-            namespace: e.namespace.clone(),
-            file: e.file.clone(),
-            path: e.tarball_path(),
-            name: spec.name.clone(),
-            names: e.names.clone(),
-            digest: spec.root.digest.clone(),
-            media_type: spec.root.media_type.clone(),
-            platforms: img.resolved.platforms.iter().map(|p| p.to_string()).collect(),
-            pin: e.pin,
-            sandbox: e.sandbox,
-            boot: e.boot,
-            size: file.len(),
-            sha256,
-            signed_by,
-            blobs: spec.blobs.iter().map(|b| IndexedBlob { digest: b.digest.clone(), size: b.size }).collect(),
-        });
-        tree.insert_file(&e.tarball_path(), file.clone());
-    }
-    let index = PartitionIndex {
-        version: INDEX_VERSION,
-        images: indexed,
-        build: BuildInfo { tool: format!("preseed {}", env!("CARGO_PKG_VERSION")), format: format.to_string() },
-        verity: None,
-    };
+    let (tree, index) = assemble(&images, &planned, sums, &signed, format);
     let index_json = index.to_json();
-    tree.insert_file(INDEX_FILE, PlannedFile::from_bytes(index_json.clone()));
 
     // 4. Write the partition and the index beside it.
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let partition = opts.out.join(format!("preseed.{}", format.extension()));
     let mut stamp = Stamp::of(&tree, format, verity);
     let partition_bytes = match stamp.matches(&partition) {
@@ -395,13 +393,15 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
             progress.line(&format!("writing {}", partition.display()));
             // Written under a staging name while the unverified blobs are
             // hashed on the other cores; renamed into place only if all match.
-            let staging = opts.out.join(format!(".preseed.{}.partial", format.extension()));
             let (written, damaged) = std::thread::scope(|scope| {
                 let check = scope.spawn(|| cache.check(&unverified));
                 let written = match format {
-                    Format::Erofs => erofs::write(&tree, &staging)
-                        .map(|s| s.image_bytes)
-                        .map_err(|source| BundleError::Erofs { path: partition.clone(), source }),
+                    Format::Erofs => match staged {
+                        Some(staged) => staged.finish(&tree),
+                        None => erofs::write(&tree, &staging),
+                    }
+                    .map(|s| s.image_bytes)
+                    .map_err(|source| BundleError::Erofs { path: partition.clone(), source }),
                     Format::Squashfs => squashfs::write(&tree, &staging)
                         .map(|s| s.image_bytes)
                         .map_err(|source| BundleError::Squashfs { path: partition.clone(), source }),
@@ -476,6 +476,48 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
         partition_bytes,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The partition's tree (every tarball and `preseed.json`) and its index,
+/// given each tarball's sha256.
+fn assemble(
+    images: &[Planned],
+    planned: &[(TarballSpec, PlannedFile)],
+    sums: Vec<Digest>,
+    signed: &[Option<crate::verify::SignedBy>],
+    format: Format,
+) -> (Tree, PartitionIndex) {
+    let mut tree = Tree::default();
+    let mut indexed = Vec::new();
+    for (((img, (spec, file)), sha256), signed_by) in images.iter().zip(planned).zip(sums).zip(signed) {
+        let e = &img.entry;
+        indexed.push(IndexedImage {
+            namespace: e.namespace.clone(),
+            file: e.file.clone(),
+            path: e.tarball_path(),
+            name: spec.name.clone(),
+            names: e.names.clone(),
+            digest: spec.root.digest.clone(),
+            media_type: spec.root.media_type.clone(),
+            platforms: img.resolved.platforms.iter().map(|p| p.to_string()).collect(),
+            pin: e.pin,
+            sandbox: e.sandbox,
+            boot: e.boot,
+            size: file.len(),
+            sha256,
+            signed_by: signed_by.clone(),
+            blobs: spec.blobs.iter().map(|b| IndexedBlob { digest: b.digest.clone(), size: b.size }).collect(),
+        });
+        tree.insert_file(&e.tarball_path(), file.clone());
+    }
+    let index = PartitionIndex {
+        version: INDEX_VERSION,
+        images: indexed,
+        build: BuildInfo { tool: format!("preseed {}", env!("CARGO_PKG_VERSION")), format: format.to_string() },
+        verity: None,
+    };
+    tree.insert_file(INDEX_FILE, PlannedFile::from_bytes(index.to_json()));
+    (tree, index)
 }
 
 /// What determines a partition's bytes: the format, the writer, and every

@@ -23,12 +23,18 @@
 //! Output is deterministic: inodes in depth-first name order, build time 0,
 //! a UUID derived from the metadata and the chunk keys. The image is written
 //! to a temp file next to `out` and renamed into place when complete.
+//!
+//! [`Staged`] starts that temp file before the blobs exist: blocks are
+//! assigned from the plan alone, so each blob's whole chunks can be copied
+//! to their blocks as soon as the blob is in the cache (while other
+//! downloads go on); the final write skips the blocks already there.
 
 mod format;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -126,8 +132,133 @@ pub fn write(tree: &Tree, out: &Path) -> Result<Stats, Error> {
 pub fn write_to(tree: &Tree, file: &File, name: &Path) -> Result<Stats, Error> {
     let mut plan = Plan::new(tree)?;
     plan.assign_data()?;
-    plan.write_image(file, name)?;
+    plan.write_image(file, name, &HashMap::new())?;
     Ok(plan.stats)
+}
+
+/// Where one blob's whole chunks go: `count` blocks from `addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Place {
+    addr: u32,
+    count: u64,
+}
+
+/// An erofs image written in two steps: blob data first, each blob as soon
+/// as it is in the cache, then everything else once the final tree is known.
+///
+/// The provisional tree must have the final tree's files and blobs; inline
+/// bytes may differ (`preseed.json` before the tarball sums are known). Any
+/// blob the final tree places elsewhere, or that was never placed, is simply
+/// written by [`Staged::finish`], so a provisional tree that turns out
+/// different costs time, never correctness.
+pub struct Staged {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+    /// Every aligned blob's block range in the provisional plan.
+    places: HashMap<Digest, Place>,
+    /// Blobs copied by [`Staged::place`].
+    placed: std::sync::Mutex<HashMap<Digest, Place>>,
+}
+
+impl Staged {
+    /// Plans `provisional` and creates the image's temp file next to `out`.
+    pub fn new(provisional: &Tree, out: &Path) -> Result<Self, Error> {
+        let dir = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let tmp = tempfile::Builder::new().prefix(".preseed-erofs-").tempfile_in(dir).map_err(io_err(dir))?;
+        let mut plan = Plan::new(provisional)?;
+        plan.assign_data()?;
+        let places = plan.places.drain().collect();
+        Ok(Staged { tmp, path: out.to_path_buf(), places, placed: Default::default() })
+    }
+
+    /// Copies the whole chunks of blob `digest` (at `path`, verified) to its
+    /// blocks; a blob the plan has no aligned copy of is left to `finish`.
+    /// Safe to call from several threads at once.
+    pub fn place(&self, digest: &Digest, path: &Path) -> Result<(), Error> {
+        let Some(&place) = self.places.get(digest) else { return Ok(()) };
+        let src = File::open(path).map_err(io_err(path))?;
+        let len = place.count * CHUNK;
+        copy_range(&src, path, self.tmp.as_file(), &self.path, u64::from(place.addr) * BLOCK, len)?;
+        // Start writeback now, so the final fsync finds little left to do.
+        // SAFETY: plain syscall on an open descriptor; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                self.tmp.as_file().as_raw_fd(),
+                (u64::from(place.addr) * BLOCK) as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.placed.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.clone(), place);
+        Ok(())
+    }
+
+    /// Writes the rest of `tree` (the final tree) and renames the image to
+    /// `out`.
+    pub fn finish(self, tree: &Tree) -> Result<Stats, Error> {
+        let placed = self.placed.into_inner().unwrap_or_else(|e| e.into_inner());
+        let out = self.path;
+        let mut plan = Plan::new(tree)?;
+        plan.assign_data()?;
+        plan.write_image(self.tmp.as_file(), &out, &placed)?;
+        let file = self.tmp.as_file();
+        // Placed blocks past the last written one already set the length.
+        file.set_len(plan.blocks * BLOCK).map_err(io_err(&out))?;
+        file.set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err(&out))?;
+        file.sync_all().map_err(io_err(&out))?;
+        self.tmp.persist(&out).map_err(|e| Error::Io { path: out.clone(), source: e.error })?;
+        Ok(plan.stats)
+    }
+}
+
+/// Copies `len` bytes from the start of `src` to offset `at` of `dst`, in
+/// the kernel where it can (`copy_file_range`), else through a buffer.
+fn copy_range(src: &File, src_path: &Path, dst: &File, dst_path: &Path, at: u64, len: u64) -> Result<(), Error> {
+    let (mut off_in, mut off_out) = (0i64, at as i64);
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both descriptors are open; the offsets are ours.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left.min(1 << 30) as usize,
+                0,
+            )
+        };
+        if n > 0 {
+            left -= n as u64;
+            continue;
+        }
+        if n == 0 {
+            return Err(Error::ShortBlob { path: src_path.to_path_buf(), offset: off_in as u64, wanted: left });
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Not supported between these files: copy the rest by hand.
+            Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP) => break,
+            Some(libc::EINTR) => continue,
+            _ => return Err(Error::Io { path: dst_path.to_path_buf(), source: e }),
+        }
+    }
+    let mut buf = vec![0u8; (left.min(1 << 20)) as usize];
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off_in as u64).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                Error::ShortBlob { path: src_path.to_path_buf(), offset: off_in as u64, wanted: left }
+            }
+            _ => Error::Io { path: src_path.to_path_buf(), source: e },
+        })?;
+        dst.write_all_at(&buf[..n], off_out as u64).map_err(io_err(dst_path))?;
+        (off_in, off_out, left) = (off_in + n as i64, off_out + n as i64, left - n as u64);
+    }
+    Ok(())
 }
 
 /// One directory entry, `.` and `..` included.
@@ -196,6 +327,8 @@ struct Plan<'a> {
     blocks: u64,
     /// Hash of every chunk key in order, for the UUID.
     content: Sha256,
+    /// Where each aligned blob's whole chunks went (filled by `assign_data`).
+    places: HashMap<Digest, Place>,
     stats: Stats,
 }
 
@@ -249,7 +382,7 @@ impl<'a> Plan<'a> {
             file_bytes: inodes.iter().filter(|i| matches!(i.body, Body::File(_))).map(|i| i.size).sum(),
             ..Stats::default()
         };
-        Ok(Plan { inodes, data_start, blocks: data_start, content: Sha256::new(), stats })
+        Ok(Plan { inodes, data_start, blocks: data_start, content: Sha256::new(), places: HashMap::new(), stats })
     }
 
     /// First pass, part two: data blocks for directories (kept) and distinct
@@ -257,14 +390,17 @@ impl<'a> Plan<'a> {
     /// the second pass writes them.
     fn assign_data(&mut self) -> Result<(), Error> {
         let mut at = Assigner::new(self.data_start);
-        let (content, stats) = (&mut self.content, &mut self.stats);
+        let (content, stats, places) = (&mut self.content, &mut self.stats, &mut self.places);
         for inode in &mut self.inodes {
             match (&mut inode.layout, &inode.body) {
                 (Layout::Plain { blkaddr, blocks }, _) if *blocks > 0 => *blkaddr = at.reserve(*blocks)?,
                 (Layout::Inline { blkaddr, full, .. }, _) if *full > 0 => *blkaddr = at.reserve(*full)?,
                 (Layout::Chunked, Body::File(file)) => at.file(file, |_, chunk| {
                     match chunk {
-                        Chunk::Run { number, count, new, .. } => {
+                        Chunk::Run { digest, number, count, addr, new, .. } => {
+                            if new {
+                                places.insert(digest.clone(), Place { addr, count });
+                            }
                             for k in 0..count {
                                 content.update(b"B");
                                 content.update(number.to_le_bytes());
@@ -441,8 +577,9 @@ impl<'a> Plan<'a> {
         })
     }
 
-    /// Second pass: metadata, then every data block in ascending order.
-    fn write_image(&mut self, file: &File, out: &Path) -> Result<(), Error> {
+    /// Second pass: metadata, then every data block in ascending order,
+    /// except blob runs already `placed` at the very blocks this plan gives.
+    fn write_image(&mut self, file: &File, out: &Path, placed: &HashMap<Digest, Place>) -> Result<(), Error> {
         let mut sink = Sink { w: BufWriter::with_capacity(1 << 20, file), pos: 0, path: out };
         self.write_metadata(&mut sink, file)?;
         let mut at = Assigner::new(self.data_start);
@@ -462,7 +599,7 @@ impl<'a> Plan<'a> {
                 }
                 (Layout::Inline { full, .. }, Body::File(_)) => debug_assert_eq!(*full, 0),
                 (Layout::Chunked, Body::File(file)) => {
-                    at.file(file, |pieces, chunk| write_chunk(&mut sink, pieces, chunk, &mut block))?
+                    at.file(file, |pieces, chunk| write_chunk(&mut sink, pieces, chunk, &mut block, placed))?
                 }
                 (Layout::Plain { blocks, .. }, Body::File(_)) => debug_assert_eq!(*blocks, 0),
                 _ => {}
@@ -497,7 +634,7 @@ struct BlobPlace {
 enum Chunk<'a> {
     /// The `count` whole chunks of a blob that starts on a chunk boundary:
     /// blocks `addr..addr + count`, written by this copy if `new`.
-    Run { path: &'a Path, number: u32, count: u64, addr: u32, new: bool },
+    Run { digest: &'a Digest, path: &'a Path, number: u32, count: u64, addr: u32, new: bool },
     /// Chunk `start..end`: a hole (no key), or block `addr`.
     One { start: u64, end: u64, key: Option<ChunkKey>, addr: u32, new: bool },
 }
@@ -540,7 +677,7 @@ impl<'a> Assigner<'a> {
                             (addr, true)
                         }
                     };
-                    each(&pieces, Chunk::Run { path, number, count, addr, new })?;
+                    each(&pieces, Chunk::Run { digest, path, number, count, addr, new })?;
                     start += count * CHUNK;
                     continue;
                 }
@@ -765,10 +902,19 @@ fn piece_list_hash(pieces: &Pieces<'_>, start: u64, end: u64) -> [u8; 32] {
 
 /// Writes a chunk (or run) that owns its block, i.e. its first occurrence;
 /// the rest are already written.
-fn write_chunk(sink: &mut Sink<'_, '_>, pieces: &Pieces<'_>, chunk: Chunk<'_>, block: &mut [u8]) -> Result<(), Error> {
+fn write_chunk(
+    sink: &mut Sink<'_, '_>,
+    pieces: &Pieces<'_>,
+    chunk: Chunk<'_>,
+    block: &mut [u8],
+    placed: &HashMap<Digest, Place>,
+) -> Result<(), Error> {
     match chunk {
-        Chunk::Run { path, count, addr, new: true, .. } => {
+        Chunk::Run { digest, path, count, addr, new: true, .. } => {
             sink.expect_block(addr);
+            if placed.get(digest) == Some(&Place { addr, count }) {
+                return sink.skip(count * CHUNK);
+            }
             sink.copy_blob(path, 0, count * CHUNK)
         }
         Chunk::One { start, end, key: Some(_), addr, new: true } => {
@@ -855,6 +1001,13 @@ impl Sink<'_, '_> {
     fn pad_to_block(&mut self) -> Result<(), Error> {
         let pad = self.pos.next_multiple_of(BLOCK) - self.pos;
         self.write(&vec![0u8; pad as usize])
+    }
+
+    /// Moves past `len` bytes already in the file.
+    fn skip(&mut self, len: u64) -> Result<(), Error> {
+        self.w.seek(SeekFrom::Current(len as i64)).map_err(io_err(self.path))?;
+        self.pos += len;
+        Ok(())
     }
 
     /// Copies `len` bytes at `offset` of a blob file (in-kernel where possible).
