@@ -671,6 +671,7 @@ fn bench() {
     let mut mk_ctr = Series::default();
     let mut limits = Vec::new();
     let mut floors = Vec::new();
+    let mut rewrites = Vec::new();
     let mut phases: Vec<Phases> = Vec::new();
     let mut summaries = Vec::new();
     let mut erofs_partition = PathBuf::new();
@@ -691,6 +692,11 @@ fn bench() {
                     parts.insert(name, dir_bytes(&part));
                     if format == "erofs" {
                         phases.push(p);
+                        // The partition write alone, as issue 16 measures it:
+                        // warm cache, output removed (blobs still hashed).
+                        std::fs::remove_dir_all(part.parent().unwrap()).unwrap();
+                        let (r, _, _, _) = preseed_bundle(&manifest, &dir, format);
+                        rewrites.push(r.secs);
                         limits.push(machine_limit(Path::new(&cache), &corpus.unique_blobs));
                         floors.push(registry_floor(&reg, &corpus));
                         let keep = work.path().join("preseed.erofs");
@@ -804,6 +810,7 @@ fn bench() {
         ],
         limit,
         floor: median(&floors),
+        rewrite: median(&rewrites),
         phases_ours: Phases {
             fetch: median(&phases.iter().map(|p| p.fetch).collect::<Vec<_>>()),
             tarball_sums: median(&phases.iter().map(|p| p.tarball_sums).collect::<Vec<_>>()),
@@ -844,6 +851,8 @@ struct Report<'a> {
     limit: f64,
     /// GET every unique blob once from the registry (median).
     floor: f64,
+    /// The erofs partition written from a warm cache, output removed (median).
+    rewrite: f64,
     /// Phases of the cold erofs bundle (medians).
     phases_ours: Phases,
     loader: bool,
@@ -910,8 +919,8 @@ impl Report<'_> {
         let ph = self.phases_ours;
         let _ = writeln!(
             o,
-            "preseed erofs cold, by phase (medians; from cache file mtimes): download + verify {:.2}s, tarball sha256s after the last download {:.2}s, partition write {:.2}s.\n",
-            ph.fetch, ph.tarball_sums, ph.write
+            "preseed erofs cold, by phase (medians; from cache file mtimes): download + verify (downloaded blobs are copied into the partition as they arrive) {:.2}s, tarball sha256s after the last download {:.2}s, the rest of the partition {:.2}s. The partition write alone (warm cache, output removed, cached blobs hashed again alongside): {:.2}s.\n",
+            ph.fetch, ph.tarball_sums, ph.write, self.rewrite
         );
         let _ = writeln!(
             o,
@@ -1021,7 +1030,7 @@ impl Report<'_> {
             format!("{:.2}×", skopeo / ours_s),
             Some(skopeo / ours_s >= 5.0),
         );
-        let io_floor = self.floor + self.phases_ours.write;
+        let io_floor = self.floor + self.rewrite;
         goal(
             &mut o,
             "bundle cold within 1.5× of registry floor + partition write",
@@ -1121,26 +1130,27 @@ impl Report<'_> {
             o,
             "* Machine limit: this CPU has SHA-NI, so read + sha256 runs at {:.0} MB/s on all cores and the limit is {:.2}s. \
              It leaves out two costs no bundler avoids here: the registry, on the same cores, needs {:.2}s just to serve the bytes once \
-             (registry floor), and the partition is a second copy of every byte (preseed's write phase, {:.2}s). \
+             (registry floor), and the partition is a second copy of every byte (written alone from a warm cache: {:.2}s). \
              Floor + write = {:.2}s = {:.1}× the limit, so \"within 3×\" is out of reach on a 2-core machine that also runs the registry.",
             unique / self.limit / 1e6,
             self.limit,
             self.floor,
-            ph.write,
-            self.floor + ph.write,
-            (self.floor + ph.write) / self.limit
+            self.rewrite,
+            self.floor + self.rewrite,
+            (self.floor + self.rewrite) / self.limit
         );
         let _ = writeln!(
             o,
-            "* Bundle warm ({warm:.2}s): nothing is downloaded or hashed, but the partition is written again from the cache ({:.0} MB copied). \
-             Skipping an unchanged partition (same plan as the one on disk) would bring it to the time of reading the manifests.",
+            "* Bundle warm ({warm:.2}s): nothing is downloaded or hashed, and the partition ({:.0} MB) is not written again: the stamp beside it \
+             shows it was written from the same plan and not touched since.",
             self.parts["preseed erofs"] as f64 / 1e6
         );
         let _ = writeln!(
             o,
             "* Bundle cold ({ours:.2}s) is download + verify {:.2}s, tarball sha256s after the last download {:.2}s (each tarball is hashed \
              as soon as its last blob is in, while the other downloads go on; the tail is what the last tarballs still need), \
-             partition write {:.2}s. To profile it: `PRESEED_BENCH_SERVE=/tmp/p cargo test --release --test bench serve_corpus -- --ignored` serves this corpus and writes `/tmp/p/bundles.toml`; run `perf record --call-graph dwarf target/release/preseed bundle …` against it.",
+             the rest of the partition {:.2}s (each downloaded blob was copied to its blocks as soon as it was verified; what is left is \
+             the filesystem metadata, tar headers, `preseed.json` and the final fsync). To profile it: `PRESEED_BENCH_SERVE=/tmp/p cargo test --release --test bench serve_corpus -- --ignored` serves this corpus and writes `/tmp/p/bundles.toml`; run `perf record --call-graph dwarf target/release/preseed bundle …` against it.",
             ph.fetch, ph.tarball_sums, ph.write
         );
         let _ = writeln!(
