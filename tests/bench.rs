@@ -1254,16 +1254,189 @@ fn scale_synthetic() {
          keeps one entry per blob and per chunk that straddles a tar header, and streams the block maps."
     );
     print!("{o}");
-    if let Ok(out) = std::env::var("PRESEED_BENCH_OUT") {
-        let old = std::fs::read_to_string(&out).unwrap_or_default();
-        // Replace the section of an earlier run; `bench` leaves none.
-        let kept = match old.find("## Scale (issue 16)") {
-            Some(at) => old[..at].to_string(),
-            None => old,
-        };
-        let sep = if kept.is_empty() || kept.ends_with("\n\n") { "" } else { "\n" };
-        std::fs::write(&out, format!("{kept}{sep}{o}")).unwrap();
+    write_section("## Scale (issue 16)", &o);
+}
+
+/// Replaces the section that starts with `header` in `PRESEED_BENCH_OUT`
+/// (up to the next `## ` heading), or appends it; `bench` rewrites the file
+/// first, the scale tests add their sections after it.
+fn write_section(header: &str, body: &str) {
+    let Ok(out) = std::env::var("PRESEED_BENCH_OUT") else { return };
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let (before, after) = match old.find(header) {
+        Some(at) => {
+            let end = old[at + header.len()..].find("\n## ").map_or(old.len(), |e| at + header.len() + e + 1);
+            (old[..at].to_string(), old[end..].to_string())
+        }
+        None => (old, String::new()),
+    };
+    let sep = if before.is_empty() || before.ends_with("\n\n") { "" } else { "\n" };
+    let gap = if after.is_empty() { "" } else { "\n" };
+    std::fs::write(&out, format!("{before}{sep}{body}{gap}{after}")).unwrap();
+}
+
+/// Sizes of blobs of at most 256 MiB that add up to `total`; odd sizes, so
+/// every blob ends mid-block as real layers do.
+fn pieces(total: u64) -> Vec<u64> {
+    const MAX: u64 = 256 << 20;
+    let n = total.div_ceil(MAX).max(1);
+    (0..n).map(|i| total / n + 2 * i + 1).collect()
+}
+
+/// Pushes `unique` bytes of seeded random blobs as the synthetic corpus'
+/// shape (`support::synthetic`: a quarter in shared bases, the rest in each
+/// image's own layers) and returns bundles.toml. Blobs are generated and
+/// pushed one at a time, so the test holds at most one blob in memory;
+/// nothing unpacks them, so they need not be gzip.
+fn push_real(reg: &Registry, unique: u64) -> String {
+    use support::synthetic::{BASES, IMAGES, OWN_LAYERS};
+    let blob = |seed: u64, size: u64| -> (String, u64) {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut bytes = vec![0u8; size as usize];
+        for chunk in bytes.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        (reg.push_blob("scale/blobs", &bytes), size)
+    };
+    let bases: Vec<Vec<(String, u64)>> = (0..BASES as u64)
+        .map(|b| {
+            pieces(unique / 4 / BASES as u64)
+                .into_iter()
+                .enumerate()
+                .map(|(k, n)| blob(1000 * b + k as u64, n))
+                .collect()
+        })
+        .collect();
+    let mut text = format!("[registries.\"{}\"]\ninsecure = true\n", reg.host());
+    for i in 0..IMAGES {
+        let mut layers = bases[i % BASES].clone();
+        let own = unique * 3 / 4 / (IMAGES * OWN_LAYERS) as u64;
+        for l in 0..OWN_LAYERS {
+            for (k, n) in pieces(own).into_iter().enumerate() {
+                layers.push(blob(100_000 + 1000 * (i * OWN_LAYERS + l) as u64 + k as u64, n));
+            }
+        }
+        let repo = format!("scale/image-{i}");
+        for (d, _) in &layers {
+            // Cross-repository mount, as a registry would for a shared base.
+            let r = reg.call("POST", &format!("/v2/{repo}/blobs/uploads/?mount={d}&from=scale/blobs"), &[], &[]);
+            assert_eq!(r.status, 201, "mount {d} into {repo}");
+        }
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>()},
+        }))
+        .unwrap();
+        let config_digest = reg.push_blob(&repo, &config);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": layers.iter().map(|(d, n)| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n,
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        let digest = reg.push_manifest(&repo, "v1", "application/vnd.oci.image.manifest.v1+json", &manifest);
+        text += &format!("\n[[image]]\nref = \"{}/{repo}:v1@{digest}\"\nfile = \"image-{i}\"\n", reg.host());
     }
+    text
+}
+
+/// Free bytes of the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(dir).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Issue 16's scale table with real bytes: for each size of
+/// `PRESEED_BENCH_REAL_GB` (comma-separated, default 1,4,10), seeded random
+/// blobs are pushed to a fresh registry and bundled cold (empty cache),
+/// warm (nothing changed) and rewritten (warm cache, output removed). A size
+/// the disk cannot hold three times over (registry, cache, partition) is
+/// reported as skipped, never silently left out.
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn scale_real() {
+    if !support::require_root() {
+        return;
+    }
+    let sizes: Vec<f64> = std::env::var("PRESEED_BENCH_REAL_GB")
+        .unwrap_or_else(|_| "1,4,10".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("PRESEED_BENCH_REAL_GB: numbers of GB"))
+        .collect();
+    let load_before = loadavg();
+    let mut rows = Vec::new();
+    for gb in sizes {
+        let unique = (gb * 1e9) as u64;
+        let tmp = std::env::temp_dir();
+        let free = free_bytes(&tmp);
+        if free < unique * 3 + (2 << 30) {
+            rows.push(format!("| {gb} GB | skipped: {} free, needs 3× the corpus + 2 GB | | | | | | | |", mb(free)));
+            continue;
+        }
+        let reg = Registry::start().expect("docker-registry");
+        let gen = Instant::now();
+        let text = push_real(&reg, unique);
+        let gen_secs = gen.elapsed().as_secs_f64();
+        let work = tempfile::Builder::new().prefix("preseed-scale-").tempdir().unwrap();
+        let manifest = work.path().join("bundles.toml");
+        std::fs::write(&manifest, text).unwrap();
+        settle();
+        let (cold, _, part, cache) = preseed_bundle(&manifest, work.path(), "erofs");
+        let (warm, _, _, _) = preseed_bundle(&manifest, work.path(), "erofs");
+        let part_bytes = dir_bytes(&part);
+        std::fs::remove_dir_all(part.parent().unwrap()).unwrap();
+        let (rewrite, _, _, _) = preseed_bundle(&manifest, work.path(), "erofs");
+        let blobs = Path::new(&cache).join("blobs/sha256");
+        let unique_bytes: u64 = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        // The disk's share: a cold bundle writes every byte twice (cache
+        // and partition); `cp` + `sync` writes it once.
+        std::fs::remove_dir_all(part.parent().unwrap()).unwrap();
+        let cp = cp_sync(&blobs, work.path());
+        eprintln!("scale_real {gb} GB: pushed in {gen_secs:.1}s, cold {cold:?}, warm {warm:?}, rewrite {rewrite:?}, cp {cp:?}");
+        rows.push(format!(
+            "| {gb} GB | {} | {:.4} | {:.1}s | {:.0} MB/s | {:.1}s | {:.2}s | {:.1}s | {} MiB / {} MiB |",
+            mb(part_bytes),
+            part_bytes as f64 / unique_bytes as f64,
+            cold.secs,
+            unique_bytes as f64 / 1e6 / cold.secs,
+            2.0 * cp.secs,
+            warm.secs,
+            rewrite.secs,
+            cold.rss_kib / 1024,
+            rewrite.rss_kib / 1024
+        ));
+    }
+    let mut o = String::new();
+    let _ = writeln!(o, "## Scale with real bytes (issue 16)\n");
+    let _ = writeln!(
+        o,
+        "`cargo test --release --test bench scale_real -- --ignored`: the synthetic corpus' shape ({} images, {} shared bases, \
+         {} layers of their own each, blobs of at most 256 MiB) as seeded random bytes pushed to a loopback `docker-registry`, \
+         then `preseed bundle` (erofs) cold (empty cache), warm (nothing changed) and rewritten (warm cache, output removed; \
+         every cached blob hashed again alongside). One run per size. A cold bundle writes every byte twice, into the cache and \
+         into the partition: \"2 × cp\" is `cp -r` of the cached blobs + `sync`, twice, this disk's floor for that. Once the \
+         corpus outgrows what the page cache may hold dirty, both are bound by the disk. Load average {load_before} before, {} after.\n",
+        support::synthetic::IMAGES,
+        support::synthetic::BASES,
+        support::synthetic::OWN_LAYERS,
+        loadavg()
+    );
+    let _ = writeln!(
+        o,
+        "| unique blobs | partition | partition / unique | cold | cold rate | 2 × cp | warm | rewrite | peak RSS cold / rewrite |"
+    );
+    let _ = writeln!(o, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        let _ = writeln!(o, "{r}");
+    }
+    print!("{o}");
+    write_section("## Scale with real bytes (issue 16)", &o);
 }
 
 /// The child process of `scale_synthetic`.
