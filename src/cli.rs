@@ -165,6 +165,19 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command runs on the node (at boot, beside the workloads)
+    /// rather than on a build machine.
+    pub fn is_node_side(&self) -> bool {
+        match self {
+            #[cfg(feature = "containerd")]
+            Command::Load { .. } => true,
+            Command::Place { .. } | Command::Serve { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// `--verity-root-hash HEX | --verity-root-hash-file F` (load, place, inspect).
 #[derive(clap::Args)]
 pub struct VerityArgs {

@@ -10,7 +10,7 @@ use preseed::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Load { .. } | Command::Place { .. } | Command::Serve { .. }) {
+    if cli.command.is_node_side() {
         one_malloc_arena();
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
