@@ -179,18 +179,22 @@ impl Staged {
     /// Safe to call from several threads at once.
     pub fn place(&self, digest: &Digest, path: &Path) -> Result<(), Error> {
         let Some(&place) = self.places.get(digest) else { return Ok(()) };
-        let src = File::open(path).map_err(io_err(path))?;
         let len = place.count * CHUNK;
-        copy_range(&src, path, self.tmp.as_file(), &self.path, u64::from(place.addr) * BLOCK, len)?;
+        let at = u64::from(place.addr) * BLOCK;
+        // Its own open file, so its own offset: blobs are placed from
+        // several threads at once. `io::copy` between files is
+        // `copy_file_range` where the kernel allows, as in `Sink::copy_blob`.
+        let mut src = File::open(path).map_err(io_err(path))?.take(len);
+        let mut dst = fs::OpenOptions::new().write(true).open(self.tmp.path()).map_err(io_err(&self.path))?;
+        dst.seek(SeekFrom::Start(at)).map_err(io_err(&self.path))?;
+        let copied = io::copy(&mut src, &mut dst).map_err(io_err(&self.path))?;
+        if copied != len {
+            return Err(Error::ShortBlob { path: path.to_path_buf(), offset: copied, wanted: len - copied });
+        }
         // Start writeback now, so the final fsync finds little left to do.
         // SAFETY: plain syscall on an open descriptor; no memory is passed.
         unsafe {
-            libc::sync_file_range(
-                self.tmp.as_file().as_raw_fd(),
-                (u64::from(place.addr) * BLOCK) as i64,
-                len as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+            libc::sync_file_range(self.tmp.as_file().as_raw_fd(), at as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
         }
         self.placed.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.clone(), place);
         Ok(())
@@ -212,53 +216,6 @@ impl Staged {
         self.tmp.persist(&out).map_err(|e| Error::Io { path: out.clone(), source: e.error })?;
         Ok(plan.stats)
     }
-}
-
-/// Copies `len` bytes from the start of `src` to offset `at` of `dst`, in
-/// the kernel where it can (`copy_file_range`), else through a buffer.
-fn copy_range(src: &File, src_path: &Path, dst: &File, dst_path: &Path, at: u64, len: u64) -> Result<(), Error> {
-    let (mut off_in, mut off_out) = (0i64, at as i64);
-    let mut left = len;
-    while left > 0 {
-        // SAFETY: both descriptors are open; the offsets are ours.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                left.min(1 << 30) as usize,
-                0,
-            )
-        };
-        if n > 0 {
-            left -= n as u64;
-            continue;
-        }
-        if n == 0 {
-            return Err(Error::ShortBlob { path: src_path.to_path_buf(), offset: off_in as u64, wanted: left });
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            // Not supported between these files: copy the rest by hand.
-            Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP) => break,
-            Some(libc::EINTR) => continue,
-            _ => return Err(Error::Io { path: dst_path.to_path_buf(), source: e }),
-        }
-    }
-    let mut buf = vec![0u8; (left.min(1 << 20)) as usize];
-    while left > 0 {
-        let n = (left as usize).min(buf.len());
-        src.read_exact_at(&mut buf[..n], off_in as u64).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => {
-                Error::ShortBlob { path: src_path.to_path_buf(), offset: off_in as u64, wanted: left }
-            }
-            _ => Error::Io { path: src_path.to_path_buf(), source: e },
-        })?;
-        dst.write_all_at(&buf[..n], off_out as u64).map_err(io_err(dst_path))?;
-        (off_in, off_out, left) = (off_in + n as i64, off_out + n as i64, left - n as u64);
-    }
-    Ok(())
 }
 
 /// One directory entry, `.` and `..` included.
