@@ -128,6 +128,14 @@ pub enum Command {
         /// containerd's configuration file.
         #[arg(long, default_value = crate::place::config::DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Copy nothing: mount the partition (erofs) for good as the lower layer of an overlay on
+        /// containerd's content directory.
+        #[arg(long)]
+        overlay: bool,
+        /// With --overlay: the partition that was the lower layer before (image file, device or
+        /// directory), to keep the blobs only it had when the partition changed.
+        #[arg(long, value_name = "PARTITION", requires = "overlay")]
+        previous: Option<PathBuf>,
         /// Machine-readable report on stdout.
         #[arg(long)]
         json: bool,

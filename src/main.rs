@@ -111,12 +111,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Place { from, root, config, json, verity } => {
+        Command::Place { from, root, config, overlay, previous, json, verity } => {
             let mut opts = preseed::place::PlaceOptions::new(from.source());
             opts.root = root;
             opts.config = config;
             opts.verity_root_hash = verity.root_hash()?;
-            let report = tokio::task::spawn_blocking(move || preseed::place::place(&opts)).await??;
+            let previous = previous.as_deref().map(preseed::partition::open::Source::detect);
+            let report = tokio::task::spawn_blocking(move || match overlay {
+                true => preseed::place::overlay::overlay(&opts, previous.as_ref()),
+                false => preseed::place::place(&opts),
+            })
+            .await??;
             if json {
                 println!("{}", report.to_json());
             } else {

@@ -510,6 +510,10 @@ fn assemble(
         });
         tree.insert_file(&e.tarball_path(), file.clone());
     }
+    // squashfs cannot share blocks between files: it would store every blob twice.
+    if format == Format::Erofs {
+        tree.insert_content_store();
+    }
     let index = PartitionIndex {
         version: INDEX_VERSION,
         images: indexed,

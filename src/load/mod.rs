@@ -180,7 +180,7 @@ pub async fn load(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
 #[cfg(feature = "containerd")]
 pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Result<LoadReport, LoadError> {
     let start = Instant::now();
-    let open_opts = crate::partition::open::OpenOptions { verity_root_hash: opts.verity_root_hash };
+    let open_opts = crate::partition::open::OpenOptions { verity_root_hash: opts.verity_root_hash, mount_at: None };
     let opened = crate::partition::open::open_with_options(&opts.source, &open_opts, sys)?;
     let (root, source_id) = (opened.root().to_path_buf(), opened.id().to_string());
     let listing = match source::list(&root) {

@@ -7,6 +7,13 @@ use crate::digest::Digest;
 
 /// File name of the index, at the partition root.
 pub const INDEX_FILE: &str = "preseed.json";
+/// Directory of an erofs partition laid out as containerd's local content
+/// store: `.content/blobs/sha256/<hex>` for every blob of every tarball.
+/// Each file's whole 4 KiB chunks are the tarballs' own blocks, so it costs
+/// metadata only; `preseed place --overlay` mounts it under containerd's
+/// content directory. The leading dot keeps it apart from namespaces
+/// (a containerd namespace starts with a letter or digit).
+pub const CONTENT_DIR: &str = ".content";
 /// Format version of the index; bump on incompatible changes. Readers
 /// ignore fields they do not know (no `deny_unknown_fields` here), so an
 /// added optional field (as `blobs` and `boot` were) keeps older loaders

@@ -58,14 +58,8 @@ pub fn read_index(path: &Path) -> Result<PartitionIndex, InspectError> {
 /// [`read_index`] of a partition (image file or block device) opened
 /// through dm-verity, checked against `root`.
 pub fn read_index_verified(path: &Path, root: &RootHash) -> Result<PartitionIndex, InspectError> {
-    let source = if std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false) {
-        Source::Image(path.to_path_buf())
-    } else if path.is_dir() {
-        Source::Dir(path.to_path_buf())
-    } else {
-        Source::Device(path.to_path_buf())
-    };
-    let opts = OpenOptions { verity_root_hash: Some(*root) };
+    let source = Source::detect(path);
+    let opts = OpenOptions { verity_root_hash: Some(*root), mount_at: None };
     let opened = super::open::open_with_options(&source, &opts, std::sync::Arc::new(super::mount::LinuxMount))?;
     read_json(&opened.root().join(INDEX_FILE)).map_err(|e| match e {
         InspectError::Io { path, source } if source.raw_os_error() == Some(libc::EIO) => InspectError::Corrupt { path },

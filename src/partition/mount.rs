@@ -1,7 +1,8 @@
 //! Mounting the partition read-only: an image file through a loop device, or
 //! a block device directly, as erofs or squashfs told apart by superblock
 //! magic. Anything else is refused before anything is attached or mounted.
-//! The mount goes away when [`Mounted`] is dropped.
+//! The mount goes away when [`Mounted`] is dropped, unless it is kept
+//! ([`Mounted::keep`], for `preseed place --overlay`).
 //!
 //! The syscalls sit behind [`MountSys`] so the decision logic is testable
 //! without root.
@@ -81,11 +82,13 @@ impl LoopHandle {
     }
 }
 
-/// A mounted partition; unmounted and its mount point removed on drop.
+/// A mounted partition; unmounted (and a temp mount point removed) on drop.
 pub struct Mounted {
     dir: PathBuf,
     format: Format,
     sys: Arc<dyn MountSys>,
+    /// The mount point is a temp directory of ours.
+    temp: bool,
 }
 
 impl Mounted {
@@ -98,12 +101,20 @@ impl Mounted {
     pub fn format(&self) -> Format {
         self.format
     }
+
+    /// Leaves the partition mounted after this process: the loop device
+    /// (autoclear) goes when the mount is unmounted.
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = self.sys.unmount(&self.dir);
-        let _ = std::fs::remove_dir(&self.dir);
+        if self.temp {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
     }
 }
 
@@ -127,6 +138,17 @@ pub fn sniff(path: &Path) -> Result<Format, MountError> {
 /// Mounts an image file (`loop = true`) or a block device read-only on a
 /// fresh directory.
 pub fn mount(path: &Path, loop_file: bool, sys: Arc<dyn MountSys>) -> Result<Mounted, MountError> {
+    mount_on(path, loop_file, None, sys)
+}
+
+/// [`mount`] on the existing directory `target` (left in place on drop),
+/// or on a fresh temp directory.
+pub fn mount_on(
+    path: &Path,
+    loop_file: bool,
+    target: Option<&Path>,
+    sys: Arc<dyn MountSys>,
+) -> Result<Mounted, MountError> {
     let format = sniff(path)?;
     let handle = if loop_file {
         Some(sys.attach_loop(path).map_err(|source| MountError::Loop { path: path.to_path_buf(), source })?)
@@ -134,13 +156,19 @@ pub fn mount(path: &Path, loop_file: bool, sys: Arc<dyn MountSys>) -> Result<Mou
         None
     };
     let device = handle.as_ref().map(|h| h.device.clone()).unwrap_or_else(|| path.to_path_buf());
-    let dir = tempfile::Builder::new()
-        .prefix("preseed-mnt-")
-        .tempdir()
-        .map_err(|source| MountError::Io { path: std::env::temp_dir(), source })?
-        .keep();
+    let temp = target.is_none();
+    let dir = match target {
+        Some(t) => t.to_path_buf(),
+        None => tempfile::Builder::new()
+            .prefix("preseed-mnt-")
+            .tempdir()
+            .map_err(|source| MountError::Io { path: std::env::temp_dir(), source })?
+            .keep(),
+    };
     if let Err(source) = sys.mount_ro(&device, &dir, format.extension()) {
-        let _ = std::fs::remove_dir(&dir);
+        if temp {
+            let _ = std::fs::remove_dir(&dir);
+        }
         let hint = match source.raw_os_error() {
             Some(libc::ENODEV) => {
                 " (is the kernel's filesystem driver loaded? try `modprobe erofs` or `modprobe squashfs`)"
@@ -152,7 +180,7 @@ pub fn mount(path: &Path, loop_file: bool, sys: Arc<dyn MountSys>) -> Result<Mou
     }
     // The mount now holds the loop device; our handle may go.
     drop(handle);
-    Ok(Mounted { dir, format, sys })
+    Ok(Mounted { dir, format, sys, temp })
 }
 
 /// The real syscalls.

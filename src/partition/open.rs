@@ -25,11 +25,32 @@ pub enum Source {
     Dir(PathBuf),
 }
 
+impl Source {
+    /// What a path names: a regular file is an image, a directory a
+    /// directory, anything else (a block device) a device.
+    pub fn detect(path: &Path) -> Source {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => Source::Image(path.to_path_buf()),
+            Ok(m) if m.is_dir() => Source::Dir(path.to_path_buf()),
+            _ => Source::Device(path.to_path_buf()),
+        }
+    }
+
+    /// The path as given.
+    pub fn path(&self) -> &Path {
+        match self {
+            Source::Image(p) | Source::Device(p) | Source::Dir(p) => p,
+        }
+    }
+}
+
 /// How to open a source.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     /// Open the partition through dm-verity, checked against this root hash.
     pub verity_root_hash: Option<RootHash>,
+    /// Mount it on this existing directory rather than a temp one.
+    pub mount_at: Option<PathBuf>,
 }
 
 /// Why a source could not be opened.
@@ -90,6 +111,16 @@ impl Opened {
     pub fn verity(&self) -> Option<&VerityDevice> {
         self.verity.as_ref()
     }
+
+    /// Leaves the partition mounted (and its dm-verity device open) after
+    /// this process, for a mount that outlives it (`place --overlay`).
+    pub fn keep(self) {
+        let Opened { mounted, verity, .. } = self;
+        if let Some(m) = mounted {
+            m.keep();
+        }
+        std::mem::forget(verity);
+    }
 }
 
 /// Opens `source` read-only with the kernel's mount syscalls.
@@ -111,21 +142,22 @@ pub fn open_with_options(source: &Source, opts: &OpenOptions, sys: Arc<dyn Mount
         verity,
         id,
     };
+    let at = opts.mount_at.as_deref();
     Ok(match (source, &opts.verity_root_hash) {
-        (Source::Image(p), None) => opened(mount::mount(p, true, sys)?, None, canonical(p)),
-        (Source::Device(p), None) => opened(mount::mount(p, false, sys)?, None, p.display().to_string()),
+        (Source::Image(p), None) => opened(mount::mount_on(p, true, at, sys)?, None, canonical(p)),
+        (Source::Device(p), None) => opened(mount::mount_on(p, false, at, sys)?, None, p.display().to_string()),
         (Source::Image(p), Some(root)) => {
             // Held until the verity device holds the loop device; it
             // detaches itself when that goes.
             let handle = sys.attach_loop(p).map_err(|source| MountError::Loop { path: p.clone(), source })?;
             let dm = VerityDevice::open(p, &handle.device, root)?;
-            let m = mount_verified(&dm, sys)?;
+            let m = mount_verified(&dm, at, sys)?;
             drop(handle);
             opened(m, Some(dm), canonical(p))
         }
         (Source::Device(p), Some(root)) => {
             let dm = VerityDevice::open(p, p, root)?;
-            let m = mount_verified(&dm, sys)?;
+            let m = mount_verified(&dm, at, sys)?;
             opened(m, Some(dm), p.display().to_string())
         }
         (Source::Dir(p), Some(_)) => return Err(OpenError::VerityNeedsPartition(p.clone())),
@@ -140,8 +172,8 @@ pub fn open_with_options(source: &Source, opts: &OpenOptions, sys: Arc<dyn Mount
 
 /// Mounts the verity device; an EIO means the blocks the filesystem
 /// starts with do not match the tree.
-fn mount_verified(dm: &VerityDevice, sys: Arc<dyn MountSys>) -> Result<Mounted, OpenError> {
-    mount::mount(dm.path(), false, sys).map_err(|e| {
+fn mount_verified(dm: &VerityDevice, at: Option<&Path>, sys: Arc<dyn MountSys>) -> Result<Mounted, OpenError> {
+    mount::mount_on(dm.path(), false, at, sys).map_err(|e| {
         if super::verity_open::is_eio(&e) {
             OpenError::Corrupt { partition: dm.partition().to_path_buf(), device: dm.path().to_path_buf() }
         } else {
@@ -157,7 +189,7 @@ mod tests {
     #[test]
     fn a_root_hash_for_a_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = OpenOptions { verity_root_hash: Some("ab".repeat(32).parse().unwrap()) };
+        let opts = OpenOptions { verity_root_hash: Some("ab".repeat(32).parse().unwrap()), mount_at: None };
         let e = open_with_options(&Source::Dir(dir.path().to_path_buf()), &opts, Arc::new(mount::LinuxMount))
             .err()
             .unwrap();

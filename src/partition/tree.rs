@@ -188,6 +188,26 @@ impl Tree {
         }
     }
 
+    /// Adds `.content/blobs/sha256/<hex>` ([`super::index::CONTENT_DIR`])
+    /// for every blob segment of every file: a file of that one blob. The
+    /// erofs writer stores its whole chunks as the blocks the tarballs
+    /// already use (chunks are matched by digest), so only its block map
+    /// and its last partial block are new.
+    pub fn insert_content_store(&mut self) {
+        let mut blobs: BTreeMap<String, Segment> = BTreeMap::new();
+        for (_, file) in self.files() {
+            for segment in &file.segments {
+                if let Segment::Blob { digest, .. } = segment {
+                    blobs.entry(digest.hex().to_string()).or_insert_with(|| segment.clone());
+                }
+            }
+        }
+        for (hex, segment) in blobs {
+            let path = format!("{}/blobs/sha256/{hex}", super::index::CONTENT_DIR);
+            self.insert_file(&path, PlannedFile { segments: vec![segment] });
+        }
+    }
+
     /// Every file with its `/`-separated path, depth-first in name order.
     pub fn files(&self) -> Vec<(String, &PlannedFile)> {
         let mut out = Vec::new();

@@ -24,6 +24,7 @@
 //!   nothing is placed and the report says why; load then streams.
 
 pub mod config;
+pub mod overlay;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -96,6 +97,47 @@ pub enum PlaceError {
         /// The locked database.
         db: PathBuf,
     },
+    /// The content directory is a mount preseed did not make.
+    #[error("{path} is already a mount point ({fstype}), not preseed's overlay: unmount it first")]
+    ForeignMount {
+        /// The content directory.
+        path: PathBuf,
+        /// What is mounted there.
+        fstype: String,
+    },
+    /// overlayfs cannot take a path with `,`, `:` or `\` in its options.
+    #[error("{path}: overlayfs mount options cannot name a path with ',', ':' or '\\'; use another containerd root")]
+    BadOverlayPath {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The root's content is overlaid, but the new partition cannot be.
+    #[error(
+        "{source_name} has no {dir}/ (a squashfs partition, or bundled by an older preseed), but containerd's content          lives in preseed's overlay: bundle the partition as erofs with this preseed"
+    , dir = crate::partition::index::CONTENT_DIR)]
+    NoContentDir {
+        /// The partition.
+        source_name: String,
+    },
+    /// mount(2) of the overlay failed.
+    #[error("mounting overlayfs on {path} ({options}) failed: {source}")]
+    Overlay {
+        /// The content directory.
+        path: PathBuf,
+        /// The mount options.
+        options: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A copying place on a root whose content lives in the overlay.
+    #[error(
+        "containerd's content on {root} lives in preseed's overlay ({root}/{dir}/upper), which is not mounted: run          preseed place --overlay, not a copying place",
+        dir = overlay::STATE_DIR
+    )]
+    Overlaid {
+        /// containerd's root.
+        root: PathBuf,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -137,8 +179,27 @@ pub struct PlaceReport {
     pub bytes_placed: u64,
     /// Blobs the store had already.
     pub present: usize,
-    /// Blobs not placed because their bytes are wrong.
+    /// Blobs not placed because their bytes are wrong (with `--overlay`:
+    /// hidden from containerd).
     pub damaged: Vec<Damaged>,
+    /// `--overlay`: the partition was mounted under the store, not copied.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub overlay: bool,
+    /// `--overlay`: where the partition is mounted.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub lower: String,
+    /// `--overlay`: blobs the store now has from the partition, uncopied.
+    pub overlaid: usize,
+    /// `--overlay`: their bytes.
+    pub bytes_overlaid: u64,
+    /// `--overlay`: blobs only the previous partition had, copied from it.
+    pub kept_from_previous: usize,
+    /// Their bytes.
+    pub bytes_kept_from_previous: u64,
+    /// `--overlay`: blobs only the previous partition had that could not be
+    /// kept (no `--previous`, or it lacks them): images using them must be
+    /// pulled again.
+    pub lost: Vec<String>,
     /// Things worth knowing.
     pub warnings: Vec<String>,
     /// Wall time, in milliseconds.
@@ -147,8 +208,11 @@ pub struct PlaceReport {
 
 impl PlaceReport {
     /// Whether the command should exit non-zero: the partition is damaged.
+    /// Not with `--overlay`: the overlay is mounted all the same and
+    /// containerd must start (the damaged image then fails its load), so
+    /// damaged and lost blobs are reported but the exit status is 0.
     pub fn failed(&self) -> bool {
-        !self.damaged.is_empty()
+        !self.overlay && !self.damaged.is_empty()
     }
 
     /// Machine-readable report.
@@ -162,17 +226,39 @@ impl PlaceReport {
             writeln!(out, "warning: {w}")?;
         }
         for d in &self.damaged {
+            let what = if self.overlay { "hidden from containerd" } else { "not placed" };
             writeln!(
                 out,
-                "damaged   {} in {}: found {}; not placed (the partition is corrupt: rebuild or re-write it)",
+                "damaged   {} in {}: found {}; {what} (the partition is corrupt: rebuild or re-write it)",
                 d.digest,
                 d.tarballs.join(", "),
                 d.found
             )?;
         }
+        for l in &self.lost {
+            writeln!(
+                out,
+                "lost      {l}: only the previous partition had it and it could not be kept (give that partition \
+                 with --previous); images that use it must be pulled again"
+            )?;
+        }
         let secs = self.duration_ms as f64 / 1000.0;
         match &self.not_placed {
             Some(why) => writeln!(out, "preseed place: nothing placed: {why}; preseed load will stream the images"),
+            None if self.overlay => writeln!(
+                out,
+                "preseed place: {} blobs ({}) of {} overlaid on {} (mounted on {}), none copied; {} kept from the \
+                 previous partition ({}), {} lost, {} damaged in {secs:.2}s",
+                self.overlaid,
+                human_bytes(self.bytes_overlaid),
+                self.source,
+                self.root,
+                self.lower,
+                self.kept_from_previous,
+                human_bytes(self.bytes_kept_from_previous),
+                self.lost.len(),
+                self.damaged.len()
+            ),
             None => writeln!(
                 out,
                 "preseed place: {} blobs placed ({}), {} already in {}, {} damaged in {secs:.2}s",
@@ -198,26 +284,22 @@ struct Candidate {
 pub fn place(opts: &PlaceOptions) -> Result<PlaceReport, PlaceError> {
     let start = Instant::now();
     let mut report = PlaceReport::default();
-    let content = match config::read(&opts.config) {
-        Ok(c) => Some(c),
-        Err(e) if opts.root.is_some() => {
-            report.warnings.push(format!("{e} (using --root; content sharing policy unknown)"));
-            None
-        }
-        Err(e) => {
-            report.not_placed = Some(format!("containerd's root is unknown ({e}); give it with --root"));
-            return Ok(report);
-        }
-    };
-    let root = opts.root.clone().or_else(|| content.as_ref().map(|c| c.root.clone())).expect("one of them is set");
-    report.root = root.display().to_string();
-    if let Some(why) = content.and_then(|c| c.unusable) {
-        report.not_placed = Some(why);
-        return Ok(report);
-    }
+    let Some(root) = root(opts, &mut report) else { return Ok(report) };
     let _lock = lock(&root)?;
+    if overlay::is_overlaid(&root) && !overlay::is_mounted(&root) {
+        return Err(PlaceError::Overlaid { root });
+    }
+    copy_all(opts, &root, report, start)
+}
 
-    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash.clone() };
+/// The copying place itself, with containerd's lock held.
+fn copy_all(
+    opts: &PlaceOptions,
+    root: &Path,
+    mut report: PlaceReport,
+    start: Instant,
+) -> Result<PlaceReport, PlaceError> {
+    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash.clone(), mount_at: None };
     let opened = open::open_with_options(&opts.source, &open_opts, Arc::new(crate::partition::mount::LinuxMount))?;
     // Through dm-verity every block read is checked against the root hash.
     let verified = opened.verity().is_some();
@@ -298,6 +380,29 @@ pub fn place(opts: &PlaceOptions) -> Result<PlaceReport, PlaceError> {
     drop(opened);
     report.duration_ms = start.elapsed().as_millis().min(u64::MAX as u128) as u64;
     Ok(report)
+}
+
+/// containerd's root, from the options or its config; `None` (with the
+/// reason in the report) where placed blobs would not be used.
+fn root(opts: &PlaceOptions, report: &mut PlaceReport) -> Option<PathBuf> {
+    let content = match config::read(&opts.config) {
+        Ok(c) => Some(c),
+        Err(e) if opts.root.is_some() => {
+            report.warnings.push(format!("{e} (using --root; content sharing policy unknown)"));
+            None
+        }
+        Err(e) => {
+            report.not_placed = Some(format!("containerd's root is unknown ({e}); give it with --root"));
+            return None;
+        }
+    };
+    let root = opts.root.clone().or_else(|| content.as_ref().map(|c| c.root.clone())).expect("one of them is set");
+    report.root = root.display().to_string();
+    if let Some(why) = content.and_then(|c| c.unusable) {
+        report.not_placed = Some(why);
+        return None;
+    }
+    Some(root)
 }
 
 /// Takes containerd's own lock on its metadata database, without waiting.

@@ -229,8 +229,8 @@ impl Entry {
     }
 }
 
-/// Writes one preseed tarball for `e` to `path`.
-pub fn write_tarball(cache: &BlobCache, e: &Entry, path: &Path) -> u64 {
+/// The planned preseed tarball for `e`.
+pub fn plan(cache: &BlobCache, e: &Entry) -> preseed::partition::tree::PlannedFile {
     let tag = e.name.rsplit_once(':').map(|(_, t)| t.to_string()).filter(|t| !t.contains('/'));
     let spec = TarballSpec {
         name: e.name.clone(),
@@ -239,7 +239,12 @@ pub fn write_tarball(cache: &BlobCache, e: &Entry, path: &Path) -> u64 {
         root: e.image.root.clone(),
         blobs: e.image.blobs.clone(),
     };
-    let plan = plan_tarball(&spec, cache);
+    plan_tarball(&spec, cache)
+}
+
+/// Writes one preseed tarball for `e` to `path`.
+pub fn write_tarball(cache: &BlobCache, e: &Entry, path: &Path) -> u64 {
+    let plan = plan(cache, e);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let mut f = std::fs::File::create(path).unwrap();
     std::io::copy(&mut plan.reader(), &mut f).unwrap();

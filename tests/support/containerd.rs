@@ -309,8 +309,8 @@ impl Containerd {
         }
     }
 
-    /// Unmounts everything mounted below our directory, deepest first.
-    fn unmount_all(&self) {
+    /// Unmounts everything mounted under this containerd's directory.
+    pub fn unmount_all(&self) {
         let prefix = self.dir.path().to_string_lossy().into_owned();
         let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()

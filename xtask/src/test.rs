@@ -35,6 +35,7 @@ const PACKAGES: &[(&str, &str)] = &[
 const CONTAINERD_SUITES: &[(&str, Option<&str>)] = &[
     ("load", None),
     ("place", None),
+    ("overlay", None),
     ("boot", None),
     ("verity", None),
     ("e2e", None),

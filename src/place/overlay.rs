@@ -1,0 +1,466 @@
+//! `preseed place --overlay`: zero copy. The partition's `.content`
+//! directory (every blob as `blobs/sha256/<hex>`, sharing the tarballs'
+//! blocks) becomes the read-only lower layer of an overlayfs mounted on
+//! containerd's content directory; containerd's own files live in the upper
+//! layer. containerd then finds every blob of the partition in its local
+//! store without a byte copied, and `preseed load` registers them as it
+//! does placed blobs.
+//!
+//! Under `<root>/preseed-overlay/`:
+//! * `lower/`: the partition, mounted for good (it outlives this process,
+//!   as the overlay does);
+//! * `upper/`, `work/`: the overlay's writable layer. The first run moves
+//!   containerd's existing content directory here (one rename);
+//! * `lower.json`: which partition is the lower layer and its blob names.
+//!
+//! What must hold, and how:
+//! * A damaged blob is never served: the lower's blobs are hashed (on all
+//!   cores) whenever the partition is new to this root, unless it is read
+//!   through dm-verity; a damaged one is hidden by a whiteout in the upper
+//!   layer, so load streams it and containerd refuses it.
+//! * GC: containerd deleting a lower blob leaves a whiteout in the upper
+//!   layer; nothing leaks onto the writable disk.
+//! * Partition updates: containerd may still reference blobs that only the
+//!   old partition had (images no longer shipped, pulls that shared a
+//!   layer). Before the new partition goes under the store, those blobs are
+//!   copied into the upper layer from the previous partition (`--previous`,
+//!   e.g. the other slot of an A/B pair), verified. Blobs that cannot be
+//!   found are reported as lost: images using them must be pulled again.
+//! * Again in the same boot (containerd restarted): the overlay is already
+//!   there, nothing is done.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::{io_err, lock, Damaged, PlaceError, PlaceOptions, PlaceReport, TempDir, CONTENT_DIR, PIECE};
+use crate::digest::{Digest, Hasher};
+use crate::partition::index::{CONTENT_DIR as PARTITION_CONTENT, INDEX_FILE};
+use crate::partition::mount::LinuxMount;
+use crate::partition::open::{self, OpenOptions, Source};
+
+/// preseed's overlay state, under containerd's root.
+pub const STATE_DIR: &str = "preseed-overlay";
+const STATE_FILE: &str = "lower.json";
+
+/// Which partition is the lower layer (recorded after each overlay mount).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct LowerState {
+    /// The source as named.
+    source: String,
+    /// sha256 of its `preseed.json`: names the partition's contents.
+    index: String,
+    /// Hex names of its blobs.
+    blobs: BTreeSet<String>,
+}
+
+/// The overlay's paths under containerd's root.
+struct Layout {
+    content: PathBuf,
+    state: PathBuf,
+    lower: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+}
+
+impl Layout {
+    fn new(root: &Path) -> Layout {
+        let state = root.join(STATE_DIR);
+        Layout {
+            content: root.join(CONTENT_DIR),
+            lower: state.join("lower"),
+            upper: state.join("upper"),
+            work: state.join("work"),
+            state,
+        }
+    }
+}
+
+/// Whether containerd's content on `root` lives in preseed's overlay
+/// (then a copying place or a bare containerd would not see it).
+pub fn is_overlaid(root: &Path) -> bool {
+    Layout::new(root).upper.is_dir()
+}
+
+/// Whether preseed's overlay is mounted on containerd's content directory.
+pub fn is_mounted(root: &Path) -> bool {
+    mount_type(&Layout::new(root).content).as_deref() == Some("overlay")
+}
+
+/// Mounts the partition as the lower layer of containerd's content store;
+/// `previous` is the partition that was the lower layer before, if it may
+/// have changed.
+pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceReport, PlaceError> {
+    let start = Instant::now();
+    let mut report = PlaceReport { overlay: true, ..PlaceReport::default() };
+    let Some(root) = super::root(opts, &mut report) else { return Ok(report) };
+    let _lock = lock(&root)?;
+    let l = Layout::new(&root);
+
+    match mount_type(&l.content) {
+        Some(fs) if fs == "overlay" => {
+            report.source = opts.source.path().display().to_string();
+            report.warnings.push(format!("{} is already overlaid: nothing to do", l.content.display()));
+            report.duration_ms = elapsed_ms(start);
+            return Ok(report);
+        }
+        Some(fs) => return Err(PlaceError::ForeignMount { path: l.content.clone(), fstype: fs }),
+        None => {}
+    }
+    for p in [&l.content, &l.upper, &l.work, &l.lower] {
+        if p.to_str().is_none_or(|s| s.contains([',', ':', '\\'])) {
+            return Err(PlaceError::BadOverlayPath { path: p.clone() });
+        }
+    }
+    mkdir(&l.state, 0o700)?;
+    mkdir(&l.lower, 0o700)?;
+    // Left mounted by a run that stopped before the overlay was mounted.
+    if mount_type(&l.lower).is_some() {
+        unmount(&l.lower)?;
+    }
+
+    let mount_at = match opts.source {
+        Source::Dir(_) => None,
+        _ => Some(l.lower.clone()),
+    };
+    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash.clone(), mount_at };
+    let opened = open::open_with_options(&opts.source, &open_opts, Arc::new(LinuxMount))?;
+    report.source = opened.id().to_string();
+    let lower_content = opened.root().join(PARTITION_CONTENT);
+    if !lower_content.join("blobs/sha256").is_dir() {
+        drop(opened);
+        if !l.upper.exists() {
+            // Never overlaid: copying does the same job, only slower.
+            let warning = no_content_dir(&report.source);
+            let mut copied =
+                super::copy_all(opts, &root, PlaceReport { root: report.root, ..Default::default() }, start)?;
+            copied.warnings.insert(0, warning);
+            return Ok(copied);
+        }
+        return Err(PlaceError::NoContentDir { source_name: report.source.clone() });
+    }
+    let index = Digest::of(&std::fs::read(opened.root().join(INDEX_FILE)).map_err(io_err(opened.root()))?);
+    let blobs = list_blobs(&lower_content.join("blobs/sha256"))?;
+    let new =
+        LowerState { source: report.source.clone(), index: index.to_string(), blobs: blobs.keys().cloned().collect() };
+    let old = read_state(&l.state.join(STATE_FILE))?;
+
+    // First run: containerd's content so far becomes the upper layer.
+    let first = !l.upper.exists();
+    if first {
+        if l.content.exists() {
+            std::fs::rename(&l.content, &l.upper).map_err(io_err(&l.content))?;
+        } else {
+            mkdir(&l.upper, 0o755)?;
+        }
+        File::open(&l.state).and_then(|d| d.sync_all()).map_err(io_err(&l.state))?;
+    }
+    mkdir(&l.work, 0o700)?;
+    let upper_blobs = l.upper.join("blobs/sha256");
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&upper_blobs).map_err(io_err(&upper_blobs))?;
+
+    // A partition new to this root is checked once, unless dm-verity
+    // checks every read.
+    let known = old.as_ref().is_some_and(|o| o.index == new.index);
+    if !known && opened.verity().is_none() {
+        let todo: Vec<(&String, &u64)> = blobs.iter().collect();
+        let dir = lower_content.join("blobs/sha256");
+        let checked = crate::parallel::map(&todo, |(hex, size)| check(&dir.join(hex), hex, **size));
+        for ((hex, _), result) in todo.iter().zip(checked) {
+            if let Some(found) = result? {
+                hide(&upper_blobs.join(hex))?;
+                report.damaged.push(Damaged {
+                    digest: format!("sha256:{hex}"),
+                    found,
+                    tarballs: vec![format!("{PARTITION_CONTENT}/blobs/sha256/{hex}")],
+                });
+            }
+        }
+    }
+
+    // Blobs only the old partition had, that containerd may still use.
+    if let Some(old) = old.as_ref().filter(|o| o.index != new.index) {
+        let missing: Vec<&String> = old
+            .blobs
+            .iter()
+            .filter(|h| !new.blobs.contains(*h))
+            .filter(|h| std::fs::symlink_metadata(upper_blobs.join(h)).is_err())
+            .collect();
+        if !missing.is_empty() {
+            keep_from_previous(&missing, previous, &l, &mut report)?;
+        }
+    }
+
+    let options =
+        format!("lowerdir={},upperdir={},workdir={}", lower_content.display(), l.upper.display(), l.work.display());
+    if !l.content.exists() {
+        mkdir(&l.content, 0o755)?;
+    }
+    if let Err(source) = mount_overlay(&l.content, &options) {
+        if first && std::fs::remove_dir(&l.content).is_ok() {
+            // Put containerd's content back where it was.
+            let _ = std::fs::rename(&l.upper, &l.content);
+        }
+        return Err(PlaceError::Overlay { path: l.content.clone(), options, source });
+    }
+    write_state(&l.state, &new)?;
+    report.overlaid = blobs.len() - report.damaged.len();
+    report.bytes_overlaid = blobs.values().sum();
+    report.lower = l.lower.display().to_string();
+    opened.keep();
+    report.duration_ms = elapsed_ms(start);
+    Ok(report)
+}
+
+fn no_content_dir(source: &str) -> String {
+    format!(
+        "{source} has no {PARTITION_CONTENT}/ (a squashfs partition, or bundled by an older preseed): its blobs were \
+         copied instead of overlaid"
+    )
+}
+
+/// Copies `missing` blobs (hex names) from the previous partition into the
+/// upper layer, verified; whatever it lacks is reported as lost.
+fn keep_from_previous(
+    missing: &[&String],
+    previous: Option<&Source>,
+    l: &Layout,
+    report: &mut PlaceReport,
+) -> Result<(), PlaceError> {
+    let Some(previous) = previous else {
+        report.lost = missing.iter().map(|h| format!("sha256:{h}")).collect();
+        return Ok(());
+    };
+    let opened = open::open_with(previous, Arc::new(LinuxMount))?;
+    let dir = opened.root().join(PARTITION_CONTENT).join("blobs/sha256");
+    let temp = TempDir::create(l.state.join("tmp"))?;
+    let copied = crate::parallel::map(missing, |hex| copy_verified(&dir.join(hex), hex, &temp.0));
+    let to_dir = l.upper.join("blobs/sha256");
+    let mut kept = Vec::new();
+    for (hex, result) in missing.iter().zip(copied) {
+        match result? {
+            Some(size) => kept.push((*hex, size)),
+            None => report.lost.push(format!("sha256:{hex}")),
+        }
+    }
+    let dir_file = File::open(&temp.0).map_err(io_err(&temp.0))?;
+    // SAFETY: syncfs on a valid open descriptor.
+    if unsafe { libc::syncfs(dir_file.as_raw_fd()) } != 0 {
+        return Err(io_err(&temp.0)(std::io::Error::last_os_error()));
+    }
+    for (hex, size) in kept {
+        let to = to_dir.join(hex);
+        std::fs::rename(temp.0.join(hex), &to).map_err(io_err(&to))?;
+        report.kept_from_previous += 1;
+        report.bytes_kept_from_previous += size;
+    }
+    File::open(&to_dir).and_then(|d| d.sync_all()).map_err(io_err(&to_dir))?;
+    Ok(())
+}
+
+/// Copies `from` into `dir/<hex>` if its bytes hash to `hex`: `Some(size)`,
+/// or `None` when it is missing or damaged (nothing is left then).
+fn copy_verified(from: &Path, hex: &str, dir: &Path) -> Result<Option<u64>, PlaceError> {
+    let mut src = match File::open(from) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(from)(e)),
+    };
+    let to = dir.join(hex);
+    let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&to).map_err(io_err(&to))?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; PIECE];
+    let mut size = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                drop(out);
+                std::fs::remove_file(&to).map_err(io_err(&to))?;
+                return Ok(None);
+            }
+        };
+        hasher.update(&buf[..n]);
+        std::io::Write::write_all(&mut out, &buf[..n]).map_err(io_err(&to))?;
+        size += n as u64;
+    }
+    if hasher.finish().hex() != hex {
+        drop(out);
+        std::fs::remove_file(&to).map_err(io_err(&to))?;
+        return Ok(None);
+    }
+    Ok(Some(size))
+}
+
+/// `Some(what was found)` if the blob at `path` does not hash to `hex`.
+fn check(path: &Path, hex: &str, size: u64) -> Result<Option<String>, PlaceError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; PIECE.min(size.max(1) as usize)];
+    let mut at = 0u64;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                at += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                return Ok(Some(format!("an I/O error at byte {at} ({e})")));
+            }
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+    let found = hasher.finish();
+    Ok((found.hex() != hex).then(|| format!("bytes that hash to {found}")))
+}
+
+/// A whiteout (character device 0:0) in the upper layer: overlayfs then
+/// hides the lower file of that name.
+fn hide(path: &Path) -> Result<(), PlaceError> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io_err(path)(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: mknod with a valid NUL-terminated path.
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(io_err(path)(e));
+        }
+    }
+    Ok(())
+}
+
+/// Every `<hex>` file of the lower's `blobs/sha256`, with its size.
+fn list_blobs(dir: &Path) -> Result<BTreeMap<String, u64>, PlaceError> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            out.insert(name, e.metadata().map_err(io_err(&e.path()))?.size());
+        }
+    }
+    Ok(out)
+}
+
+fn read_state(path: &Path) -> Result<Option<LowerState>, PlaceError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            io_err(path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{e}; remove the file only if the lower layer's old blobs need not be kept"),
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Writes the state atomically: temp file, fsync, rename, fsync the directory.
+fn write_state(dir: &Path, state: &LowerState) -> Result<(), PlaceError> {
+    let path = dir.join(STATE_FILE);
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
+    std::io::Write::write_all(&mut tmp, &bytes).map_err(io_err(&path))?;
+    tmp.as_file().sync_all().map_err(io_err(&path))?;
+    tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<(), PlaceError> {
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// The filesystem type mounted on `path`, if it is a mount point (the top
+/// mount where several are stacked), from `/proc/self/mountinfo`.
+fn mount_type(path: &Path) -> Option<String> {
+    let want = std::fs::canonicalize(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        if fields.len() > dash + 1 && fields.len() > 4 && Path::new(&unescape(fields[4])) == want {
+            found = Some(fields[dash + 1].to_string());
+        }
+    }
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &str) -> String {
+    let mut out = Vec::with_capacity(field.len());
+    let b = field.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn cpath(p: &Path) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+fn mount_overlay(target: &Path, options: &str) -> std::io::Result<()> {
+    let t = cpath(target)?;
+    let data = std::ffi::CString::new(options).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fs = c"overlay";
+    // SAFETY: mount with valid NUL-terminated strings.
+    if unsafe { libc::mount(fs.as_ptr(), t.as_ptr(), fs.as_ptr(), 0, data.as_ptr().cast()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn unmount(path: &Path) -> Result<(), PlaceError> {
+    let c = cpath(path).map_err(io_err(path))?;
+    // SAFETY: umount2 with a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(io_err(path)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn elapsed_ms(start: Instant) -> u64 {
+    start.elapsed().as_millis().min(u64::MAX as u128) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape("/var/lib/a\\040b"), "/var/lib/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn the_root_is_a_mount_point() {
+        assert!(mount_type(Path::new("/")).is_some());
+        assert!(mount_type(Path::new("/nonexistent-preseed-path")).is_none());
+    }
+}

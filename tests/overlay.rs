@@ -1,0 +1,256 @@
+//! `preseed place --overlay` on a real containerd: the partition (made by
+//! preseed's own erofs writer, with its `.content` directory) mounted under
+//! containerd's content store, `preseed load` registering every blob with
+//! nothing copied, GC deletes as whiteouts, a partition update with and
+//! without the previous partition, a damaged blob, and a squashfs partition.
+#![cfg(feature = "containerd")]
+
+#[path = "load/fixtures.rs"]
+#[allow(dead_code)] // shared with tests/load.rs, which uses all of it
+mod fixtures;
+mod support;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fixtures::{Entry, World};
+use preseed::digest::Digest;
+use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
+use preseed::partition::erofs;
+use preseed::partition::index::INDEX_FILE;
+use preseed::partition::tree::{PlannedFile, Tree};
+use preseed::place::{self, overlay, PlaceError, PlaceOptions, PlaceReport};
+use support::containerd::Containerd;
+
+fn world() -> Option<World> {
+    fixtures::require_static_binary()?;
+    Some(fixtures::world())
+}
+
+/// An erofs partition of `entries` as `preseed bundle` lays it out.
+fn partition(w: &World, entries: &[Entry], name: &str) -> PathBuf {
+    let dir = w.root.join(name);
+    fixtures::bundle_tree(&w.cache, entries, &dir);
+    let mut tree = Tree::default();
+    tree.insert_file(INDEX_FILE, PlannedFile::from_bytes(std::fs::read(dir.join(INDEX_FILE)).unwrap()));
+    for e in entries {
+        tree.insert_file(&format!("{}/{}.tar", e.namespace, e.file), fixtures::plan(&w.cache, e));
+    }
+    tree.insert_content_store();
+    let image = w.root.join(format!("{name}.erofs"));
+    erofs::write(&tree, &image).unwrap();
+    image
+}
+
+fn options(image: &Path, c: &Containerd) -> PlaceOptions {
+    let mut o = PlaceOptions::new(Source::Image(image.to_path_buf()));
+    o.config = c.dir().join("config.toml");
+    o
+}
+
+fn overlay_on(image: &Path, previous: Option<&Path>, c: &Containerd) -> Result<PlaceReport, PlaceError> {
+    let previous = previous.map(|p| Source::Image(p.to_path_buf()));
+    let r = overlay::overlay(&options(image, c), previous.as_ref());
+    if let Ok(r) = &r {
+        let mut out = Vec::new();
+        r.print_human(&mut out).unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&out));
+    }
+    r
+}
+
+fn load_from(image: &Path, c: &Containerd) -> LoadReport {
+    let mut o = LoadOptions::new(Source::Image(image.to_path_buf()));
+    o.address = c.socket().to_path_buf();
+    o.timeout = Duration::from_secs(10);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let report = rt.block_on(load::load(&o)).expect("load");
+    let mut out = Vec::new();
+    report.print_human(&mut out).unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out));
+    report
+}
+
+/// What containerd sees.
+fn store(c: &Containerd) -> PathBuf {
+    c.root().join(place::CONTENT_DIR).join("blobs/sha256")
+}
+
+/// The overlay's writable layer.
+fn upper(c: &Containerd) -> PathBuf {
+    c.root().join(overlay::STATE_DIR).join("upper/blobs/sha256")
+}
+
+fn blobs_of(image: &Path, file: &str) -> BTreeSet<Digest> {
+    let opened = preseed::partition::open::open(&Source::Image(image.to_path_buf())).unwrap();
+    let archive = preseed::load::archive::Archive::open(&opened.root().join(file)).unwrap();
+    archive
+        .entries()
+        .filter_map(|(n, _)| n.strip_prefix("blobs/sha256/").map(|h| format!("sha256:{h}").parse().unwrap()))
+        .collect()
+}
+
+/// A reboot: containerd stops and every mount under its directory goes.
+fn reboot(c: &mut Containerd) {
+    c.stop();
+    c.unmount_all();
+}
+
+#[test]
+fn overlaid_blobs_are_registered_with_nothing_copied_and_gc_deletes_them_as_whiteouts() {
+    let Some(w) = world() else { return };
+    let Some(mut c) = Containerd::start() else { return };
+    // Not k8s.io: CRI would add records of its own holding b's content.
+    let a = Entry::new("apps", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 401, 2, 3 << 20));
+    let b = Entry::new("apps", "b", "preseed.local/b:1", fixtures::single(&w.cache, "hello", 402, 1, 1 << 20));
+    let image = partition(&w, &[a, b], "p1");
+    let (blobs_a, blobs_b) = (blobs_of(&image, "apps/a.tar"), blobs_of(&image, "apps/b.tar"));
+    let unique: BTreeSet<_> = blobs_a.union(&blobs_b).cloned().collect();
+
+    let err = overlay_on(&image, None, &c).unwrap_err();
+    assert!(matches!(err, PlaceError::Running { .. }), "{err}");
+    c.stop();
+    let r = overlay_on(&image, None, &c).unwrap();
+    assert_eq!((r.overlaid, r.damaged.len(), r.lost.len()), (unique.len(), 0, 0), "{r:?}");
+    assert!(!r.failed());
+    let again = overlay_on(&image, None, &c).unwrap();
+    assert!(again.warnings.iter().any(|w| w.contains("already overlaid")), "{again:?}");
+
+    c.restart();
+    let report = load_from(&image, &c);
+    assert!(!report.failed(), "{}", report.to_json());
+    assert!(report.images.iter().all(|i| i.outcome == Outcome::Imported), "{}", report.to_json());
+    assert_eq!(report.bytes_written, 0, "every blob was in the store: nothing streamed");
+    let check = c.ctr_ok(&["-n", "apps", "images", "check"]);
+    assert_eq!(check.matches(" complete ").count(), 2, "{check}");
+    let out = c.ctr_ok(&["-n", "apps", "run", "--rm", "preseed.local/a:1", "overlaid-a"]);
+    assert!(out.contains(fixtures::HELLO_LINE), "{out}");
+    for d in &unique {
+        assert!(std::fs::symlink_metadata(upper(&c).join(d.hex())).is_err(), "{d} was copied to the upper layer");
+    }
+
+    // GC of b's content: its own blobs vanish from the store, as whiteouts.
+    c.ctr_ok(&["-n", "apps", "images", "rm", "--sync", "preseed.local/b:1"]);
+    let only_b: Vec<_> = blobs_b.difference(&blobs_a).collect();
+    assert!(!only_b.is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while only_b.iter().any(|d| store(&c).join(d.hex()).exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for d in &only_b {
+        assert!(!store(&c).join(d.hex()).exists(), "{d} of b only: removed");
+        let m = std::fs::symlink_metadata(upper(&c).join(d.hex())).unwrap();
+        assert!(m.file_type().is_char_device() && m.len() == 0, "{d}: a whiteout, no bytes on the disk");
+    }
+    for d in &blobs_a {
+        assert!(store(&c).join(d.hex()).exists(), "{d} of a kept");
+    }
+    assert!(c.ctr_ok(&["-n", "apps", "images", "check"]).contains(" complete "));
+    c.assert_no_panic();
+}
+
+#[test]
+fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
+    let Some(w) = world() else { return };
+    let a = Entry::new("apps", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 411, 1, 1 << 20));
+    let b = Entry::new("apps", "b", "preseed.local/b:1", fixtures::single(&w.cache, "hello", 412, 1, 2 << 20));
+    let c2 = Entry::new("apps", "c", "preseed.local/c:1", fixtures::single(&w.cache, "hello", 413, 1, 1 << 20));
+    let old = partition(&w, &[a.clone(), b], "old");
+    let new = partition(&w, &[a, c2], "new");
+    let only_old: BTreeSet<_> =
+        blobs_of(&old, "apps/b.tar").difference(&blobs_of(&new, "apps/a.tar")).cloned().collect();
+
+    for with_previous in [true, false] {
+        let Some(mut c) = Containerd::start() else { return };
+        c.stop();
+        overlay_on(&old, None, &c).unwrap();
+        c.restart();
+        assert!(!load_from(&old, &c).failed());
+        reboot(&mut c);
+
+        // The content now lives in the overlay: a copying place would hide it.
+        let err = place::place(&options(&new, &c)).unwrap_err();
+        assert!(matches!(err, PlaceError::Overlaid { .. }), "{err}");
+        assert!(err.to_string().contains("--overlay"), "{err}");
+
+        let r = overlay_on(&new, with_previous.then_some(old.as_path()), &c).unwrap();
+        c.restart();
+        assert!(!load_from(&new, &c).failed());
+        // Exits non-zero when an image lacks a blob: the table is printed all the same.
+        let check = String::from_utf8_lossy(&c.ctr(&["-n", "apps", "images", "check"]).stdout).into_owned();
+        let line = |name: &str| check.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        assert!(line("preseed.local/c:1").contains(" complete "), "{check}");
+        if with_previous {
+            assert_eq!((r.kept_from_previous, r.lost.len()), (only_old.len(), 0), "{r:?}");
+            assert!(line("preseed.local/b:1").contains(" complete "), "b, no longer shipped, still whole: {check}");
+            for d in &only_old {
+                assert!(upper(&c).join(d.hex()).is_file(), "{d} copied to the upper layer");
+            }
+        } else {
+            let lost: BTreeSet<String> = only_old.iter().map(|d| d.to_string()).collect();
+            assert_eq!(r.lost.iter().cloned().collect::<BTreeSet<_>>(), lost, "{r:?}");
+            let mut out = Vec::new();
+            r.print_human(&mut out).unwrap();
+            assert!(String::from_utf8_lossy(&out).contains("--previous"));
+            assert!(!line("preseed.local/b:1").contains(" complete "), "b lost its only-old blobs: {check}");
+        }
+        c.assert_no_panic();
+    }
+}
+
+#[test]
+fn a_damaged_blob_in_the_partition_is_hidden_and_its_image_fails_alone() {
+    let Some(w) = world() else { return };
+    let Some(mut c) = Containerd::start() else { return };
+    let good =
+        Entry::new("k8s.io", "good", "preseed.local/good:1", fixtures::single(&w.cache, "hello", 420, 1, 1 << 20));
+    let bad_image = fixtures::single(&w.cache, "hello", 421, 1, 1 << 20);
+    let victim = bad_image.blobs.iter().max_by_key(|b| b.size).unwrap().digest.clone();
+    let bad = Entry::new("k8s.io", "bad", "preseed.local/bad:1", bad_image);
+    let image = partition(&w, &[good, bad], "p");
+    // Flip one byte in the middle of bad's biggest blob (one block, shared
+    // by its tarball and its .content file).
+    let blob = std::fs::read(w.cache.path(&victim)).unwrap();
+    let needle = &blob[blob.len() / 2..blob.len() / 2 + 64];
+    let mut bytes = std::fs::read(&image).unwrap();
+    let at = bytes.windows(64).position(|win| win == needle).expect("blob bytes in the image");
+    bytes[at] ^= 0x40;
+    std::fs::write(&image, bytes).unwrap();
+
+    c.stop();
+    let r = overlay_on(&image, None, &c).unwrap();
+    assert_eq!(r.damaged.len(), 1, "{r:?}");
+    assert_eq!(r.damaged[0].digest, victim.to_string());
+    assert!(!r.failed(), "the overlay is mounted all the same: containerd must start");
+    assert!(!store(&c).join(victim.hex()).exists(), "hidden from containerd");
+
+    c.restart();
+    let report = load_from(&image, &c);
+    let outcome = |n: &str| report.images.iter().find(|i| i.names[0] == n).unwrap().outcome;
+    assert_eq!(outcome("preseed.local/good:1"), Outcome::Imported);
+    assert_eq!(outcome("preseed.local/bad:1"), Outcome::Failed, "containerd refuses the damaged bytes");
+    c.assert_no_panic();
+}
+
+#[test]
+fn a_partition_without_a_content_directory_is_copied_instead() {
+    let Some(w) = world() else { return };
+    if support::require_tool("mksquashfs").is_none() {
+        return;
+    }
+    let Some(mut c) = Containerd::start() else { return };
+    let e = Entry::new("k8s.io", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 430, 0, 0));
+    let dir = w.root.join("tree");
+    fixtures::bundle_tree(&w.cache, &[e], &dir);
+    let image = fixtures::partition(&dir, &w.root.join("p.squashfs"), "squashfs");
+    c.stop();
+    let r = overlay_on(&image, None, &c).unwrap();
+    assert!(!r.overlay && r.placed > 0, "{r:?}");
+    assert!(r.warnings[0].contains("copied instead"), "{r:?}");
+    assert!(!overlay::is_overlaid(&c.root()));
+    c.restart();
+    let report = load_from(&image, &c);
+    assert!(!report.failed() && report.bytes_written == 0, "{}", report.to_json());
+}
