@@ -30,8 +30,12 @@ const CHECK_PACKAGES: &[(&str, &str)] =
 const UNITS: &[&str] = &["preseed-load.service", "preseed-place.service", "preseed-serve.service"];
 
 /// Drop-ins shipped as examples: the place drop-in is an alternative to the
-/// place unit, the verity one needs a root hash.
-const EXAMPLES: &[&str] = &["containerd.service.d/10-preseed-place.conf", "preseed-load.service.d/verity.conf"];
+/// place unit, the overlay one to both, the verity one needs a root hash.
+const EXAMPLES: &[&str] = &[
+    "containerd.service.d/10-preseed-place.conf",
+    "containerd.service.d/10-preseed-overlay.conf",
+    "preseed-load.service.d/verity.conf",
+];
 
 const DOC: &str = "usr/share/doc/preseed";
 
@@ -43,6 +47,7 @@ const FILES: &[&str] = &[
     "/usr/lib/systemd/system/preseed-serve.service",
     "/usr/share/doc/preseed/copyright",
     "/usr/share/doc/preseed/examples/containerd.service.d/10-preseed-place.conf",
+    "/usr/share/doc/preseed/examples/containerd.service.d/10-preseed-overlay.conf",
     "/usr/share/doc/preseed/examples/preseed-load.service.d/verity.conf",
     "/usr/share/bash-completion/completions/preseed",
     "/usr/share/zsh/vendor-completions/_preseed",
