@@ -92,6 +92,14 @@ fn blobs_of(image: &Path, file: &str) -> BTreeSet<Digest> {
         .collect()
 }
 
+/// Waits (up to 10 s) until containerd's GC has removed `blobs` from `dir`.
+fn wait_gone(dir: &Path, blobs: &BTreeSet<Digest>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while blobs.iter().any(|d| dir.join(d.hex()).exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A reboot: containerd stops and every mount under its directory goes.
 fn reboot(c: &mut Containerd) {
     c.stop();
@@ -133,12 +141,9 @@ fn overlaid_blobs_are_registered_with_nothing_copied_and_gc_deletes_them_as_whit
 
     // GC of b's content: its own blobs vanish from the store, as whiteouts.
     c.ctr_ok(&["-n", "apps", "images", "rm", "--sync", "preseed.local/b:1"]);
-    let only_b: Vec<_> = blobs_b.difference(&blobs_a).collect();
+    let only_b: BTreeSet<_> = blobs_b.difference(&blobs_a).cloned().collect();
     assert!(!only_b.is_empty());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while only_b.iter().any(|d| store(&c).join(d.hex()).exists()) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_gone(&store(&c), &only_b);
     for d in &only_b {
         assert!(!store(&c).join(d.hex()).exists(), "{d} of b only: removed");
         let m = std::fs::symlink_metadata(upper(&c).join(d.hex())).unwrap();
@@ -161,6 +166,8 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
     let new = partition(&w, &[a, c2], "new");
     let only_old: BTreeSet<_> =
         blobs_of(&old, "apps/b.tar").difference(&blobs_of(&new, "apps/a.tar")).cloned().collect();
+    let only_a: BTreeSet<_> = blobs_of(&old, "apps/a.tar").difference(&blobs_of(&old, "apps/b.tar")).cloned().collect();
+    assert!(!only_a.is_empty());
 
     for with_previous in [true, false] {
         let Some(mut c) = Containerd::start() else { return };
@@ -168,6 +175,9 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
         overlay_on(&old, None, &c).unwrap();
         c.restart();
         assert!(!load_from(&old, &c).failed());
+        // a goes, and GC deletes its own blobs (whiteouts over the old partition's).
+        c.ctr_ok(&["-n", "apps", "images", "rm", "--sync", "preseed.local/a:1"]);
+        wait_gone(&store(&c), &only_a);
         reboot(&mut c);
 
         // The content now lives in the overlay: a copying place would hide it.
@@ -177,7 +187,9 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
 
         let r = overlay_on(&new, with_previous.then_some(old.as_path()), &c).unwrap();
         c.restart();
-        assert!(!load_from(&new, &c).failed());
+        let loaded = load_from(&new, &c);
+        assert!(!loaded.failed());
+        assert_eq!(loaded.bytes_written, 0, "a's blobs, deleted over the old partition, are the new one's again");
         // Exits non-zero when an image lacks a blob: the table is printed all the same.
         let check = String::from_utf8_lossy(&c.ctr(&["-n", "apps", "images", "check"]).stdout).into_owned();
         let line = |name: &str| check.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();

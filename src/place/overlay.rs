@@ -166,6 +166,25 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
     let upper_blobs = l.upper.join("blobs/sha256");
     std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&upper_blobs).map_err(io_err(&upper_blobs))?;
 
+    // Blobs only the old partition had, that containerd may still use:
+    // not in the new one, not in the upper layer, not deleted (a whiteout).
+    let changed = old.as_ref().filter(|o| o.index != new.index);
+    let missing: Vec<&String> = match changed {
+        Some(old) => old
+            .blobs
+            .iter()
+            .filter(|h| !new.blobs.contains(*h))
+            .filter(|h| std::fs::symlink_metadata(upper_blobs.join(h)).is_err())
+            .collect(),
+        None => Vec::new(),
+    };
+    // The old partition's whiteouts (blobs containerd deleted, or found
+    // damaged) would hide the new partition's good copies; damaged ones are
+    // hidden again below.
+    if changed.is_some() {
+        clear_whiteouts(&upper_blobs)?;
+    }
+
     // A partition new to this root is checked once, unless dm-verity
     // checks every read.
     let known = old.as_ref().is_some_and(|o| o.index == new.index);
@@ -184,18 +203,8 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
             }
         }
     }
-
-    // Blobs only the old partition had, that containerd may still use.
-    if let Some(old) = old.as_ref().filter(|o| o.index != new.index) {
-        let missing: Vec<&String> = old
-            .blobs
-            .iter()
-            .filter(|h| !new.blobs.contains(*h))
-            .filter(|h| std::fs::symlink_metadata(upper_blobs.join(h)).is_err())
-            .collect();
-        if !missing.is_empty() {
-            keep_from_previous(&missing, previous, &l, &mut report)?;
-        }
+    if !missing.is_empty() {
+        keep_from_previous(&missing, previous, &l, &mut report)?;
     }
 
     let options =
@@ -205,7 +214,9 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
     }
     if let Err(source) = mount_overlay(&l.content, &options) {
         if first && std::fs::remove_dir(&l.content).is_ok() {
-            // Put containerd's content back where it was.
+            // Put containerd's content back where it was, without the
+            // whiteouts of damaged blobs (nothing else was added).
+            let _ = clear_whiteouts(&upper_blobs);
             let _ = std::fs::rename(&l.upper, &l.content);
         }
         return Err(PlaceError::Overlay { path: l.content.clone(), options, source });
@@ -335,6 +346,19 @@ fn hide(path: &Path) -> Result<(), PlaceError> {
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::AlreadyExists {
             return Err(io_err(path)(e));
+        }
+    }
+    Ok(())
+}
+
+/// Removes every whiteout (character device 0:0) in `dir`.
+fn clear_whiteouts(dir: &Path) -> Result<(), PlaceError> {
+    use std::os::unix::fs::FileTypeExt;
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let m = std::fs::symlink_metadata(e.path()).map_err(io_err(&e.path()))?;
+        if m.file_type().is_char_device() && m.rdev() == 0 {
+            std::fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
         }
     }
     Ok(())
