@@ -26,6 +26,15 @@
 //!    bundling: dm-verity fails tool3's reads, the load fails saying the
 //!    partition is corrupt, tool3 gets no image record, the rest is there.
 //!
+//! Then two boots of a fresh root disk with containerd's content overlaid
+//! (`preseed place --overlay` in containerd's `ExecStartPre=`, through
+//! dm-verity, `tests/vm/containerd-overlay.conf`; the load reads place's
+//! mount, `dist/systemd/preseed-load.service.d/overlay.conf`):
+//! 5. partition v1: every image registered with nothing written, the pod
+//!    starts from the partition's own blobs;
+//! 6. partition v2 with v1 as the previous slot (`preseed-previous`): tool's
+//!    blobs, only v1 has them, are copied from it; tool2 registered.
+//!
 //! The base root filesystem (mmdebstrap of bookworm + sid's containerd files
 //! and config) is cached under `target/vm/root-<key>/`, keyed by a hash of
 //! everything that goes into it; each run adds the freshly built `preseed`,
@@ -126,6 +135,8 @@ const KUBELET_UNIT_NAME: &str = "kubelet.service";
 const REPORT_UNIT: &str = include_str!("vm/preseed-vm-report.service");
 const REPORT_UNIT_NAME: &str = "preseed-vm-report.service";
 const LOAD_DROP_IN: &str = include_str!("vm/preseed-load-on-failure.conf");
+/// containerd's drop-in for the overlay boots.
+const OVERLAY_DROP_IN: &str = include_str!("vm/containerd-overlay.conf");
 
 fn ok(what: &str, out: &Output) -> String {
     assert!(
@@ -296,8 +307,9 @@ fn one_file(dir: &Path, prefix: &str) -> PathBuf {
 
 /// This run's root disk: the base (hard-linked, never modified) plus preseed,
 /// the CRI client and the units, as an ext4 image.
-fn root_disk(base: &Path, work: &Path, cri_smoke: &Path) -> PathBuf {
-    let stage = work.join("root");
+fn root_disk(base: &Path, work: &Path, cri_smoke: &Path, overlay: bool) -> PathBuf {
+    let name = if overlay { "root-overlay" } else { "root" };
+    let stage = work.join(name);
     run("cp -al", Command::new("cp").arg("-al").arg(base).arg(&stage));
     let _ = fs::remove_file(stage.join(".complete"));
     // New files only (a hard-linked file written in place would change the cache).
@@ -314,7 +326,15 @@ fn root_disk(base: &Path, work: &Path, cri_smoke: &Path) -> PathBuf {
     fs::write(units.join("preseed-load.service.d/vm-test.conf"), LOAD_DROP_IN).unwrap();
     fs::write(units.join("preseed-load.service.d/verity.conf"), shipped_unit("preseed-load.service.d/verity.conf"))
         .unwrap();
-    let disk = work.join("root.ext4");
+    if overlay {
+        fs::create_dir_all(units.join("containerd.service.d")).unwrap();
+        fs::write(units.join("containerd.service.d/vm-overlay.conf"), OVERLAY_DROP_IN).unwrap();
+        // The load reads place's (verified) mount instead.
+        fs::remove_file(units.join("preseed-load.service.d/verity.conf")).unwrap();
+        let drop_in = shipped_unit("preseed-load.service.d/overlay.conf");
+        fs::write(units.join("preseed-load.service.d/overlay.conf"), drop_in).unwrap();
+    }
+    let disk = work.join(format!("{name}.ext4"));
     run("mkfs.ext4", Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&stage).arg(&disk).arg("4G"));
     disk
 }
@@ -330,7 +350,7 @@ fn install_binary(from: &Path, to: &Path) {
 
 /// A raw disk with a GPT whose one partition, labelled `preseed`, holds the
 /// partition image.
-fn preseed_disk(image: &Path, disk: &Path) {
+fn preseed_disk(image: &Path, disk: &Path, label: &str) {
     const SECTOR: u64 = 512;
     const START: u64 = 2048;
     let len = fs::metadata(image).unwrap().len();
@@ -339,7 +359,7 @@ fn preseed_disk(image: &Path, disk: &Path) {
     let total = (START + sectors + 2048) * SECTOR;
     fs::File::create(disk).unwrap().set_len(total).unwrap();
     let script = format!(
-        "label: gpt\nstart={START}, size={sectors}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"preseed\"\n"
+        "label: gpt\nstart={START}, size={sectors}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"{label}\"\n"
     );
     let mut sfdisk = Command::new("sfdisk")
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
@@ -417,7 +437,16 @@ impl Boot {
 }
 
 /// Boots the VM once and collects what the stand-in printed.
-fn boot(work: &Path, name: &str, kernel: &Path, initrd: &Path, root: &Path, preseed: &(PathBuf, String)) -> Boot {
+/// `previous`: a second partition disk (the A/B pair's previous slot).
+fn boot(
+    work: &Path,
+    name: &str,
+    kernel: &Path,
+    initrd: &Path,
+    root: &Path,
+    preseed: &(PathBuf, String),
+    previous: Option<&Path>,
+) -> Boot {
     let (preseed, root_hash) = preseed;
     let console_path = work.join(format!("{name}.console"));
     let console = fs::File::create(&console_path).unwrap();
@@ -437,6 +466,12 @@ fn boot(work: &Path, name: &str, kernel: &Path, initrd: &Path, root: &Path, pres
         .arg(format!("file={},if=virtio,format=raw", root.display()))
         .arg("-drive")
         .arg(format!("file={},if=virtio,format=raw", preseed.display()))
+        .args(
+            previous
+                .map(|p| ["-drive".to_string(), format!("file={},if=virtio,format=raw,readonly=on", p.display())])
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::null())
         .stdout(console.try_clone().unwrap())
         .stderr(console)
@@ -544,7 +579,7 @@ fn partitions(work: &Path) -> Option<[(PathBuf, String); 3]> {
             corrupt(&image, &fs::read(work.join("cache/blobs/sha256").join(hex)).unwrap());
         }
         let disk = work.join(format!("preseed-{version}.img"));
-        preseed_disk(&image, &disk);
+        preseed_disk(&image, &disk, "preseed");
         let root_hash = fs::read_to_string(dir.join("out/preseed.roothash")).unwrap().trim().to_string();
         out.push((disk, root_hash));
     }
@@ -728,8 +763,63 @@ fn judge_boot4(b: &Boot) -> Verdict {
     verdict(b, problems, format!("boot4 ok in {:.0}s (corrupt tool3 refused, others present)", b.wall.as_secs_f64()))
 }
 
+/// `preseed place`'s summary line (in containerd's journal: it runs as its
+/// `ExecStartPre=`).
+fn place_summary(b: &Boot) -> Option<&str> {
+    b.lines("journal").find_map(|l| l.find("preseed place: ").map(|i| &l[i..]))
+}
+
+fn judge_overlay_boot1(b: &Boot) -> Verdict {
+    let mut problems = Vec::new();
+    if !judge_common(b, &mut problems) {
+        return verdict(b, problems, String::new());
+    }
+    let place = place_summary(b).unwrap_or("(none)");
+    if !(place.contains(" overlaid on /var/lib/containerd ")
+        && place.contains("none copied; 0 kept")
+        && place.contains(" 0 damaged"))
+    {
+        problems.push(format!("place --overlay: {place}"));
+    }
+    let summary = b.load_summary().unwrap_or("(none)");
+    if !summary.contains("3 images: 3 imported, 0 updated, 0 already present, 0 failed; 0 B written") {
+        problems.push(format!("the load should only register the overlaid blobs: {summary}"));
+    }
+    expect_pinned(b, V1, true, &mut problems);
+    verdict(b, problems, format!("overlay boot1 ok in {:.0}s (nothing copied, nothing written)", b.wall.as_secs_f64()))
+}
+
+fn judge_overlay_boot2(b: &Boot) -> Verdict {
+    let mut problems = Vec::new();
+    if !judge_common(b, &mut problems) {
+        return verdict(b, problems, String::new());
+    }
+    let place = place_summary(b).unwrap_or("(none)");
+    let kept = place
+        .split("none copied; ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    // tool's manifest, config and layer are only in v1.
+    if kept < 3 || !place.contains(" 0 lost, 0 damaged") {
+        problems.push(format!("place --overlay should keep tool's blobs from the previous slot: {place}"));
+    }
+    let summary = b.load_summary().unwrap_or("(none)");
+    if !summary.contains("3 images: 1 imported, 0 updated, 2 already present, 0 failed; 0 B written") {
+        problems.push(format!("load of the newer partition: {summary}"));
+    }
+    expect_pinned(b, &[SANDBOX, HELLO, "registry.local/tool2:1.0"], true, &mut problems);
+    expect_pinned(b, &["registry.local/tool:1.0"], false, &mut problems);
+    verdict(
+        b,
+        problems,
+        format!("overlay boot2 ok in {:.0}s ({kept} blobs kept from the previous slot)", b.wall.as_secs_f64()),
+    )
+}
+
 #[test]
-fn node_boots_four_times_from_the_preseed_partition() {
+fn node_boots_from_the_preseed_partition_streamed_and_overlaid() {
     if !support::require_root() {
         return;
     }
@@ -749,30 +839,36 @@ fn node_boots_four_times_from_the_preseed_partition() {
     fs::create_dir_all(&work).unwrap();
     let smoke = cri_smoke(&target);
     let Some([v1, v2, v3]) = partitions(&work) else { return };
-    let root = root_disk(&base, &work, &smoke);
+    let root = root_disk(&base, &work, &smoke, false);
     let kernel = one_file(&base.join("boot"), "vmlinuz-");
     let initrd = one_file(&base.join("boot"), "initrd.img-");
     eprintln!("vm: base root {base_secs:.0}s, run prepared in {:.0}s", started.elapsed().as_secs_f64() - base_secs);
 
-    let plan: [(&str, &(PathBuf, String), Judge); 4] = [
-        ("boot1", &v1, judge_boot1),
-        ("boot2", &v1, judge_boot2),
-        ("boot3", &v2, judge_boot3),
-        ("boot4", &v3, judge_boot4),
+    // Then a fresh node whose containerd content is overlaid, on an A/B pair.
+    let overlaid = root_disk(&base, &work, &smoke, true);
+    let previous = work.join("preseed-previous-v1.img");
+    preseed_disk(&work.join("v1/out/preseed.erofs"), &previous, "preseed-previous");
+    let plan: [(&str, &Path, &(PathBuf, String), Option<&Path>, Judge); 6] = [
+        ("boot1", &root, &v1, None, judge_boot1),
+        ("boot2", &root, &v1, None, judge_boot2),
+        ("boot3", &root, &v2, None, judge_boot3),
+        ("boot4", &root, &v3, None, judge_boot4),
+        ("overlay-boot1", &overlaid, &v1, None, judge_overlay_boot1),
+        ("overlay-boot2", &overlaid, &v2, Some(&previous), judge_overlay_boot2),
     ];
     let mut outcomes = Vec::new();
     let mut failure = None;
-    for (name, disk, judge) in plan {
+    for (name, root, disk, previous, judge) in plan {
         if failure.is_some() {
             outcomes.push(format!("{name} not run"));
             continue;
         }
-        let b = boot(&work, name, &kernel, &initrd, &root, disk);
+        let b = boot(&work, name, &kernel, &initrd, root, disk, previous);
         match judge(&b) {
             Ok(outcome) => outcomes.push(outcome),
             Err(mut why) => {
                 if b.lines("journal").next().is_none() {
-                    why += &host_journal(&root, &work.join(format!("{name}.journal")));
+                    why += &host_journal(root, &work.join(format!("{name}.journal")));
                 }
                 let _ = write!(why, "(consoles and disks of this run: {})", work.display());
                 outcomes.push(format!("{name} FAILED"));

@@ -119,6 +119,10 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
             return Err(PlaceError::BadOverlayPath { path: p.clone() });
         }
     }
+    // A node whose containerd never ran has no root yet (containerd makes it 0711).
+    if !root.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&root).map_err(io_err(&root))?;
+    }
     mkdir(&l.state, 0o700)?;
     mkdir(&l.lower, 0o700)?;
     // Left mounted by a run that stopped before the overlay was mounted.
@@ -130,6 +134,7 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
         Source::Dir(_) => None,
         _ => Some(l.lower.clone()),
     };
+    wait_for_device(&opts.source);
     let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash.clone(), mount_at };
     let opened = open::open_with_options(&opts.source, &open_opts, Arc::new(LinuxMount))?;
     report.source = opened.id().to_string();
@@ -221,13 +226,30 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
         }
         return Err(PlaceError::Overlay { path: l.content.clone(), options, source });
     }
+    // The overlay holds the lower mount from here on, whatever follows.
+    opened.keep();
     write_state(&l.state, &new)?;
     report.overlaid = blobs.len() - report.damaged.len();
     report.bytes_overlaid = blobs.values().sum();
     report.lower = l.lower.display().to_string();
-    opened.keep();
     report.duration_ms = elapsed_ms(start);
     Ok(report)
+}
+
+/// How long a `--device` may take to appear: containerd's unit does not wait
+/// for udev to create `/dev/disk/by-partlabel/…`, and with `--overlay`
+/// containerd must not start without it.
+const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits (up to [`DEVICE_WAIT`]) for a device source to exist; opening it
+/// then says what is missing.
+fn wait_for_device(source: &Source) {
+    if let Source::Device(path) = source {
+        let start = Instant::now();
+        while !path.exists() && start.elapsed() < DEVICE_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
 }
 
 fn no_content_dir(source: &str) -> String {
@@ -249,6 +271,7 @@ fn keep_from_previous(
         report.lost = missing.iter().map(|h| format!("sha256:{h}")).collect();
         return Ok(());
     };
+    wait_for_device(previous);
     let opened = open::open_with(previous, Arc::new(LinuxMount))?;
     let dir = opened.root().join(PARTITION_CONTENT).join("blobs/sha256");
     let temp = TempDir::create(l.state.join("tmp"))?;

@@ -30,11 +30,13 @@ const CHECK_PACKAGES: &[(&str, &str)] =
 const UNITS: &[&str] = &["preseed-load.service", "preseed-place.service", "preseed-serve.service"];
 
 /// Drop-ins shipped as examples: the place drop-in is an alternative to the
-/// place unit, the overlay one to both, the verity one needs a root hash.
+/// place unit, the overlay ones to both (with the load reading place's
+/// mount), the verity one needs a root hash.
 const EXAMPLES: &[&str] = &[
     "containerd.service.d/10-preseed-place.conf",
     "containerd.service.d/10-preseed-overlay.conf",
     "preseed-load.service.d/verity.conf",
+    "preseed-load.service.d/overlay.conf",
 ];
 
 const DOC: &str = "usr/share/doc/preseed";
@@ -49,6 +51,7 @@ const FILES: &[&str] = &[
     "/usr/share/doc/preseed/examples/containerd.service.d/10-preseed-place.conf",
     "/usr/share/doc/preseed/examples/containerd.service.d/10-preseed-overlay.conf",
     "/usr/share/doc/preseed/examples/preseed-load.service.d/verity.conf",
+    "/usr/share/doc/preseed/examples/preseed-load.service.d/overlay.conf",
     "/usr/share/bash-completion/completions/preseed",
     "/usr/share/zsh/vendor-completions/_preseed",
     "/usr/share/fish/vendor_completions.d/preseed.fish",
