@@ -18,12 +18,6 @@ use std::time::Duration;
 use fixtures::{Entry, World};
 use support::containerd::Containerd;
 
-/// A world whose test images run, or `None` (skipped; a failure in CI).
-fn world() -> Option<World> {
-    fixtures::require_static_binary()?;
-    Some(fixtures::world())
-}
-
 /// A sandbox image and a `boot = true` app (small), and two background
 /// images, one big enough (160 MiB) to take a while.
 fn tree(w: &World) -> PathBuf {
@@ -106,7 +100,7 @@ fn load_notified(tree: &Path, c: &Containerd) -> (Vec<String>, Option<AtReady>, 
 
 #[test]
 fn ready_comes_after_the_boot_images_and_before_the_background_ones() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(c) = Containerd::start() else { return };
     let tree = tree(&w);
     let (messages, at_ready, ok, report) = load_notified(&tree, &c);
@@ -146,7 +140,7 @@ fn break_tarball(tree: &Path, file: &str) {
 
 #[test]
 fn a_failed_boot_image_means_no_ready_and_a_failed_exit() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(c) = Containerd::start() else { return };
     let tree = tree(&w);
     break_tarball(&tree, "cni");
@@ -166,7 +160,7 @@ fn a_failed_boot_image_means_no_ready_and_a_failed_exit() {
 
 #[test]
 fn a_failed_background_image_keeps_ready_and_is_in_the_final_status() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(c) = Containerd::start() else { return };
     let tree = tree(&w);
     break_tarball(&tree, "small");

@@ -17,17 +17,12 @@ use std::time::Duration;
 
 use fixtures::{Entry, World};
 use preseed::digest::Digest;
-use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
+use preseed::load::{LoadReport, Outcome, Source};
 use preseed::partition::erofs;
 use preseed::partition::index::INDEX_FILE;
 use preseed::partition::tree::{PlannedFile, Tree};
 use preseed::place::{self, overlay, PlaceError, PlaceOptions, PlaceReport};
 use support::containerd::Containerd;
-
-fn world() -> Option<World> {
-    fixtures::require_static_binary()?;
-    Some(fixtures::world())
-}
 
 /// An erofs partition of `entries` as `preseed bundle` lays it out.
 fn partition(w: &World, entries: &[Entry], name: &str) -> PathBuf {
@@ -62,15 +57,7 @@ fn overlay_on(image: &Path, previous: Option<&Path>, c: &Containerd) -> Result<P
 }
 
 fn load_from(image: &Path, c: &Containerd) -> LoadReport {
-    let mut o = LoadOptions::new(Source::Image(image.to_path_buf()));
-    o.address = c.socket().to_path_buf();
-    o.timeout = Duration::from_secs(10);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let report = rt.block_on(load::load(&o)).expect("load");
-    let mut out = Vec::new();
-    report.print_human(&mut out).unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out));
-    report
+    fixtures::load_report(Source::Image(image.to_path_buf()), c.socket())
 }
 
 /// What containerd sees.
@@ -108,7 +95,7 @@ fn reboot(c: &mut Containerd) {
 
 #[test]
 fn overlaid_blobs_are_registered_with_nothing_copied_and_gc_deletes_them_as_whiteouts() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(mut c) = Containerd::start() else { return };
     // Not k8s.io: CRI would add records of its own holding b's content.
     let a = Entry::new("apps", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 401, 2, 3 << 20));
@@ -158,7 +145,7 @@ fn overlaid_blobs_are_registered_with_nothing_copied_and_gc_deletes_them_as_whit
 
 #[test]
 fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let a = Entry::new("apps", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 411, 1, 1 << 20));
     let b = Entry::new("apps", "b", "preseed.local/b:1", fixtures::single(&w.cache, "hello", 412, 1, 2 << 20));
     let c2 = Entry::new("apps", "c", "preseed.local/c:1", fixtures::single(&w.cache, "hello", 413, 1, 1 << 20));
@@ -214,7 +201,7 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
 
 #[test]
 fn a_damaged_blob_in_the_partition_is_hidden_and_its_image_fails_alone() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(mut c) = Containerd::start() else { return };
     let good =
         Entry::new("k8s.io", "good", "preseed.local/good:1", fixtures::single(&w.cache, "hello", 420, 1, 1 << 20));
@@ -248,7 +235,7 @@ fn a_damaged_blob_in_the_partition_is_hidden_and_its_image_fails_alone() {
 
 #[test]
 fn a_partition_without_a_content_directory_is_copied_instead() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     if support::require_tool("mksquashfs").is_none() {
         return;
     }

@@ -13,17 +13,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fixtures::{Entry, World};
+use fixtures::Entry;
 use preseed::digest::Digest;
 use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
 use preseed::place::{self, PlaceError, PlaceOptions, PlaceReport};
 use support::containerd::{Containerd, ContainerdOptions};
-
-/// A world whose test images run, or `None` (skipped; a failure in CI).
-fn world() -> Option<World> {
-    fixtures::require_static_binary()?;
-    Some(fixtures::world())
-}
 
 /// Place with the root learnt from the test containerd's own config file.
 fn place_into(tree: &Path, c: &Containerd) -> Result<PlaceReport, PlaceError> {
@@ -39,15 +33,7 @@ fn place_into(tree: &Path, c: &Containerd) -> Result<PlaceReport, PlaceError> {
 }
 
 fn load_from(tree: &Path, c: &Containerd) -> LoadReport {
-    let mut o = LoadOptions::new(Source::Dir(tree.to_path_buf()));
-    o.address = c.socket().to_path_buf();
-    o.timeout = Duration::from_secs(10);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let report = rt.block_on(load::load(&o)).expect("load");
-    let mut out = Vec::new();
-    report.print_human(&mut out).unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out));
-    report
+    fixtures::load_report(Source::Dir(tree.to_path_buf()), c.socket())
 }
 
 fn blobs_dir(c: &Containerd) -> PathBuf {
@@ -65,7 +51,7 @@ fn blobs_of(tarball: &Path) -> Vec<Digest> {
 
 #[test]
 fn placed_blobs_are_registered_without_their_bytes_and_gc_keeps_only_what_images_use() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(mut c) = Containerd::start() else { return };
     // Not k8s.io: CRI would add records of its own holding b's content.
     let a = Entry::new("apps", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 301, 2, 3 << 20));
@@ -129,7 +115,7 @@ fn placed_blobs_are_registered_without_their_bytes_and_gc_keeps_only_what_images
 
 #[test]
 fn a_cri_container_starts_from_placed_content_unpacked_by_load() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let sandbox = "preseed.local/pause:1";
     let app = "preseed.local/app:1";
     let opts_c = ContainerdOptions { sandbox_image: sandbox.into(), ..Default::default() };
@@ -161,7 +147,7 @@ fn a_cri_container_starts_from_placed_content_unpacked_by_load() {
 
 #[test]
 fn a_damaged_blob_is_never_placed_and_its_image_fails_alone() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(mut c) = Containerd::start() else { return };
     let good =
         Entry::new("k8s.io", "good", "preseed.local/good:1", fixtures::single(&w.cache, "hello", 320, 1, 1 << 20));
@@ -200,7 +186,7 @@ fn a_damaged_blob_is_never_placed_and_its_image_fails_alone() {
 
 #[test]
 fn isolated_content_policy_places_nothing_and_load_streams() {
-    let Some(w) = world() else { return };
+    let Some(w) = fixtures::runnable_world() else { return };
     let Some(c) = Containerd::start() else { return };
     let e = Entry::new("k8s.io", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 330, 0, 0));
     let tree = w.root.join("tree");

@@ -62,6 +62,29 @@ pub fn require_static_binary() -> Option<&'static [u8]> {
     bin
 }
 
+/// A world whose test images run (the static binary built), or `None`
+/// (skipped; a failure in CI).
+#[allow(dead_code)] // for the tests that run containers (not tests/load.rs)
+pub fn runnable_world() -> Option<World> {
+    require_static_binary()?;
+    Some(world())
+}
+
+/// `preseed load` of `source` into the containerd at `socket`, its report
+/// printed for the test log.
+#[allow(dead_code)] // for place and overlay (tests/load.rs checks its own options)
+pub fn load_report(source: preseed::load::Source, socket: &Path) -> preseed::load::LoadReport {
+    let mut o = preseed::load::LoadOptions::new(source);
+    o.address = socket.to_path_buf();
+    o.timeout = std::time::Duration::from_secs(10);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let report = rt.block_on(preseed::load::load(&o)).expect("load");
+    let mut out = Vec::new();
+    report.print_human(&mut out).unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out));
+    report
+}
+
 /// The static binary (built once per test process), or `None` without gcc.
 pub fn static_binary() -> Option<&'static [u8]> {
     static BIN: OnceLock<Option<Vec<u8>>> = OnceLock::new();
