@@ -253,3 +253,26 @@ fn a_partition_without_a_content_directory_is_copied_instead() {
     let report = load_from(&image, &c);
     assert!(!report.failed() && report.bytes_written == 0, "{}", report.to_json());
 }
+
+#[test]
+fn a_node_whose_containerd_never_ran_gets_its_root_made() {
+    let Some(w) = fixtures::runnable_world() else { return };
+    let Some(c) = Containerd::start() else { return };
+    let e = Entry::new("k8s.io", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 440, 0, 0));
+    let image = partition(&w, &[e], "p");
+    let root = w.root.join("fresh/containerd");
+    let mut o = options(&image, &c);
+    o.root = Some(root.clone());
+    let r = overlay::overlay(&o, None).unwrap();
+    let content = root.join(place::CONTENT_DIR);
+    let mounted = overlay::is_mounted(&root);
+    let visible = std::fs::read_dir(content.join("blobs/sha256")).map(|d| d.count()).unwrap_or(0);
+    for m in [content, root.join(overlay::STATE_DIR).join("lower")] {
+        let path = std::ffi::CString::new(m.into_os_string().into_encoded_bytes()).unwrap();
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+    assert!(mounted, "{r:?}");
+    assert_eq!((r.overlaid, visible), (3, 3), "{r:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&root).unwrap().permissions().mode() & 0o777, 0o711, "as containerd makes it");
+}
