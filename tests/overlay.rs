@@ -156,7 +156,11 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
     let only_a: BTreeSet<_> = blobs_of(&old, "apps/a.tar").difference(&blobs_of(&old, "apps/b.tar")).cloned().collect();
     assert!(!only_a.is_empty());
 
-    for with_previous in [true, false] {
+    // Not a partition at all: as good as none.
+    let bogus = w.root.join("bogus.img");
+    std::fs::write(&bogus, vec![0u8; 8192]).unwrap();
+    for previous in [Some(old.as_path()), None, Some(bogus.as_path())] {
+        let with_previous = previous == Some(old.as_path());
         let Some(mut c) = Containerd::start() else { return };
         c.stop();
         overlay_on(&old, None, &c).unwrap();
@@ -170,9 +174,15 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
         // The content now lives in the overlay: a copying place would hide it.
         let err = place::place(&options(&new, &c)).unwrap_err();
         assert!(matches!(err, PlaceError::Overlaid { .. }), "{err}");
-        assert!(err.to_string().contains("--overlay"), "{err}");
+        assert!(
+            err.to_string().contains("which is not mounted: run preseed place --overlay, not a copying place"),
+            "{err}"
+        );
 
-        let r = overlay_on(&new, with_previous.then_some(old.as_path()), &c).unwrap();
+        let r = overlay_on(&new, previous, &c).unwrap();
+        if previous == Some(bogus.as_path()) {
+            assert!(r.warnings.iter().any(|w| w.contains("previous partition cannot be opened")), "{r:?}");
+        }
         c.restart();
         let loaded = load_from(&new, &c);
         assert!(!loaded.failed());

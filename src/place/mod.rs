@@ -113,7 +113,8 @@ pub enum PlaceError {
     },
     /// The root's content is overlaid, but the new partition cannot be.
     #[error(
-        "{source_name} has no {dir}/ (a squashfs partition, or bundled by an older preseed), but containerd's content          lives in preseed's overlay: bundle the partition as erofs with this preseed"
+        "{source_name} has no {dir}/ (a squashfs partition, or bundled by an older preseed), but containerd's content \
+         lives in preseed's overlay: bundle the partition as erofs with this preseed"
     , dir = crate::partition::index::CONTENT_DIR)]
     NoContentDir {
         /// The partition.
@@ -131,7 +132,8 @@ pub enum PlaceError {
     },
     /// A copying place on a root whose content lives in the overlay.
     #[error(
-        "containerd's content on {root} lives in preseed's overlay ({root}/{dir}/upper), which is not mounted: run          preseed place --overlay, not a copying place",
+        "containerd's content on {root} lives in preseed's overlay ({root}/{dir}/upper), which is not mounted: run \
+         preseed place --overlay, not a copying place",
         dir = overlay::STATE_DIR
     )]
     Overlaid {

@@ -272,7 +272,16 @@ fn keep_from_previous(
         return Ok(());
     };
     wait_for_device(previous);
-    let opened = open::open_with(previous, Arc::new(LinuxMount))?;
+    // Not a reason to keep containerd from starting: the blobs are lost
+    // either way, and the report says which.
+    let opened = match open::open_with(previous, Arc::new(LinuxMount)) {
+        Ok(o) => o,
+        Err(e) => {
+            report.warnings.push(format!("the previous partition cannot be opened: {e}"));
+            report.lost = missing.iter().map(|h| format!("sha256:{h}")).collect();
+            return Ok(());
+        }
+    };
     let dir = opened.root().join(PARTITION_CONTENT).join("blobs/sha256");
     let temp = TempDir::create(l.state.join("tmp"))?;
     let copied = crate::parallel::map(missing, |hex| copy_verified(&dir.join(hex), hex, &temp.0));
