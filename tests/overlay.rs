@@ -112,6 +112,11 @@ fn overlaid_blobs_are_registered_with_nothing_copied_and_gc_deletes_them_as_whit
     assert!(!r.failed());
     let again = overlay_on(&image, None, &c).unwrap();
     assert!(again.warnings.iter().any(|w| w.contains("already overlaid")), "{again:?}");
+    assert_eq!(again.warnings.len(), 1, "the same partition: {again:?}");
+    let other = w.root.join("other.erofs");
+    std::fs::copy(&image, &other).unwrap();
+    let elsewhere = overlay_on(&other, None, &c).unwrap();
+    assert!(elsewhere.warnings.iter().any(|w| w.contains("the partition changes at the next boot")), "{elsewhere:?}");
 
     c.restart();
     let report = load_from(&image, &c);

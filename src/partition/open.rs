@@ -36,6 +36,17 @@ impl Source {
         }
     }
 
+    /// A stable name for the source ([`Opened::id`]): an image file or
+    /// directory canonicalized, a device path as given.
+    pub fn id(&self) -> String {
+        match self {
+            Source::Image(p) | Source::Dir(p) => {
+                std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string()
+            }
+            Source::Device(p) => p.display().to_string(),
+        }
+    }
+
     /// The path as given.
     pub fn path(&self) -> &Path {
         match self {
@@ -135,7 +146,6 @@ pub fn open_with(source: &Source, sys: Arc<dyn MountSys>) -> Result<Opened, Open
 
 /// [`open_with`] with options (a dm-verity root hash).
 pub fn open_with_options(source: &Source, opts: &OpenOptions, sys: Arc<dyn MountSys>) -> Result<Opened, OpenError> {
-    let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string();
     let opened = |m: Mounted, verity: Option<VerityDevice>, id: String| Opened {
         root: m.path().to_path_buf(),
         mounted: Some(m),
@@ -144,8 +154,8 @@ pub fn open_with_options(source: &Source, opts: &OpenOptions, sys: Arc<dyn Mount
     };
     let at = opts.mount_at.as_deref();
     Ok(match (source, &opts.verity_root_hash) {
-        (Source::Image(p), None) => opened(mount::mount_on(p, true, at, sys)?, None, canonical(p)),
-        (Source::Device(p), None) => opened(mount::mount_on(p, false, at, sys)?, None, p.display().to_string()),
+        (Source::Image(p), None) => opened(mount::mount_on(p, true, at, sys)?, None, source.id()),
+        (Source::Device(p), None) => opened(mount::mount_on(p, false, at, sys)?, None, source.id()),
         (Source::Image(p), Some(root)) => {
             // Held until the verity device holds the loop device; it
             // detaches itself when that goes.
@@ -153,19 +163,19 @@ pub fn open_with_options(source: &Source, opts: &OpenOptions, sys: Arc<dyn Mount
             let dm = VerityDevice::open(p, &handle.device, root)?;
             let m = mount_verified(&dm, at, sys)?;
             drop(handle);
-            opened(m, Some(dm), canonical(p))
+            opened(m, Some(dm), source.id())
         }
         (Source::Device(p), Some(root)) => {
             let dm = VerityDevice::open(p, p, root)?;
             let m = mount_verified(&dm, at, sys)?;
-            opened(m, Some(dm), p.display().to_string())
+            opened(m, Some(dm), source.id())
         }
         (Source::Dir(p), Some(_)) => return Err(OpenError::VerityNeedsPartition(p.clone())),
         (Source::Dir(p), None) => {
             if !p.is_dir() {
                 return Err(OpenError::NotADirectory(p.clone()));
             }
-            Opened { mounted: None, verity: None, root: p.clone(), id: canonical(p) }
+            Opened { mounted: None, verity: None, root: p.clone(), id: source.id() }
         }
     })
 }

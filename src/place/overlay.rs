@@ -106,8 +106,17 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
 
     match mount_type(&l.content) {
         Some(fs) if fs == "overlay" => {
-            report.source = opts.source.path().display().to_string();
+            report.source = opts.source.id();
             report.warnings.push(format!("{} is already overlaid: nothing to do", l.content.display()));
+            if let Some(held) = read_state(&l.state.join(STATE_FILE))?.filter(|s| s.source != report.source) {
+                report.warnings.push(format!(
+                    "the overlay holds {}, not {}: the partition changes at the next boot (or once containerd is \
+                     stopped and the overlay and {} are unmounted)",
+                    held.source,
+                    report.source,
+                    l.lower.display()
+                ));
+            }
             report.duration_ms = elapsed_ms(start);
             return Ok(report);
         }
