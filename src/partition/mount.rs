@@ -183,6 +183,52 @@ pub fn mount_on(
     Ok(Mounted { dir, format, sys, temp })
 }
 
+/// The filesystem type mounted on `path`, if it is a mount point (the top
+/// mount where several are stacked), from `/proc/self/mountinfo`.
+pub fn fs_type_at(path: &Path) -> Option<String> {
+    let want = std::fs::canonicalize(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        if fields.len() > dash + 1 && fields.len() > 4 && Path::new(&unescape(fields[4])) == want {
+            found = Some(fields[dash + 1].to_string());
+        }
+    }
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &str) -> String {
+    let mut out = Vec::with_capacity(field.len());
+    let b = field.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mounts an overlayfs on `target` with mount options `options`
+/// (`lowerdir=…,upperdir=…,workdir=…`).
+pub fn mount_overlay(target: &Path, options: &str) -> io::Result<()> {
+    let t = cpath(target)?;
+    let data = std::ffi::CString::new(options).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let fs = c"overlay";
+    // SAFETY: mount with valid NUL-terminated strings.
+    if unsafe { libc::mount(fs.as_ptr(), t.as_ptr(), fs.as_ptr(), 0, data.as_ptr().cast()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The real syscalls.
 pub struct LinuxMount;
 
@@ -342,6 +388,19 @@ mod tests {
             self.0.lock().unwrap().push("umount".into());
             Ok(())
         }
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape("/var/lib/a\\040b"), "/var/lib/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn the_root_is_a_mount_point() {
+        assert!(fs_type_at(Path::new("/")).is_some());
+        assert!(fs_type_at(Path::new("/nonexistent-preseed-path")).is_none());
     }
 
     #[test]

@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::Read;
+use std::io::BufReader;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -40,10 +40,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{io_err, lock, Damaged, PlaceError, PlaceOptions, PlaceReport, TempDir, CONTENT_DIR, PIECE};
+use super::{io_err, lock, Candidate, Damaged, PlaceError, PlaceOptions, PlaceReport, TempDir, CONTENT_DIR, PIECE};
 use crate::digest::{Digest, Hasher};
+use crate::load::archive::Entry;
 use crate::partition::index::{CONTENT_DIR as PARTITION_CONTENT, INDEX_FILE};
-use crate::partition::mount::LinuxMount;
+use crate::partition::mount::{self, LinuxMount, MountSys};
 use crate::partition::open::{self, OpenOptions, Source};
 
 /// preseed's overlay state, under containerd's root.
@@ -91,7 +92,7 @@ pub fn is_overlaid(root: &Path) -> bool {
 
 /// Whether preseed's overlay is mounted on containerd's content directory.
 pub fn is_mounted(root: &Path) -> bool {
-    mount_type(&Layout::new(root).content).as_deref() == Some("overlay")
+    mount::fs_type_at(&Layout::new(root).content).as_deref() == Some("overlay")
 }
 
 /// Mounts the partition as the lower layer of containerd's content store;
@@ -104,7 +105,7 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
     let _lock = lock(&root)?;
     let l = Layout::new(&root);
 
-    match mount_type(&l.content) {
+    match mount::fs_type_at(&l.content) {
         Some(fs) if fs == "overlay" => {
             report.source = opts.source.id();
             report.warnings.push(format!("{} is already overlaid: nothing to do", l.content.display()));
@@ -135,8 +136,8 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
     mkdir(&l.state, 0o700)?;
     mkdir(&l.lower, 0o700)?;
     // Left mounted by a run that stopped before the overlay was mounted.
-    if mount_type(&l.lower).is_some() {
-        unmount(&l.lower)?;
+    if mount::fs_type_at(&l.lower).is_some() {
+        LinuxMount.unmount(&l.lower).map_err(io_err(&l.lower))?;
     }
 
     let mount_at = match opts.source {
@@ -203,10 +204,10 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
     // checks every read.
     let known = old.as_ref().is_some_and(|o| o.index == new.index);
     if !known && opened.verity().is_none() {
-        let todo: Vec<(&String, &u64)> = blobs.iter().collect();
+        let todo: Vec<&String> = blobs.keys().collect();
         let dir = lower_content.join("blobs/sha256");
-        let checked = crate::parallel::map(&todo, |(hex, size)| check(&dir.join(hex), hex, **size));
-        for ((hex, _), result) in todo.iter().zip(checked) {
+        let checked = crate::parallel::map(&todo, |hex| check(&dir.join(hex), hex));
+        for (hex, result) in todo.iter().zip(checked) {
             if let Some(found) = result? {
                 hide(&upper_blobs.join(hex))?;
                 report.damaged.push(Damaged {
@@ -226,7 +227,7 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
     if !l.content.exists() {
         mkdir(&l.content, 0o755)?;
     }
-    if let Err(source) = mount_overlay(&l.content, &options) {
+    if let Err(source) = mount::mount_overlay(&l.content, &options) {
         if first && std::fs::remove_dir(&l.content).is_ok() {
             // Put containerd's content back where it was, without the
             // whiteouts of damaged blobs (nothing else was added).
@@ -293,7 +294,19 @@ fn keep_from_previous(
     };
     let dir = opened.root().join(PARTITION_CONTENT).join("blobs/sha256");
     let temp = TempDir::create(l.state.join("tmp"))?;
-    let copied = crate::parallel::map(missing, |hex| copy_verified(&dir.join(hex), hex, &temp.0));
+    // Copied, verified and flushed as a copying place does.
+    let copied = crate::parallel::map(missing, |hex| {
+        let from = dir.join(hex);
+        let file = match File::open(&from) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&from)(e)),
+        };
+        let size = file.metadata().map_err(io_err(&from))?.len();
+        let digest = format!("sha256:{hex}").parse().expect("blob names are checked when listed");
+        let c = Candidate { digest, archive: 0, entry: Entry { offset: 0, size }, tarballs: Vec::new() };
+        Ok(super::copy(&Arc::new(file), &c, &temp.0, true)?.is_none().then_some(size))
+    });
     let to_dir = l.upper.join("blobs/sha256");
     let mut kept = Vec::new();
     for (hex, result) in missing.iter().zip(copied) {
@@ -317,61 +330,16 @@ fn keep_from_previous(
     Ok(())
 }
 
-/// Copies `from` into `dir/<hex>` if its bytes hash to `hex`: `Some(size)`,
-/// or `None` when it is missing or damaged (nothing is left then).
-fn copy_verified(from: &Path, hex: &str, dir: &Path) -> Result<Option<u64>, PlaceError> {
-    let mut src = match File::open(from) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(from)(e)),
-    };
-    let to = dir.join(hex);
-    let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&to).map_err(io_err(&to))?;
-    let mut hasher = Hasher::new();
-    let mut buf = vec![0u8; PIECE];
-    let mut size = 0u64;
-    loop {
-        let n = match src.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => {
-                drop(out);
-                std::fs::remove_file(&to).map_err(io_err(&to))?;
-                return Ok(None);
-            }
-        };
-        hasher.update(&buf[..n]);
-        std::io::Write::write_all(&mut out, &buf[..n]).map_err(io_err(&to))?;
-        size += n as u64;
-    }
-    if hasher.finish().hex() != hex {
-        drop(out);
-        std::fs::remove_file(&to).map_err(io_err(&to))?;
-        return Ok(None);
-    }
-    Ok(Some(size))
-}
-
 /// `Some(what was found)` if the blob at `path` does not hash to `hex`.
-fn check(path: &Path, hex: &str, size: u64) -> Result<Option<String>, PlaceError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
+fn check(path: &Path, hex: &str) -> Result<Option<String>, PlaceError> {
+    let file = File::open(path).map_err(io_err(path))?;
     let mut hasher = Hasher::new();
-    let mut buf = vec![0u8; PIECE.min(size.max(1) as usize)];
-    let mut at = 0u64;
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hasher.update(&buf[..n]);
-                at += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
-                return Ok(Some(format!("an I/O error at byte {at} ({e})")));
-            }
-            Err(e) => return Err(io_err(path)(e)),
+    match std::io::copy(&mut BufReader::with_capacity(PIECE, file), &mut hasher) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+            return Ok(Some(format!("an I/O error at byte {} ({e})", hasher.len())));
         }
+        Err(e) => return Err(io_err(path)(e)),
     }
     let found = hasher.finish();
     Ok((found.hex() != hex).then(|| format!("bytes that hash to {found}")))
@@ -411,7 +379,7 @@ fn list_blobs(dir: &Path) -> Result<BTreeMap<String, u64>, PlaceError> {
     for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if format!("sha256:{name}").parse::<Digest>().is_ok() {
             out.insert(name, e.metadata().map_err(io_err(&e.path()))?.size());
         }
     }
@@ -450,82 +418,6 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), PlaceError> {
     }
 }
 
-/// The filesystem type mounted on `path`, if it is a mount point (the top
-/// mount where several are stacked), from `/proc/self/mountinfo`.
-fn mount_type(path: &Path) -> Option<String> {
-    let want = std::fs::canonicalize(path).ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut found = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
-        if fields.len() > dash + 1 && fields.len() > 4 && Path::new(&unescape(fields[4])) == want {
-            found = Some(fields[dash + 1].to_string());
-        }
-    }
-    found
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> String {
-    let mut out = Vec::with_capacity(field.len());
-    let b = field.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn cpath(p: &Path) -> std::io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-}
-
-fn mount_overlay(target: &Path, options: &str) -> std::io::Result<()> {
-    let t = cpath(target)?;
-    let data = std::ffi::CString::new(options).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let fs = c"overlay";
-    // SAFETY: mount with valid NUL-terminated strings.
-    if unsafe { libc::mount(fs.as_ptr(), t.as_ptr(), fs.as_ptr(), 0, data.as_ptr().cast()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn unmount(path: &Path) -> Result<(), PlaceError> {
-    let c = cpath(path).map_err(io_err(path))?;
-    // SAFETY: umount2 with a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-        return Err(io_err(path)(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 fn elapsed_ms(start: Instant) -> u64 {
     start.elapsed().as_millis().min(u64::MAX as u128) as u64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape("/var/lib/a\\040b"), "/var/lib/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/end\\04"), "/end\\04");
-    }
-
-    #[test]
-    fn the_root_is_a_mount_point() {
-        assert!(mount_type(Path::new("/")).is_some());
-        assert!(mount_type(Path::new("/nonexistent-preseed-path")).is_none());
-    }
 }
