@@ -407,8 +407,16 @@ fn root(opts: &PlaceOptions, report: &mut PlaceReport) -> Option<PathBuf> {
     Some(root)
 }
 
-/// Takes containerd's own lock on its metadata database, without waiting.
-/// No database yet: no containerd has run on this root.
+/// How long a held lock may take to go before place says containerd runs.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Takes containerd's own lock on its metadata database. No database yet:
+/// no containerd has run on this root.
+///
+/// containerd holds the lock for as long as it runs. A holder that lets go
+/// within [`LOCK_GRACE`] is not containerd: a flock belongs to the open
+/// file, so a process forked while an earlier place held it keeps it until
+/// that process execs (seen with tests that start processes in parallel).
 fn lock(root: &Path) -> Result<Option<File>, PlaceError> {
     let db = root.join(META_DB);
     let file = match File::open(&db) {
@@ -416,13 +424,17 @@ fn lock(root: &Path) -> Result<Option<File>, PlaceError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&db)(e)),
     };
+    let start = Instant::now();
     // SAFETY: flock on a valid open descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io_err(&db)(e));
+        }
+        if start.elapsed() >= LOCK_GRACE {
             return Err(PlaceError::Running { root: root.to_path_buf(), db });
         }
-        return Err(io_err(&db)(e));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(Some(file))
 }
