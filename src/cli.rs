@@ -142,6 +142,23 @@ pub enum Command {
         #[command(flatten)]
         verity: VerityArgs,
     },
+    /// With place --overlay: copy the blobs only the partition under containerd's store has into its
+    /// writable layer, so the partition can be replaced without --previous (runs while containerd runs).
+    Settle {
+        /// containerd's root directory [default: `root` in --config, else /var/lib/containerd].
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// containerd's configuration file.
+        #[arg(long, default_value = crate::place::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The partition that will replace the current one (image file, device or directory): the
+        /// blobs it ships are not copied.
+        #[arg(long, value_name = "PARTITION")]
+        next: Option<PathBuf>,
+        /// Machine-readable report on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a partition's images as a read-only OCI registry (a mirror for containerd, CRI-O, podman).
     Serve {
         #[command(flatten)]
@@ -180,7 +197,7 @@ impl Command {
         match self {
             #[cfg(feature = "containerd")]
             Command::Load { .. } => true,
-            Command::Place { .. } | Command::Serve { .. } => true,
+            Command::Place { .. } | Command::Settle { .. } | Command::Serve { .. } => true,
             _ => false,
         }
     }

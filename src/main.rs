@@ -131,6 +131,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Settle { root, config, next, json } => {
+            let next = next.as_deref().map(preseed::partition::open::Source::detect);
+            let opts = preseed::place::settle::SettleOptions { root, config, next };
+            let report = tokio::task::spawn_blocking(move || preseed::place::settle::settle(&opts)).await??;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                report.print_human(&mut std::io::stdout())?;
+            }
+            if report.failed() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Serve { from, listen } => {
             let server = preseed::serve::Server::bind(&from.source(), listen).await?;
             for w in &server.catalog().warnings {

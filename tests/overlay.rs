@@ -2,7 +2,8 @@
 //! preseed's own erofs writer, with its `.content` directory) mounted under
 //! containerd's content store, `preseed load` registering every blob with
 //! nothing copied, GC deletes as whiteouts, a partition update with and
-//! without the previous partition, a damaged blob, and a squashfs partition.
+//! without the previous partition or after `preseed settle`, a damaged
+//! blob, and a squashfs partition.
 #![cfg(feature = "containerd")]
 
 #[path = "load/fixtures.rs"]
@@ -21,6 +22,7 @@ use preseed::load::{LoadReport, Outcome, Source};
 use preseed::partition::erofs;
 use preseed::partition::index::INDEX_FILE;
 use preseed::partition::tree::{PlannedFile, Tree};
+use preseed::place::settle::{SettleOptions, SettleReport};
 use preseed::place::{self, overlay, PlaceError, PlaceOptions, PlaceReport};
 use support::containerd::Containerd;
 
@@ -48,6 +50,21 @@ fn options(image: &Path, c: &Containerd) -> PlaceOptions {
 fn overlay_on(image: &Path, previous: Option<&Path>, c: &Containerd) -> Result<PlaceReport, PlaceError> {
     let previous = previous.map(|p| Source::Image(p.to_path_buf()));
     let r = overlay::overlay(&options(image, c), previous.as_ref());
+    if let Ok(r) = &r {
+        let mut out = Vec::new();
+        r.print_human(&mut out).unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&out));
+    }
+    r
+}
+
+fn settle(next: Option<&Path>, c: &Containerd) -> Result<SettleReport, PlaceError> {
+    let opts = SettleOptions {
+        root: None,
+        config: c.dir().join("config.toml"),
+        next: next.map(|p| Source::Image(p.to_path_buf())),
+    };
+    let r = place::settle::settle(&opts);
     if let Ok(r) = &r {
         let mut out = Vec::new();
         r.print_human(&mut out).unwrap();
@@ -160,11 +177,16 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
         blobs_of(&old, "apps/b.tar").difference(&blobs_of(&new, "apps/a.tar")).cloned().collect();
     let only_a: BTreeSet<_> = blobs_of(&old, "apps/a.tar").difference(&blobs_of(&old, "apps/b.tar")).cloned().collect();
     assert!(!only_a.is_empty());
+    let old_blobs: BTreeSet<_> = blobs_of(&old, "apps/a.tar").union(&blobs_of(&old, "apps/b.tar")).cloned().collect();
+    let new_blobs: BTreeSet<_> = blobs_of(&new, "apps/a.tar").union(&blobs_of(&new, "apps/c.tar")).cloned().collect();
 
     // Not a partition at all: as good as none.
     let bogus = w.root.join("bogus.img");
     std::fs::write(&bogus, vec![0u8; 8192]).unwrap();
-    for previous in [Some(old.as_path()), None, Some(bogus.as_path())] {
+    // The last: no --previous, but `preseed settle --next new` ran before the swap.
+    for (previous, settled) in
+        [(Some(old.as_path()), false), (None, false), (Some(bogus.as_path()), false), (None, true)]
+    {
         let with_previous = previous == Some(old.as_path());
         let Some(mut c) = Containerd::start() else { return };
         c.stop();
@@ -174,6 +196,18 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
         // a goes, and GC deletes its own blobs (whiteouts over the old partition's).
         c.ctr_ok(&["-n", "apps", "images", "rm", "--sync", "preseed.local/a:1"]);
         wait_gone(&store(&c), &only_a);
+        if settled {
+            let r = settle(Some(&new), &c).unwrap();
+            // a's blobs are the new partition's too: left where they are.
+            let in_both = old_blobs.intersection(&new_blobs).count();
+            assert_eq!((r.settled, r.in_next, r.damaged.len()), (only_old.len(), in_both, 0), "{r:?}");
+            for d in &only_old {
+                assert!(upper(&c).join(d.hex()).is_file(), "{d} copied to the upper layer");
+            }
+            assert!(c.ctr_ok(&["-n", "apps", "images", "check"]).contains("complete"));
+            let again = settle(Some(&new), &c).unwrap();
+            assert_eq!((again.settled, again.already), (0, only_old.len()), "{again:?}");
+        }
         reboot(&mut c);
 
         // The content now lives in the overlay: a copying place would hide it.
@@ -196,7 +230,10 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
         let check = String::from_utf8_lossy(&c.ctr(&["-n", "apps", "images", "check"]).stdout).into_owned();
         let line = |name: &str| check.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
         assert!(line("preseed.local/c:1").contains(" complete "), "{check}");
-        if with_previous {
+        if settled {
+            assert_eq!((r.kept_from_previous, r.lost.len()), (0, 0), "{r:?}");
+            assert!(line("preseed.local/b:1").contains(" complete "), "b, settled, still whole: {check}");
+        } else if with_previous {
             assert_eq!((r.kept_from_previous, r.lost.len()), (only_old.len(), 0), "{r:?}");
             assert!(line("preseed.local/b:1").contains(" complete "), "b, no longer shipped, still whole: {check}");
             for d in &only_old {
@@ -212,6 +249,42 @@ fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
         }
         c.assert_no_panic();
     }
+}
+
+#[test]
+fn settle_copies_the_lower_blobs_containerd_kept_and_needs_the_overlay_mounted() {
+    let Some(w) = fixtures::runnable_world() else { return };
+    let a = Entry::new("apps", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 421, 1, 1 << 20));
+    let b = Entry::new("apps", "b", "preseed.local/b:1", fixtures::single(&w.cache, "hello", 422, 1, 1 << 20));
+    let image = partition(&w, &[a, b], "p");
+    let only_a: BTreeSet<_> =
+        blobs_of(&image, "apps/a.tar").difference(&blobs_of(&image, "apps/b.tar")).cloned().collect();
+    let Some(mut c) = Containerd::start() else { return };
+
+    let r = settle(None, &c).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("is not in preseed's overlay")) && r.settled == 0, "{r:?}");
+
+    c.stop();
+    overlay_on(&image, None, &c).unwrap();
+    c.restart();
+    assert!(!load_from(&image, &c).failed());
+    c.ctr_ok(&["-n", "apps", "images", "rm", "--sync", "preseed.local/a:1"]);
+    wait_gone(&store(&c), &only_a);
+    // Every blob b uses, none of what GC deleted.
+    let r = settle(None, &c).unwrap();
+    let b_blobs = blobs_of(&image, "apps/b.tar");
+    assert_eq!((r.settled, r.deleted, r.in_next), (b_blobs.len(), only_a.len(), 0), "{r:?}");
+    for d in &b_blobs {
+        assert!(upper(&c).join(d.hex()).is_file(), "{d} copied to the upper layer");
+    }
+    assert!(!c.root().join(place::CONTENT_DIR).join("preseed-settle.tmp").exists(), "temp directory left behind");
+    c.ctr_ok(&["-n", "apps", "images", "check"]);
+
+    reboot(&mut c);
+    let err = settle(None, &c).unwrap_err();
+    assert!(matches!(err, PlaceError::NotMounted { .. }), "{err}");
+    assert!(err.to_string().ends_with("settle runs on a node booted with preseed place --overlay"), "{err}");
+    c.assert_no_panic();
 }
 
 #[test]

@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod overlay;
+pub mod settle;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -139,6 +140,30 @@ pub enum PlaceError {
     Overlaid {
         /// containerd's root.
         root: PathBuf,
+    },
+    /// Neither `--root` nor a readable containerd config.
+    #[error("containerd's root is unknown ({why}); give it with --root")]
+    UnknownRoot {
+        /// Why the config did not tell.
+        why: String,
+    },
+    /// `settle` on a root whose overlay is not mounted.
+    #[error(
+        "containerd's content on {root} lives in preseed's overlay ({root}/{dir}/upper), which is not mounted: \
+         settle runs on a node booted with preseed place --overlay",
+        dir = overlay::STATE_DIR
+    )]
+    NotMounted {
+        /// containerd's root.
+        root: PathBuf,
+    },
+    /// Another `preseed settle` runs on the root.
+    #[error("another preseed settle is running on {root} (it holds {lock}): let it finish")]
+    Settling {
+        /// containerd's root.
+        root: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
     },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
@@ -301,7 +326,7 @@ fn copy_all(
     mut report: PlaceReport,
     start: Instant,
 ) -> Result<PlaceReport, PlaceError> {
-    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash.clone(), mount_at: None };
+    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash, mount_at: None };
     let opened = open::open_with_options(&opts.source, &open_opts, Arc::new(crate::partition::mount::LinuxMount))?;
     // Through dm-verity every block read is checked against the root hash.
     let verified = opened.verity().is_some();
@@ -338,7 +363,7 @@ fn copy_all(
 
     let store = root.join(CONTENT_DIR);
     let target_dir = store.join("blobs/sha256");
-    make_dirs(&root, &target_dir)?;
+    make_dirs(root, &target_dir)?;
     let mut todo = Vec::new();
     for c in blobs.into_values() {
         match std::fs::symlink_metadata(target_dir.join(c.digest.hex())) {

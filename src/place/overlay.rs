@@ -49,30 +49,30 @@ use crate::partition::open::{self, OpenOptions, Source};
 
 /// preseed's overlay state, under containerd's root.
 pub const STATE_DIR: &str = "preseed-overlay";
-const STATE_FILE: &str = "lower.json";
+pub(super) const STATE_FILE: &str = "lower.json";
 
 /// Which partition is the lower layer (recorded after each overlay mount).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct LowerState {
+pub(super) struct LowerState {
     /// The source as named.
-    source: String,
+    pub(super) source: String,
     /// sha256 of its `preseed.json`: names the partition's contents.
     index: String,
     /// Hex names of its blobs.
-    blobs: BTreeSet<String>,
+    pub(super) blobs: BTreeSet<String>,
 }
 
 /// The overlay's paths under containerd's root.
-struct Layout {
+pub(super) struct Layout {
     content: PathBuf,
-    state: PathBuf,
-    lower: PathBuf,
-    upper: PathBuf,
+    pub(super) state: PathBuf,
+    pub(super) lower: PathBuf,
+    pub(super) upper: PathBuf,
     work: PathBuf,
 }
 
 impl Layout {
-    fn new(root: &Path) -> Layout {
+    pub(super) fn new(root: &Path) -> Layout {
         let state = root.join(STATE_DIR);
         Layout {
             content: root.join(CONTENT_DIR),
@@ -145,7 +145,7 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
         _ => Some(l.lower.clone()),
     };
     wait_for_device(&opts.source);
-    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash.clone(), mount_at };
+    let open_opts = OpenOptions { verity_root_hash: opts.verity_root_hash, mount_at };
     let opened = open::open_with_options(&opts.source, &open_opts, Arc::new(LinuxMount))?;
     report.source = opened.id().to_string();
     let lower_content = opened.root().join(PARTITION_CONTENT);
@@ -253,7 +253,7 @@ const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Waits (up to [`DEVICE_WAIT`]) for a device source to exist; opening it
 /// then says what is missing.
-fn wait_for_device(source: &Source) {
+pub(super) fn wait_for_device(source: &Source) {
     if let Source::Device(path) = source {
         let start = Instant::now();
         while !path.exists() && start.elapsed() < DEVICE_WAIT {
@@ -294,40 +294,63 @@ fn keep_from_previous(
     };
     let dir = opened.root().join(PARTITION_CONTENT).join("blobs/sha256");
     let temp = TempDir::create(l.state.join("tmp"))?;
-    // Copied, verified and flushed as a copying place does.
-    let copied = crate::parallel::map(missing, |hex| {
-        let from = dir.join(hex);
-        let file = match File::open(&from) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&from)(e)),
-        };
-        let size = file.metadata().map_err(io_err(&from))?.len();
-        let digest = format!("sha256:{hex}").parse().expect("blob names are checked when listed");
-        let c = Candidate { digest, archive: 0, entry: Entry { offset: 0, size }, tarballs: Vec::new() };
-        Ok(super::copy(&Arc::new(file), &c, &temp.0, true)?.is_none().then_some(size))
-    });
-    let to_dir = l.upper.join("blobs/sha256");
-    let mut kept = Vec::new();
+    let copied = copy_blobs(missing, &dir, &temp.0, &l.upper.join("blobs/sha256"))?;
     for (hex, result) in missing.iter().zip(copied) {
-        match result? {
-            Some(size) => kept.push((*hex, size)),
-            None => report.lost.push(format!("sha256:{hex}")),
+        match result {
+            Copied::Done(size) => {
+                report.kept_from_previous += 1;
+                report.bytes_kept_from_previous += size;
+            }
+            Copied::Missing | Copied::Damaged(_) => report.lost.push(format!("sha256:{hex}")),
         }
     }
-    let dir_file = File::open(&temp.0).map_err(io_err(&temp.0))?;
+    Ok(())
+}
+
+/// What became of one blob [`copy_blobs`] was asked for.
+pub(super) enum Copied {
+    /// Copied: its size.
+    Done(u64),
+    /// Not in the source directory.
+    Missing,
+    /// Its bytes are wrong (what was found instead): not copied.
+    Damaged(String),
+}
+
+/// Copies the blobs named `hexes` from the directory `from` into `to`,
+/// through `temp` (on `to`'s filesystem) as a copying place does: each
+/// hashed on the way, 0444, all flushed with one `syncfs`, then renamed
+/// into `to` and `to` fsynced. A blob appears in `to` only whole and good.
+pub(super) fn copy_blobs(hexes: &[&String], from: &Path, temp: &Path, to: &Path) -> Result<Vec<Copied>, PlaceError> {
+    let copied = crate::parallel::map(hexes, |hex| {
+        let path = from.join(hex);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Copied::Missing),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        let digest = format!("sha256:{hex}").parse().expect("blob names are checked when listed");
+        let c = Candidate { digest, archive: 0, entry: Entry { offset: 0, size }, tarballs: Vec::new() };
+        Ok(match super::copy(&Arc::new(file), &c, temp, true)? {
+            None => Copied::Done(size),
+            Some(found) => Copied::Damaged(found),
+        })
+    });
+    let copied: Vec<Copied> = copied.into_iter().collect::<Result<_, _>>()?;
+    let dir_file = File::open(temp).map_err(io_err(temp))?;
     // SAFETY: syncfs on a valid open descriptor.
     if unsafe { libc::syncfs(dir_file.as_raw_fd()) } != 0 {
-        return Err(io_err(&temp.0)(std::io::Error::last_os_error()));
+        return Err(io_err(temp)(std::io::Error::last_os_error()));
     }
-    for (hex, size) in kept {
-        let to = to_dir.join(hex);
-        std::fs::rename(temp.0.join(hex), &to).map_err(io_err(&to))?;
-        report.kept_from_previous += 1;
-        report.bytes_kept_from_previous += size;
+    for (hex, c) in hexes.iter().zip(&copied) {
+        if let Copied::Done(_) = c {
+            let target = to.join(hex);
+            std::fs::rename(temp.join(hex), &target).map_err(io_err(&target))?;
+        }
     }
-    File::open(&to_dir).and_then(|d| d.sync_all()).map_err(io_err(&to_dir))?;
-    Ok(())
+    File::open(to).and_then(|d| d.sync_all()).map_err(io_err(to))?;
+    Ok(copied)
 }
 
 /// `Some(what was found)` if the blob at `path` does not hash to `hex`.
@@ -374,7 +397,7 @@ fn clear_whiteouts(dir: &Path) -> Result<(), PlaceError> {
 }
 
 /// Every `<hex>` file of the lower's `blobs/sha256`, with its size.
-fn list_blobs(dir: &Path) -> Result<BTreeMap<String, u64>, PlaceError> {
+pub(super) fn list_blobs(dir: &Path) -> Result<BTreeMap<String, u64>, PlaceError> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
@@ -386,7 +409,7 @@ fn list_blobs(dir: &Path) -> Result<BTreeMap<String, u64>, PlaceError> {
     Ok(out)
 }
 
-fn read_state(path: &Path) -> Result<Option<LowerState>, PlaceError> {
+pub(super) fn read_state(path: &Path) -> Result<Option<LowerState>, PlaceError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             io_err(path)(std::io::Error::new(
