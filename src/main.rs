@@ -52,6 +52,22 @@ fn message(e: &anyhow::Error) -> String {
     msg
 }
 
+/// A node-side command's report on stdout, as JSON or for people; exit
+/// status 1 when it lists a failure.
+fn print_report(
+    json: bool,
+    to_json: impl FnOnce() -> String,
+    print_human: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    failed: bool,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", to_json());
+    } else {
+        print_human(&mut std::io::stdout())?;
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Bundle {
@@ -102,14 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(std::sync::Arc::new);
             opts.verity_root_hash = verity.root_hash()?;
             let report = preseed::load::load(&opts).await?;
-            if json {
-                println!("{}", report.to_json());
-            } else {
-                report.print_human(&mut std::io::stdout())?;
-            }
-            if report.failed() {
-                return Ok(ExitCode::FAILURE);
-            }
+            return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
         Command::Place { from, root, config, overlay, previous, json, verity } => {
             let mut opts = preseed::place::PlaceOptions::new(from.source());
@@ -122,27 +131,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 false => preseed::place::place(&opts),
             })
             .await??;
-            if json {
-                println!("{}", report.to_json());
-            } else {
-                report.print_human(&mut std::io::stdout())?;
-            }
-            if report.failed() {
-                return Ok(ExitCode::FAILURE);
-            }
+            return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
         Command::Settle { root, config, next, json } => {
             let next = next.as_deref().map(preseed::partition::open::Source::detect);
             let opts = preseed::place::settle::SettleOptions { root, config, next };
             let report = tokio::task::spawn_blocking(move || preseed::place::settle::settle(&opts)).await??;
-            if json {
-                println!("{}", report.to_json());
-            } else {
-                report.print_human(&mut std::io::stdout())?;
-            }
-            if report.failed() {
-                return Ok(ExitCode::FAILURE);
-            }
+            return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
         Command::Serve { from, listen } => {
             let server = preseed::serve::Server::bind(&from.source(), listen).await?;

@@ -108,6 +108,9 @@ impl SettleReport {
                 d.found
             )?;
         }
+        if self.lower.is_empty() {
+            return writeln!(out, "preseed settle: nothing to settle on {}", self.root);
+        }
         let next =
             if self.next.is_empty() { String::new() } else { format!(", {} shipped by {}", self.in_next, self.next) };
         writeln!(
