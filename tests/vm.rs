@@ -617,6 +617,16 @@ type Verdict = Result<String, String>;
 /// Judges one boot's facts.
 type Judge = fn(&Boot) -> Verdict;
 
+/// One boot of the plan: its root disk, its preseed partition (image and
+/// root hash), the previous partition it may be given, and its judge.
+struct Step<'a> {
+    name: &'a str,
+    root: &'a Path,
+    disk: &'a (PathBuf, String),
+    previous: Option<&'a Path>,
+    judge: Judge,
+}
+
 /// The checks every boot makes; false when the stand-in never finished (then
 /// nothing else is worth checking).
 fn judge_common(b: &Boot, problems: &mut Vec<String>) -> bool {
@@ -848,17 +858,18 @@ fn node_boots_from_the_preseed_partition_streamed_and_overlaid() {
     let overlaid = root_disk(&base, &work, &smoke, true);
     let previous = work.join("preseed-previous-v1.img");
     preseed_disk(&work.join("v1/out/preseed.erofs"), &previous, "preseed-previous");
-    let plan: [(&str, &Path, &(PathBuf, String), Option<&Path>, Judge); 6] = [
-        ("boot1", &root, &v1, None, judge_boot1),
-        ("boot2", &root, &v1, None, judge_boot2),
-        ("boot3", &root, &v2, None, judge_boot3),
-        ("boot4", &root, &v3, None, judge_boot4),
-        ("overlay-boot1", &overlaid, &v1, None, judge_overlay_boot1),
-        ("overlay-boot2", &overlaid, &v2, Some(&previous), judge_overlay_boot2),
+    let step = |name, root, disk, previous, judge| Step { name, root, disk, previous, judge };
+    let plan = [
+        step("boot1", &root, &v1, None, judge_boot1),
+        step("boot2", &root, &v1, None, judge_boot2),
+        step("boot3", &root, &v2, None, judge_boot3),
+        step("boot4", &root, &v3, None, judge_boot4),
+        step("overlay-boot1", &overlaid, &v1, None, judge_overlay_boot1),
+        step("overlay-boot2", &overlaid, &v2, Some(&previous), judge_overlay_boot2),
     ];
     let mut outcomes = Vec::new();
     let mut failure = None;
-    for (name, root, disk, previous, judge) in plan {
+    for Step { name, root, disk, previous, judge } in plan {
         if failure.is_some() {
             outcomes.push(format!("{name} not run"));
             continue;

@@ -390,19 +390,9 @@ fn copy_all(
             }
         }
     }
-    // One flush for all the files, before any of them gets its name.
-    let dir = File::open(&temp.0).map_err(io_err(&temp.0))?;
-    // SAFETY: syncfs on a valid open descriptor.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(io_err(&temp.0)(std::io::Error::last_os_error()));
-    }
-    for c in good {
-        let to = target_dir.join(c.digest.hex());
-        std::fs::rename(temp.0.join(c.digest.hex()), &to).map_err(io_err(&to))?;
-        report.placed += 1;
-        report.bytes_placed += c.entry.size;
-    }
-    File::open(&target_dir).and_then(|d| d.sync_all()).map_err(io_err(&target_dir))?;
+    publish(&temp.0, good.iter().map(|c| c.digest.hex()), &target_dir)?;
+    report.placed += good.len();
+    report.bytes_placed += good.iter().map(|c| c.entry.size).sum::<u64>();
     drop(temp);
     drop(opened);
     report.duration_ms = start.elapsed().as_millis().min(u64::MAX as u128) as u64;
@@ -450,18 +440,44 @@ fn lock(root: &Path) -> Result<Option<File>, PlaceError> {
         Err(e) => return Err(io_err(&db)(e)),
     };
     let start = Instant::now();
-    // SAFETY: flock on a valid open descriptor.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(io_err(&db)(e));
-        }
+    while !try_flock(&file).map_err(io_err(&db))? {
         if start.elapsed() >= LOCK_GRACE {
             return Err(PlaceError::Running { root: root.to_path_buf(), db });
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(Some(file))
+}
+
+/// Takes an exclusive `flock` on `file` without waiting: `false` if another
+/// open file holds it.
+pub(super) fn try_flock(file: &File) -> std::io::Result<bool> {
+    // SAFETY: flock on a valid open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Gives files written in `temp` their names in `to` (same filesystem): one
+/// `syncfs` first, so no name ever points at bytes still in memory, then
+/// the renames, then `to` fsynced so the names survive a crash.
+pub(super) fn publish<'a>(temp: &Path, names: impl IntoIterator<Item = &'a str>, to: &Path) -> Result<(), PlaceError> {
+    let dir = File::open(temp).map_err(io_err(temp))?;
+    // SAFETY: syncfs on a valid open descriptor.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io_err(temp)(std::io::Error::last_os_error()));
+    }
+    for name in names {
+        let target = to.join(name);
+        std::fs::rename(temp.join(name), &target).map_err(io_err(&target))?;
+    }
+    File::open(to).and_then(|d| d.sync_all()).map_err(io_err(to))
 }
 
 /// Creates the store's directories as containerd would (root 0711, the

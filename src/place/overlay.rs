@@ -32,7 +32,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::BufReader;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -319,8 +318,8 @@ pub(super) enum Copied {
 
 /// Copies the blobs named `hexes` from the directory `from` into `to`,
 /// through `temp` (on `to`'s filesystem) as a copying place does: each
-/// hashed on the way, 0444, all flushed with one `syncfs`, then renamed
-/// into `to` and `to` fsynced. A blob appears in `to` only whole and good.
+/// hashed on the way, 0444, then published ([`super::publish`]). A blob
+/// appears in `to` only whole and good.
 pub(super) fn copy_blobs(hexes: &[&String], from: &Path, temp: &Path, to: &Path) -> Result<Vec<Copied>, PlaceError> {
     let copied = crate::parallel::map(hexes, |hex| {
         let path = from.join(hex);
@@ -338,18 +337,8 @@ pub(super) fn copy_blobs(hexes: &[&String], from: &Path, temp: &Path, to: &Path)
         })
     });
     let copied: Vec<Copied> = copied.into_iter().collect::<Result<_, _>>()?;
-    let dir_file = File::open(temp).map_err(io_err(temp))?;
-    // SAFETY: syncfs on a valid open descriptor.
-    if unsafe { libc::syncfs(dir_file.as_raw_fd()) } != 0 {
-        return Err(io_err(temp)(std::io::Error::last_os_error()));
-    }
-    for (hex, c) in hexes.iter().zip(&copied) {
-        if let Copied::Done(_) = c {
-            let target = to.join(hex);
-            std::fs::rename(temp.join(hex), &target).map_err(io_err(&target))?;
-        }
-    }
-    File::open(to).and_then(|d| d.sync_all()).map_err(io_err(to))?;
+    let done = hexes.iter().zip(&copied).filter(|(_, c)| matches!(c, Copied::Done(_))).map(|(hex, _)| hex.as_str());
+    super::publish(temp, done, to)?;
     Ok(copied)
 }
 

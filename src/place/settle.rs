@@ -18,7 +18,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -214,13 +213,8 @@ pub fn settle(opts: &SettleOptions) -> Result<SettleReport, PlaceError> {
 /// One settle at a time on a root (they would share the temp directory).
 fn lock(path: &Path, root: &Path) -> Result<File, PlaceError> {
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err(path))?;
-    // SAFETY: flock on a valid open descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(PlaceError::Settling { root: root.to_path_buf(), lock: path.to_path_buf() });
-        }
-        return Err(io_err(path)(e));
+    if !super::try_flock(&file).map_err(io_err(path))? {
+        return Err(PlaceError::Settling { root: root.to_path_buf(), lock: path.to_path_buf() });
     }
     Ok(file)
 }
