@@ -552,7 +552,7 @@ fn content_writes_are_verified_and_not_repeated() {
             let client = client.clone();
             let r = r.to_string();
             let labels = BTreeMap::from([("x".to_string(), ns.to_string())]);
-            async move { client.write_blob(ns, "l", r, &d, BlobBytes::Memory(b), &labels).await }
+            async move { client.write_blob(ns, "l", r, &d, Some(BlobBytes::Memory(b)), &labels).await }
         };
         let write = |r: &str, d: Descriptor, b: Arc<[u8]>| write_in("t", r, d, b);
         assert_eq!(write("a", d.clone(), data.clone()).await.unwrap(), Wrote::Streamed, "first write writes");
@@ -564,6 +564,13 @@ fn content_writes_are_verified_and_not_repeated() {
         assert_eq!(write_in("t2", "a", d.clone(), nothing).await.unwrap(), Wrote::Adopted, "adopted, no bytes read");
         let labels = client.content_labels("t2", &d.digest).await.unwrap().expect("registered in t2");
         assert_eq!(labels.get("x").map(String::as_str), Some("t2"));
+        // Register-only, of a blob whose file the store lacks: nothing
+        // written, no record, no ingest left behind.
+        let d4 = Descriptor::new(OCI_LAYER_GZIP, preseed::digest::Digest::of(b"not in the store"), 16);
+        let r = client.write_blob("t2", "l", "e".into(), &d4, None, &BTreeMap::new()).await.unwrap();
+        assert_eq!(r, Wrote::NotPlaced);
+        assert!(client.content_labels("t2", &d4.digest).await.unwrap().is_none());
+        assert!(client.ingests("t2").await.unwrap().is_empty(), "the register-only session left its ingest");
         // Same size, wrong bytes: containerd refuses the commit.
         let mut wrong = data.to_vec();
         wrong[12345] ^= 1;

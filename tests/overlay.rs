@@ -165,6 +165,81 @@ fn overlaid_blobs_are_registered_with_nothing_copied_and_gc_deletes_them_as_whit
     c.assert_no_panic();
 }
 
+/// What a first load that was cut short (power lost, containerd restarted)
+/// leaves behind: the lease of a loader that is gone, holding the one placed
+/// blob it had registered.
+fn interrupted_load_holding(c: &Containerd, ns: &str, blob: &Digest, size: u64) {
+    use preseed::load::containerd::{Client, Wrote};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(c.socket(), Duration::from_secs(5)).await.unwrap();
+        let lease = "preseed-load-1-1";
+        let owner = "00000000-0000-0000-0000-000000000000/1/1".to_string();
+        let labels = [(preseed::load::lease::LABEL_OWNER.to_string(), owner)].into();
+        client.lease_create(ns, lease, Duration::from_secs(3600), &labels).await.unwrap();
+        let desc = preseed::oci::Descriptor::new("application/octet-stream", blob.clone(), size);
+        let wrote = client.write_blob(ns, lease, format!("{lease}-0"), &desc, None, &Default::default()).await;
+        assert_eq!(wrote.unwrap(), Wrote::Adopted);
+    });
+}
+
+#[test]
+fn a_load_after_an_interrupted_one_streams_nothing() {
+    let Some(w) = fixtures::runnable_world() else { return };
+    let Some(mut c) = Containerd::start() else { return };
+    let a = Entry::new("apps", "a", "preseed.local/a:1", fixtures::single(&w.cache, "hello", 421, 2, 1 << 20));
+    let b = Entry::new("apps", "b", "preseed.local/b:1", fixtures::single(&w.cache, "hello", 422, 2, 1 << 20));
+    let image = partition(&w, &[a, b], "p1");
+    let unique: BTreeSet<_> = blobs_of(&image, "apps/a.tar").union(&blobs_of(&image, "apps/b.tar")).cloned().collect();
+    c.stop();
+    overlay_on(&image, None, &c).unwrap();
+    c.restart();
+    let first = unique.iter().next().unwrap();
+    interrupted_load_holding(&c, "apps", first, std::fs::metadata(store(&c).join(first.hex())).unwrap().len());
+
+    // Removing that lease lets containerd's GC walk the store, deleting
+    // every file no record names: the load must have registered the
+    // placed blobs before, or it streams them all again.
+    let report = load_from(&image, &c);
+    assert!(!report.failed(), "{}", report.to_json());
+    assert_eq!(report.stale_leases.len(), 1, "{}", report.to_json());
+    assert_eq!(report.bytes_written, 0, "placed blobs were deleted and streamed again: {}", report.to_json());
+    assert_eq!(report.images.iter().map(|i| i.blobs_placed).sum::<usize>(), unique.len() - 1, "{}", report.to_json());
+    for d in &unique {
+        assert!(std::fs::symlink_metadata(upper(&c).join(d.hex())).is_err(), "{d}: copied or whited out");
+    }
+    let check = c.ctr_ok(&["-n", "apps", "images", "check"]);
+    assert_eq!(check.matches(" complete ").count(), 2, "{check}");
+    c.assert_no_panic();
+}
+
+#[test]
+fn an_update_whose_load_runs_a_gc_midway_streams_nothing() {
+    let Some(w) = fixtures::runnable_world() else { return };
+    let Some(mut c) = Containerd::start() else { return };
+    let x_old = Entry::new("apps", "x", "preseed.local/x:1", fixtures::single(&w.cache, "hello", 431, 1, 4096));
+    let x_new = Entry::new("apps", "x", "preseed.local/x:1", fixtures::single(&w.cache, "hello", 432, 1, 4096));
+    // 100 layers: the load makes over 200 metadata changes after x changes
+    // target, and containerd (gc mutation_threshold 100) collects midway,
+    // taking x's old blobs and, with them, every store file no record names.
+    let many = Entry::new("apps", "many", "preseed.local/many:1", fixtures::single(&w.cache, "hello", 433, 100, 4096));
+    let old = partition(&w, &[x_old], "old");
+    let new = partition(&w, &[x_new, many], "new");
+    c.stop();
+    overlay_on(&old, None, &c).unwrap();
+    c.restart();
+    assert!(!load_from(&old, &c).failed());
+    reboot(&mut c);
+    overlay_on(&new, Some(&old), &c).unwrap();
+    c.restart();
+    let report = load_from(&new, &c);
+    assert!(!report.failed(), "{}", report.to_json());
+    assert_eq!(report.bytes_written, 0, "placed blobs were deleted and streamed again: {}", report.to_json());
+    let check = c.ctr_ok(&["-n", "apps", "images", "check"]);
+    assert_eq!(check.matches(" complete ").count(), 2, "{check}");
+    c.assert_no_panic();
+}
+
 #[test]
 fn an_update_keeps_the_blobs_only_the_previous_partition_had() {
     let Some(w) = fixtures::runnable_world() else { return };

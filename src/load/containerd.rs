@@ -187,13 +187,17 @@ impl Client {
     /// full offset, and a bare COMMIT registers it without a byte sent. A
     /// WRITE at offset 0 would instead make containerd copy the file aside
     /// and take every byte again.
+    ///
+    /// With no `bytes`, only a placed file is registered: when the store
+    /// has none, the session is dropped unwritten and [`Wrote::NotPlaced`]
+    /// returned.
     pub async fn write_blob(
         &self,
         ns: &str,
         lease: &str,
         reference: String,
         desc: &Descriptor,
-        bytes: BlobBytes,
+        bytes: Option<BlobBytes>,
         labels: &BTreeMap<String, String>,
     ) -> Result<Wrote, WriteError> {
         let total = desc.size as i64;
@@ -229,6 +233,17 @@ impl Client {
             Err(s) => return Err(WriteError::Grpc(s)),
         };
         let adopted = desc.size > 0 && offset == desc.size;
+        let bytes = match bytes {
+            Some(b) => b,
+            None if adopted => BlobBytes::Memory(Arc::from(Vec::new())),
+            None => {
+                // End the session without a byte, then drop its ingest.
+                drop(tx);
+                while responses.message().await.map_err(WriteError::Grpc)?.is_some() {}
+                self.ingest_abort(ns, &reference).await.map_err(WriteError::Grpc)?;
+                return Ok(Wrote::NotPlaced);
+            }
+        };
         // From where the store is (0, or all of it for a placed blob), one
         // message per chunk; the last one commits.
         let size = desc.size;
@@ -461,6 +476,9 @@ pub enum Wrote {
     Adopted,
     /// containerd had it in this namespace.
     Present,
+    /// Asked to register a placed file only, and the store has none:
+    /// nothing was written.
+    NotPlaced,
 }
 
 /// A blob write failed.

@@ -6,8 +6,12 @@
 //! The lease is only taken when something has to be written or an image
 //! record has to be created or retargeted; a load that finds everything in
 //! place only reads metadata.
+//!
+//! Before any import, [`Context::claim_placed`] registers the blobs `preseed
+//! place` put in containerd's store, so that no garbage collection during
+//! the load deletes them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ use super::image::{self, ArchiveImage, BlobData};
 use super::report::{millis, ImageReport, Outcome};
 use super::source::SourceImage;
 use super::{LoadOptions, LABEL_PINNED, LABEL_SOURCE, PINNED};
+use crate::digest::Digest;
 
 /// How long an import lease lives if the loader dies before deleting it.
 const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
@@ -95,6 +100,9 @@ pub struct Context {
     leases: Mutex<HashMap<String, String>>,
     lease_prefix: String,
     counter: AtomicU64,
+    /// Blobs [`Context::claim_placed`] registered under this load's lease,
+    /// by namespace and digest: their size, until an image reports them.
+    claimed: std::sync::Mutex<HashMap<(String, Digest), Option<u64>>>,
 }
 
 impl Context {
@@ -113,6 +121,7 @@ impl Context {
             leases: Mutex::new(HashMap::new()),
             lease_prefix: format!("preseed-load-{}-{nanos}", std::process::id()),
             counter: AtomicU64::new(0),
+            claimed: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -174,37 +183,10 @@ impl Context {
             unpacked: false,
             duration_ms: millis(start.elapsed()),
         };
-        let path = img.path.clone();
-        let expected_size = img.size;
-        let opened = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<ArchiveImage>), ImportError> {
-            if let Some(expected) = expected_size {
-                let found = std::fs::metadata(&path)
-                    .map_err(|source| {
-                        image::ImageError::from(super::archive::ArchiveError::Io { path: path.clone(), source })
-                    })?
-                    .len();
-                if found != expected {
-                    return Err(ImportError::TarballSize { expected, found });
-                }
-            }
-            let archive = Archive::open(&path).map_err(image::ImageError::from)?;
-            let images = image::images(&archive)?;
-            Ok((archive, images))
-        })
-        .await
-        .unwrap_or_else(|e| Err(ImportError::Reader(e.to_string())));
-        let (archive, images) = match opened {
+        let (archive, images) = match Self::open(&img).await {
             Ok(v) => v,
             Err(e) => return vec![failed(img.names.clone(), e)],
         };
-        if let Some(expected) = &img.digest {
-            // A preseed tarball holds exactly the image its index entry pins.
-            let roots: Vec<String> = images.iter().map(|i| i.root.digest.to_string()).collect();
-            if roots != [expected.to_string()] {
-                let e = ImportError::RootMismatch { expected: expected.to_string(), found: roots.join(", ") };
-                return vec![failed(img.names.clone(), e)];
-            }
-        }
         let mut out = Vec::new();
         for ai in images {
             let started = Instant::now();
@@ -234,6 +216,143 @@ impl Context {
             });
         }
         out
+    }
+
+    /// Registers, before any image is imported, every blob of `images` that
+    /// containerd has no record of but whose file is in its local store
+    /// (put there by `preseed place`, copied or overlaid), under this load's
+    /// lease, with its labels; returns how many.
+    ///
+    /// Until registered, such files are fair game: a GC that removes any
+    /// content record also deletes every store file no record names, and
+    /// removing a stale lease runs one (as may an image that changes
+    /// target). Registered up front, they stay placed for the whole load
+    /// instead of being deleted and streamed again.
+    ///
+    /// Where nothing was placed this costs one probe: the first missing blob
+    /// has no file, and nothing more is tried.
+    pub async fn claim_placed(&self, images: &[SourceImage]) -> Result<usize, ImportError> {
+        let c = &self.client;
+        // Each distinct blob of each namespace once, of the images whose
+        // records are not there yet (or name another image): an image
+        // loaded before has its blobs registered, and a later boot pays for
+        // one record lookup per name, not one per blob.
+        let per_tarball: Vec<Vec<(String, image::Blob)>> = futures_util::stream::iter(images)
+            .map(|img| async move {
+                // A tarball that does not open fails in its own import.
+                let Ok((_, ais)) = Self::open(img).await else { return Ok(Vec::new()) };
+                let ns = img.namespace.as_str();
+                let mut blobs = Vec::new();
+                for ai in ais {
+                    let names = if img.names.is_empty() { &ai.names } else { &img.names };
+                    let (want, mut loaded) = (ai.root.digest.to_string(), !names.is_empty());
+                    for name in names {
+                        let record = c.image_get(ns, name).await.map_err(grpc("image get", name))?;
+                        loaded &= record.and_then(|r| r.target).is_some_and(|t| t.digest == want);
+                    }
+                    if !loaded {
+                        blobs.extend(ai.blobs.into_iter().map(|b| (ns.to_string(), b)));
+                    }
+                }
+                Ok::<_, ImportError>(blobs)
+            })
+            .buffered(self.jobs)
+            .try_collect()
+            .await?;
+        let mut seen = HashSet::new();
+        let blobs: Vec<(String, image::Blob)> = per_tarball
+            .into_iter()
+            .flatten()
+            .filter(|(ns, b)| seen.insert((ns.clone(), b.descriptor.digest.clone())))
+            .collect();
+        let known: Vec<bool> = futures_util::stream::iter(&blobs)
+            .map(|(ns, b)| async move {
+                let d = &b.descriptor.digest;
+                c.content_labels(ns, d).await.map(|l| l.is_some()).map_err(grpc("content info", d))
+            })
+            .buffered(self.jobs * 2)
+            .try_collect()
+            .await?;
+        // Children before parents, as an import writes them.
+        let (mut parents, mut leaves): (Vec<_>, Vec<_>) =
+            blobs.into_iter().zip(known).filter(|(_, k)| !k).map(|(b, _)| b).partition(|(_, b)| b.is_parent());
+        let (ns, first) = if !leaves.is_empty() {
+            leaves.remove(0)
+        } else if !parents.is_empty() {
+            parents.remove(0)
+        } else {
+            return Ok(0);
+        };
+        if !self.claim(&ns, &first).await? {
+            return Ok(0);
+        }
+        let mut claimed = 1;
+        let placed: Vec<bool> = futures_util::stream::iter(&leaves)
+            .map(|(ns, b)| self.claim(ns, b))
+            .buffer_unordered(self.jobs)
+            .try_collect()
+            .await?;
+        claimed += placed.iter().filter(|p| **p).count();
+        for (ns, b) in &parents {
+            if self.claim(ns, b).await? {
+                claimed += 1;
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Registers one placed blob; false if its file is not in the store.
+    async fn claim(&self, ns: &str, blob: &image::Blob) -> Result<bool, ImportError> {
+        let lease = self.lease(ns).await?;
+        let (wrote, size) = self.write(ns, &lease, None, blob.clone()).await?;
+        let size = match wrote {
+            Wrote::NotPlaced => return Ok(false),
+            Wrote::Adopted => Some(size),
+            // Registered meanwhile: already held by this lease, not placed by us.
+            Wrote::Present | Wrote::Streamed => None,
+        };
+        self.claimed.lock().expect("not poisoned").insert((ns.to_string(), blob.descriptor.digest.clone()), size);
+        Ok(true)
+    }
+
+    /// Whether [`Context::claim_placed`] registered this blob, and its size
+    /// the first time an image asks (that image reports it as placed).
+    fn claimed(&self, ns: &str, digest: &Digest) -> Option<Option<u64>> {
+        let mut claimed = self.claimed.lock().expect("not poisoned");
+        claimed.get_mut(&(ns.to_string(), digest.clone())).map(Option::take)
+    }
+
+    /// Opens one tarball and reads its images, checked against its index
+    /// entry (the tarball's size, the image it pins).
+    async fn open(img: &SourceImage) -> Result<(Archive, Vec<ArchiveImage>), ImportError> {
+        let path = img.path.clone();
+        let expected_size = img.size;
+        let opened = tokio::task::spawn_blocking(move || -> Result<(Archive, Vec<ArchiveImage>), ImportError> {
+            if let Some(expected) = expected_size {
+                let found = std::fs::metadata(&path)
+                    .map_err(|source| {
+                        image::ImageError::from(super::archive::ArchiveError::Io { path: path.clone(), source })
+                    })?
+                    .len();
+                if found != expected {
+                    return Err(ImportError::TarballSize { expected, found });
+                }
+            }
+            let archive = Archive::open(&path).map_err(image::ImageError::from)?;
+            let images = image::images(&archive)?;
+            Ok((archive, images))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ImportError::Reader(e.to_string())));
+        let (archive, images) = opened?;
+        if let Some(expected) = &img.digest {
+            // A preseed tarball holds exactly the image its index entry pins.
+            let roots: Vec<String> = images.iter().map(|i| i.root.digest.to_string()).collect();
+            if roots != [expected.to_string()] {
+                return Err(ImportError::RootMismatch { expected: expected.to_string(), found: roots.join(", ") });
+            }
+        }
+        Ok((archive, images))
     }
 
     async fn import_image(
@@ -268,11 +387,24 @@ impl Context {
         let missing = present.iter().any(Option::is_none);
         let mut changed = false;
 
+        // Blobs registered up front count as placed for the first image
+        // naming them; this load's lease holds them already.
+        let mut held = HashSet::new();
+        for (b, p) in ai.blobs.iter().zip(&present) {
+            let d = &b.descriptor.digest;
+            if let Some(first) = p.as_ref().and_then(|_| self.claimed(ns, d)) {
+                held.insert(d.clone());
+                if let Some(size) = first {
+                    stats.add(Wrote::Adopted, size);
+                }
+            }
+        }
+
         if missing || retarget {
             let lease = self.lease(ns).await?;
             // Hold what is already there until the image record references it.
             for (b, p) in ai.blobs.iter().zip(&present) {
-                if p.is_some() {
+                if p.is_some() && !held.contains(&b.descriptor.digest) {
                     c.lease_add_content(ns, &lease, &b.descriptor.digest)
                         .await
                         .map_err(grpc("lease add", &b.descriptor.digest))?;
@@ -288,7 +420,7 @@ impl Context {
                 .map(|(b, _)| b.clone())
                 .collect();
             let written: Vec<(Wrote, u64)> = futures_util::stream::iter(leaves)
-                .map(|b| self.write(ns, &lease, archive, b))
+                .map(|b| self.write(ns, &lease, Some(archive), b))
                 .buffer_unordered(self.jobs)
                 .try_collect()
                 .await?;
@@ -297,7 +429,7 @@ impl Context {
             }
             for (b, p) in ai.blobs.iter().zip(&present) {
                 if p.is_none() && b.is_parent() {
-                    let (wrote, n) = self.write(ns, &lease, archive, b.clone()).await?;
+                    let (wrote, n) = self.write(ns, &lease, Some(archive), b.clone()).await?;
                     stats.add(wrote, n);
                 }
             }
@@ -348,20 +480,21 @@ impl Context {
         })
     }
 
-    /// Writes one blob (or registers its placed file); says which, with its size.
+    /// Writes one blob (or registers its placed file); says which, with its
+    /// size. With no archive, only a placed file is registered.
     async fn write(
         &self,
         ns: &str,
         lease: &str,
-        archive: &Archive,
+        archive: Option<&Archive>,
         blob: image::Blob,
     ) -> Result<(Wrote, u64), ImportError> {
         let _permit = self.writes.acquire().await.expect("semaphore never closed");
         let d = &blob.descriptor;
-        let bytes = match &blob.data {
+        let bytes = archive.map(|archive| match &blob.data {
             BlobData::Entry(e) => BlobBytes::File { file: archive.file().clone(), offset: e.offset },
             BlobData::Inline(b) => BlobBytes::Memory(b.clone()),
-        };
+        });
         // Unique per write: two images sharing a blob may write it at once.
         let reference = format!("{}-{}-{}", self.lease_prefix, self.unique(), &d.digest.hex()[..12]);
         let what = if blob.is_parent() {
@@ -458,7 +591,7 @@ impl Stats {
         match wrote {
             Wrote::Streamed => (self.blobs, self.bytes) = (self.blobs + 1, self.bytes + bytes),
             Wrote::Adopted => (self.adopted, self.adopted_bytes) = (self.adopted + 1, self.adopted_bytes + bytes),
-            Wrote::Present => {}
+            Wrote::Present | Wrote::NotPlaced => {}
         }
     }
 }

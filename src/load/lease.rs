@@ -56,8 +56,8 @@ fn alive(owner: &str) -> bool {
 /// Deletes, in every namespace, the leases of loader processes that are no
 /// longer running, and the half-done content writes they left (containerd
 /// keeps those for a resume that will never come: their refs start with the
-/// lease id). Waits for the garbage collection that follows, so nothing is
-/// collected under a later import's feet.
+/// lease id). Waits for the garbage collection that follows; run it once
+/// the images are in, so that collection takes only what nothing needs.
 pub async fn remove_stale(client: &Client) -> Result<Vec<StaleLease>, tonic::Status> {
     let mut removed = Vec::new();
     for ns in client.namespaces().await? {

@@ -5,9 +5,10 @@
 //! a root hash, see [`crate::partition::verity_open`]; or take a directory) →
 //! [`source`] lists the tarballs (`preseed.json`, else Monogon/k3s layouts) →
 //! [`archive`] reads each tarball by seeking → [`image`] works out blobs, GC
-//! labels and names → [`import`] writes what containerd lacks under a lease
-//! ([`lease`] first removes leases that interrupted loads left) and creates
-//! the image records → unpin what is gone → [`report`].
+//! labels and names → [`import`] registers every placed blob (files `preseed
+//! place` put in containerd's store) under a lease, then writes what
+//! containerd lacks and creates the image records → unpin what is gone →
+//! [`lease`] removes leases that interrupted loads left → [`report`].
 //!
 //! Invariants: the loader never talks to a registry; it never sets
 //! `io.cri-containerd.image` (containerd's CRI adds it on the image event);
@@ -200,18 +201,15 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
             String::new()
         }
     };
-    // Before taking leases of our own: nothing of a stale one is in use.
-    let stale_leases = match lease::remove_stale(&client).await {
-        Ok(removed) => removed,
-        Err(e) => {
-            warnings.push(format!(
-                "could not remove leases left by interrupted loads (they expire on their own): {}",
-                containerd::describe(&e)
-            ));
-            Vec::new()
-        }
-    };
     let ctx = Arc::new(import::Context::new(client.clone(), opts, source_id.clone()));
+    // Placed blobs first: until registered, any GC that removes a content
+    // record deletes them (see `claim_placed`).
+    if let Err(e) = ctx.claim_placed(&listing.images).await {
+        warnings.push(format!(
+            "could not register the placed blobs before importing (any that a GC deletes meanwhile are \
+             streamed instead): {e}"
+        ));
+    }
 
     // Boot images first; then READY to systemd (kubelet may start); then
     // the rest, fewer at a time so the node's first pods win. A partition
@@ -292,6 +290,19 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn mount::MountSys>) -> Res
             errors.push(format!("could not unpin images no longer in the source: {}", containerd::describe(&e)));
         }
         unpinned
+    };
+    // Leases of interrupted loads go last: what they hold that the images
+    // need is referenced by now, so the GC their removal runs takes only
+    // what nothing needs.
+    let stale_leases = match lease::remove_stale(&client).await {
+        Ok(removed) => removed,
+        Err(e) => {
+            warnings.push(format!(
+                "could not remove leases left by interrupted loads (they expire on their own): {}",
+                containerd::describe(&e)
+            ));
+            Vec::new()
+        }
     };
     if let Err(e) = ctx.release_leases().await {
         warnings.push(format!(
