@@ -230,60 +230,60 @@ impl Context {
     /// instead of being deleted and streamed again.
     ///
     /// Where nothing was placed this costs one probe: the first missing blob
-    /// has no file, and nothing more is tried.
+    /// has no file, and no further tarball is read (boot images stay first).
     pub async fn claim_placed(&self, images: &[SourceImage]) -> Result<usize, ImportError> {
         let c = &self.client;
         // Each distinct blob of each namespace once, of the images whose
         // records are not there yet (or name another image): an image
         // loaded before has its blobs registered, and a later boot pays for
         // one record lookup per name, not one per blob.
-        let per_tarball: Vec<Vec<(String, image::Blob)>> = futures_util::stream::iter(images)
-            .map(|img| async move {
-                // A tarball that does not open fails in its own import.
-                let Ok((_, ais)) = Self::open(img).await else { return Ok(Vec::new()) };
-                let ns = img.namespace.as_str();
-                let mut blobs = Vec::new();
-                for ai in ais {
-                    let names = if img.names.is_empty() { &ai.names } else { &img.names };
-                    let (want, mut loaded) = (ai.root.digest.to_string(), !names.is_empty());
-                    for name in names {
-                        let record = c.image_get(ns, name).await.map_err(grpc("image get", name))?;
-                        loaded &= record.and_then(|r| r.target).is_some_and(|t| t.digest == want);
-                    }
-                    if !loaded {
-                        blobs.extend(ai.blobs.into_iter().map(|b| (ns.to_string(), b)));
-                    }
-                }
-                Ok::<_, ImportError>(blobs)
-            })
-            .buffered(self.jobs)
-            .try_collect()
-            .await?;
+        // Tarball by tarball, so that where nothing is placed (a streamed
+        // load) only the first tarball is read before the probe says so.
         let mut seen = HashSet::new();
-        let blobs: Vec<(String, image::Blob)> = per_tarball
-            .into_iter()
-            .flatten()
-            .filter(|(ns, b)| seen.insert((ns.clone(), b.descriptor.digest.clone())))
-            .collect();
-        let known: Vec<bool> = futures_util::stream::iter(&blobs)
-            .map(|(ns, b)| async move {
-                let d = &b.descriptor.digest;
-                c.content_labels(ns, d).await.map(|l| l.is_some()).map_err(grpc("content info", d))
-            })
-            .buffered(self.jobs * 2)
-            .try_collect()
-            .await?;
-        // Children before parents, as an import writes them.
-        let (mut parents, mut leaves): (Vec<_>, Vec<_>) =
-            blobs.into_iter().zip(known).filter(|(_, k)| !k).map(|(b, _)| b).partition(|(_, b)| b.is_parent());
-        let (ns, first) = if !leaves.is_empty() {
-            leaves.remove(0)
-        } else if !parents.is_empty() {
-            parents.remove(0)
-        } else {
-            return Ok(0);
-        };
-        if !self.claim(&ns, &first).await? {
+        let (mut leaves, mut parents) = (Vec::new(), Vec::new());
+        let mut probed = false;
+        for img in images {
+            // A tarball that does not open fails in its own import.
+            let Ok((_, ais)) = Self::open(img).await else { continue };
+            let ns = img.namespace.as_str();
+            let mut blobs = Vec::new();
+            for ai in ais {
+                let names = if img.names.is_empty() { &ai.names } else { &img.names };
+                let (want, mut loaded) = (ai.root.digest.to_string(), !names.is_empty());
+                for name in names {
+                    let record = c.image_get(ns, name).await.map_err(grpc("image get", name))?;
+                    loaded &= record.and_then(|r| r.target).is_some_and(|t| t.digest == want);
+                }
+                if !loaded {
+                    blobs.extend(
+                        ai.blobs.into_iter().filter(|b| seen.insert((ns.to_string(), b.descriptor.digest.clone()))),
+                    );
+                }
+            }
+            let known: Vec<bool> = futures_util::stream::iter(&blobs)
+                .map(|b| async move {
+                    let d = &b.descriptor.digest;
+                    c.content_labels(ns, d).await.map(|l| l.is_some()).map_err(grpc("content info", d))
+                })
+                .buffered(self.jobs * 2)
+                .try_collect()
+                .await?;
+            let mut missing = blobs.into_iter().zip(known).filter(|(_, k)| !k).map(|(b, _)| b);
+            if !probed {
+                // Any missing blob will do, a parent too: its GC labels may
+                // name children not registered yet.
+                let Some(first) = missing.next() else { continue };
+                if !self.claim(ns, &first).await? {
+                    return Ok(0);
+                }
+                probed = true;
+            }
+            for b in missing {
+                let to = if b.is_parent() { &mut parents } else { &mut leaves };
+                to.push((ns.to_string(), b));
+            }
+        }
+        if !probed {
             return Ok(0);
         }
         let mut claimed = 1;
