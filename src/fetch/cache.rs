@@ -125,7 +125,8 @@ impl BlobCache {
     /// stored: disk errors, hand edits), with the digest they hash to. A
     /// missing or unreadable file counts as damaged too.
     pub fn check(&self, blobs: &[Digest]) -> Vec<(Digest, String)> {
-        let problems = crate::parallel::map(blobs, |d| {
+        let size = |d: &Digest| fs::metadata(self.path(d)).map_or(0, |m| m.len());
+        let problems = crate::parallel::map(blobs, size, |d| {
             let path = self.path(d);
             let mut h = Hasher::new();
             match File::open(&path).and_then(|mut f| io::copy(&mut f, &mut h)) {

@@ -380,7 +380,8 @@ fn copy_all(
     }
 
     let temp = TempDir::create(store.join(TEMP_DIR))?;
-    let copied = crate::parallel::map(&todo, |c| copy(archives[c.archive].file(), c, &temp.0, !verified));
+    let copied =
+        crate::parallel::map(&todo, |c| c.entry.size, |c| copy(archives[c.archive].file(), c, &temp.0, !verified));
     let mut good = Vec::new();
     for (c, result) in todo.iter().zip(copied) {
         match result? {

@@ -205,7 +205,7 @@ pub fn overlay(opts: &PlaceOptions, previous: Option<&Source>) -> Result<PlaceRe
     if !known && opened.verity().is_none() {
         let todo: Vec<&String> = blobs.keys().collect();
         let dir = lower_content.join("blobs/sha256");
-        let checked = crate::parallel::map(&todo, |hex| check(&dir.join(hex), hex));
+        let checked = crate::parallel::map(&todo, |hex| blobs[*hex], |hex| check(&dir.join(hex), hex));
         for (hex, result) in todo.iter().zip(checked) {
             if let Some(found) = result? {
                 hide(&upper_blobs.join(hex))?;
@@ -321,7 +321,8 @@ pub(super) enum Copied {
 /// hashed on the way, 0444, then published ([`super::publish`]). A blob
 /// appears in `to` only whole and good.
 pub(super) fn copy_blobs(hexes: &[&String], from: &Path, temp: &Path, to: &Path) -> Result<Vec<Copied>, PlaceError> {
-    let copied = crate::parallel::map(hexes, |hex| {
+    let size = |hex: &&String| std::fs::metadata(from.join(hex)).map_or(0, |m| m.len());
+    let copied = crate::parallel::map(hexes, size, |hex| {
         let path = from.join(hex);
         let file = match File::open(&path) {
             Ok(f) => f,
