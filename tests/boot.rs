@@ -43,7 +43,8 @@ struct AtReady {
 }
 
 /// Runs `preseed load --json` with `$NOTIFY_SOCKET` set to a socket of ours;
-/// on READY, looks at containerd at once. Returns the messages, the state at
+/// on READY, stops the loader (SIGSTOP) while it looks at containerd, so
+/// that what it sees is the state at READY however slow `ctr` is to start. Returns the messages, the state at
 /// READY, the exit status and the JSON report.
 fn load_notified(tree: &Path, c: &Containerd) -> (Vec<String>, Option<AtReady>, bool, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
@@ -60,6 +61,7 @@ fn load_notified(tree: &Path, c: &Containerd) -> (Vec<String>, Option<AtReady>, 
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let out = child.wait_with_output().unwrap();
@@ -74,10 +76,13 @@ fn load_notified(tree: &Path, c: &Containerd) -> (Vec<String>, Option<AtReady>, 
             Ok(n) => {
                 let m = String::from_utf8_lossy(&buf[..n]).into_owned();
                 if m.lines().any(|l| l == "READY=1") {
+                    // SAFETY: signals to our own child, which has not been waited for.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
                     at_ready = Some(AtReady {
                         listed: c.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]),
                         check: c.ctr_ok(&["-n", "k8s.io", "images", "check"]),
                     });
+                    unsafe { libc::kill(pid, libc::SIGCONT) };
                 }
                 messages.push(m);
             }

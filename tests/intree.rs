@@ -245,14 +245,17 @@ fn pause_reaps_orphans_as_pid_1() {
     wait_for("pause to start", || children(ns.id()).len() == 1);
     let pid1 = children(ns.id())[0];
     wait_for("pause to exec", || std::fs::read_link(format!("/proc/{pid1}/exe")).is_ok_and(|e| e == pause));
-    // A process in the namespace whose parent exits is re-parented to pause…
+    // A process in the namespace whose parent exits is re-parented to pause
+    // (it sleeps until the test ends it: no timer races the check)…
     let status = Command::new(nsenter)
-        .args(["-t", &pid1.to_string(), "-p", "--", "sh", "-c", "sleep 0.5 & exit 0"])
+        .args(["-t", &pid1.to_string(), "-p", "--", "sh", "-c", "sleep 600 & exit 0"])
         .status()
         .unwrap();
     assert!(status.success());
-    assert_eq!(children(pid1).len(), 1, "the orphan was not re-parented to pause");
+    let orphans = children(pid1);
+    assert_eq!(orphans.len(), 1, "the orphan was not re-parented to pause");
     // …and reaped by it when it exits, leaving no zombie.
+    unsafe { libc::kill(orphans[0] as i32, libc::SIGTERM) };
     wait_for("pause to reap the orphan", || children(pid1).is_empty());
     unsafe { libc::kill(pid1 as i32, libc::SIGTERM) };
     assert_eq!(ns.wait().unwrap().code(), Some(0));

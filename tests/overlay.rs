@@ -96,9 +96,9 @@ fn blobs_of(image: &Path, file: &str) -> BTreeSet<Digest> {
         .collect()
 }
 
-/// Waits (up to 10 s) until containerd's GC has removed `blobs` from `dir`.
+/// Waits (up to 30 s) until containerd's GC has removed `blobs` from `dir`.
 fn wait_gone(dir: &Path, blobs: &BTreeSet<Digest>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while blobs.iter().any(|d| dir.join(d.hex()).exists()) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -98,7 +98,7 @@ fn placed_blobs_are_registered_without_their_bytes_and_gc_keeps_only_what_images
     // Remove b: the collection that drops b's content also sweeps the local
     // store, keeping a's placed blobs and removing b's and the stray.
     c.ctr_ok(&["-n", "apps", "images", "rm", "--sync", "preseed.local/b:1"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while stray_path.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }

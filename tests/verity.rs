@@ -141,7 +141,7 @@ fn assert_nothing_imported(c: &Containerd) {
 
 /// Loop devices backed by `img` (autoclear may take a moment: poll).
 fn assert_no_loop_on(img: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new("losetup").arg("-j").arg(img).output().unwrap();
         let left = String::from_utf8_lossy(&out.stdout).trim().to_string();

@@ -28,10 +28,12 @@ pub const LEASE_HEADER: &str = "containerd-lease";
 const CHUNK: usize = 1 << 20;
 
 /// What a failed call says, in words a node operator can act on: a dropped
-/// connection means containerd stopped or crashed during the load.
+/// connection means containerd stopped or crashed during the load. A call
+/// in flight when the connection drops ends as `Cancelled` ("operation was
+/// canceled"): the loader cancels none of its own calls.
 pub fn describe(status: &Status) -> String {
     let msg = status.message();
-    let lost = status.code() == Code::Unavailable
+    let lost = matches!(status.code(), Code::Unavailable | Code::Cancelled)
         || (status.code() == Code::Unknown
             && ["transport error", "connection", "broken pipe", "h2 protocol error"].iter().any(|m| msg.contains(m)));
     if lost {

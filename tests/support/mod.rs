@@ -5,6 +5,7 @@
 pub mod containerd;
 #[cfg(feature = "containerd")]
 pub mod cri;
+pub mod gate;
 pub mod images;
 pub mod mount;
 pub mod registry;
