@@ -1,6 +1,7 @@
-//! The `preseed` command line, as definitions only: `src/main.rs` parses
-//! it and calls the library; `examples/manpages.rs` renders man pages and
-//! shell completions from it (`cargo xtask dist`). Nothing here does work.
+//! The `preseed` command line, as clap definitions: `src/main.rs` parses it
+//! and calls the library; `examples/manpages.rs` renders man pages and shell
+//! completions from it (`cargo xtask dist`). It does no work beyond turning
+//! flags into the library's types (reading a `--verity-root-hash-file`).
 
 use std::path::PathBuf;
 
@@ -34,8 +35,8 @@ pub struct SourceArgs {
 
 impl SourceArgs {
     /// The source these flags name.
-    pub fn source(self) -> crate::partition::open::Source {
-        use crate::partition::open::Source;
+    pub fn source(self) -> crate::node::read::open::Source {
+        use crate::node::read::open::Source;
         match (self.image, self.device, self.dir) {
             (Some(p), _, _) => Source::Image(p),
             (_, Some(p), _) => Source::Device(p),
@@ -98,7 +99,7 @@ pub enum Command {
         #[command(flatten)]
         from: SourceArgs,
         /// containerd's gRPC socket.
-        #[arg(long, default_value = crate::load::DEFAULT_ADDRESS)]
+        #[arg(long, default_value = crate::node::load::DEFAULT_ADDRESS)]
         address: PathBuf,
         /// Seconds to wait for containerd's socket.
         #[arg(long, default_value_t = 60)]
@@ -126,7 +127,7 @@ pub enum Command {
         #[arg(long)]
         root: Option<PathBuf>,
         /// containerd's configuration file.
-        #[arg(long, default_value = crate::place::config::DEFAULT_CONFIG)]
+        #[arg(long, default_value = crate::node::place::config::DEFAULT_CONFIG)]
         config: PathBuf,
         /// Copy nothing: mount the partition (erofs) for good as the lower layer of an overlay on
         /// containerd's content directory.
@@ -149,7 +150,7 @@ pub enum Command {
         #[arg(long)]
         root: Option<PathBuf>,
         /// containerd's configuration file.
-        #[arg(long, default_value = crate::place::config::DEFAULT_CONFIG)]
+        #[arg(long, default_value = crate::node::place::config::DEFAULT_CONFIG)]
         config: PathBuf,
         /// The partition that will replace the current one (image file, device or directory): the
         /// blobs it ships are not copied.
@@ -164,7 +165,7 @@ pub enum Command {
         #[command(flatten)]
         from: SourceArgs,
         /// Address to listen on (port 0: any free port, printed at start).
-        #[arg(long, default_value = crate::serve::DEFAULT_LISTEN)]
+        #[arg(long, default_value = crate::node::serve::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
     },
     /// What a node must newly import moving from partition OLD to NEW (added, removed, changed, retagged images; new bytes).
@@ -208,7 +209,7 @@ impl Command {
 pub struct VerityArgs {
     /// Open the partition through dm-verity with this root hash (hex, as in preseed.roothash).
     #[arg(long, value_name = "HEX", conflicts_with = "verity_root_hash_file")]
-    pub verity_root_hash: Option<crate::partition::verity_open::RootHash>,
+    pub verity_root_hash: Option<crate::partition::verity::RootHash>,
     /// The same, read from a file: the hash alone, or a kernel command line
     /// with `preseed.roothash=HEX` (e.g. /proc/cmdline).
     #[arg(long, value_name = "FILE")]
@@ -217,10 +218,12 @@ pub struct VerityArgs {
 
 impl VerityArgs {
     /// The root hash given, read from its file if need be.
-    pub fn root_hash(&self) -> anyhow::Result<Option<crate::partition::verity_open::RootHash>> {
+    pub fn root_hash(
+        &self,
+    ) -> Result<Option<crate::partition::verity::RootHash>, crate::partition::verity::RootHashError> {
         Ok(match (&self.verity_root_hash, &self.verity_root_hash_file) {
             (Some(h), _) => Some(*h),
-            (None, Some(f)) => Some(crate::partition::verity_open::RootHash::from_file(f)?),
+            (None, Some(f)) => Some(crate::partition::verity::RootHash::from_file(f)?),
             (None, None) => None,
         })
     }

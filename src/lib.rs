@@ -1,27 +1,29 @@
 //! preseed: turn a pinned list of container images into one read-only
 //! partition that a node imports into containerd at boot.
 //!
-//! Build side, in pipeline order: [`manifest`] (bundles.toml) → [`resolve`]
-//! (registries) → [`verify`] (signatures) → [`fetch`] (blob cache) → [`build`] (in-tree images) →
-//! [`layout`] (per-image tarballs) → [`partition`] (erofs/squashfs), driven by
-//! [`bundle`]. Node side: [`load`] (partition → containerd), [`serve`] (partition → a
-//! read-only registry); [`diff`] compares two partitions (what a node must newly import).
+//! Two wings over one floor (ARCHITECTURE.md draws it):
+//!
+//! * [`build`], the build wing, in pipeline order: `manifest` (bundles.toml)
+//!   → `registry` (resolve, fetch) and `intree` (images built here) →
+//!   `verify` (signature policy) → `cache` (blobs) → `layout` (tarball
+//!   plans) → `write` (erofs / squashfs / verity), driven by `bundle`.
+//! * [`node`], the node wing: `read` (open a partition, list and walk its
+//!   tarballs) under `load` (→ containerd), `place` (→ containerd's store),
+//!   `serve` (→ a read-only registry), `inspect` and `diff`.
+//! * The floor both stand on: [`digest`], [`oci`], [`partition`] (the format:
+//!   index, verity superblock, filesystem magic), [`trust`] (keys and
+//!   cosign's signature formats), [`parallel`], [`human`].
+//!
+//! The node wing imports nothing of the build wing, and the other way
+//! round; the floor imports neither (tests/tidy.rs holds these rules).
 #![deny(missing_docs)]
 
 pub mod build;
-pub mod bundle;
 pub mod cli;
-pub mod diff;
 pub mod digest;
-pub mod fetch;
 pub mod human;
-pub mod layout;
-pub mod load;
-pub mod manifest;
+pub mod node;
 pub mod oci;
 pub mod parallel;
 pub mod partition;
-pub mod place;
-pub mod resolve;
-pub mod serve;
-pub mod verify;
+pub mod trust;

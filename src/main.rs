@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use preseed::bundle::{self, BundleOptions, Progress};
+use preseed::build::bundle::{self, BundleOptions, Progress};
 use preseed::cli::{Cli, Command};
 
 fn main() -> ExitCode {
@@ -99,7 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{summary}");
         }
         Command::Pin { manifest, update } => {
-            let changes = preseed::manifest::pin::pin(&manifest, update).await?;
+            let changes = preseed::build::pin::pin(&manifest, update).await?;
             for c in &changes {
                 println!("{}:{}: {} -> {}", manifest.display(), c.line, c.before, c.after);
             }
@@ -107,40 +107,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "containerd")]
         Command::Load { from, address, timeout, jobs, unpack, snapshotter, json, verity } => {
-            let mut opts = preseed::load::LoadOptions::new(from.source());
+            let mut opts = preseed::node::load::LoadOptions::new(from.source());
             opts.address = address;
             opts.timeout = std::time::Duration::from_secs(timeout);
             opts.jobs = jobs;
             opts.unpack = unpack;
             opts.snapshotter = snapshotter;
-            opts.notify = preseed::load::notify::Notifier::from_env()
+            opts.notify = preseed::node::notify::Notifier::from_env()
                 .context("$NOTIFY_SOCKET is set but unusable")?
                 .map(std::sync::Arc::new);
             opts.verity_root_hash = verity.root_hash()?;
-            let report = preseed::load::load(&opts).await?;
+            let report = preseed::node::load::load(&opts).await?;
             return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
         Command::Place { from, root, config, overlay, previous, json, verity } => {
-            let mut opts = preseed::place::PlaceOptions::new(from.source());
+            let mut opts = preseed::node::place::PlaceOptions::new(from.source());
             opts.root = root;
             opts.config = config;
             opts.verity_root_hash = verity.root_hash()?;
-            let previous = previous.as_deref().map(preseed::partition::open::Source::detect);
+            let previous = previous.as_deref().map(preseed::node::read::open::Source::detect);
             let report = tokio::task::spawn_blocking(move || match overlay {
-                true => preseed::place::overlay::overlay(&opts, previous.as_ref()),
-                false => preseed::place::place(&opts),
+                true => preseed::node::place::overlay::overlay(&opts, previous.as_ref()),
+                false => preseed::node::place::place(&opts),
             })
             .await??;
             return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
         Command::Settle { root, config, next, json } => {
-            let next = next.as_deref().map(preseed::partition::open::Source::detect);
-            let opts = preseed::place::settle::SettleOptions { root, config, next };
-            let report = tokio::task::spawn_blocking(move || preseed::place::settle::settle(&opts)).await??;
+            let next = next.as_deref().map(preseed::node::read::open::Source::detect);
+            let opts = preseed::node::place::settle::SettleOptions { root, config, next };
+            let report = tokio::task::spawn_blocking(move || preseed::node::place::settle::settle(&opts)).await??;
             return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
         Command::Serve { from, listen } => {
-            let server = preseed::serve::Server::bind(&from.source(), listen).await?;
+            let server = preseed::node::serve::Server::bind(&from.source(), listen).await?;
             for w in &server.catalog().warnings {
                 eprintln!("preseed: warning: {w}");
             }
@@ -151,10 +151,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 server.source_id(),
                 server.local_addr()
             );
-            server.run(preseed::serve::shutdown_signal()).await;
+            server.run(preseed::node::serve::shutdown_signal()).await;
         }
         Command::Diff { old, new, json } => {
-            let diff = preseed::diff::diff_paths(&old, &new)?;
+            let diff = preseed::node::diff::diff_paths(&old, &new)?;
             if json {
                 print!("{}", diff.to_json());
             } else {
@@ -163,14 +163,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Inspect { partition, json, verity } => {
             let index = match verity.root_hash()? {
-                Some(root) => preseed::partition::inspect::read_index_verified(&partition, &root),
-                None => preseed::partition::inspect::read_index(&partition),
+                Some(root) => preseed::node::inspect::read_index_verified(&partition, &root),
+                None => preseed::node::inspect::read_index(&partition),
             }
             .with_context(|| format!("inspecting {}", partition.display()))?;
             if json {
                 println!("{}", String::from_utf8_lossy(&index.to_json()).trim_end());
             } else {
-                print!("{}", preseed::partition::inspect::render(&index));
+                print!("{}", preseed::node::inspect::render(&index));
             }
         }
     }

@@ -16,7 +16,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use axum::routing::any;
-use preseed::fetch::cache::BlobCache;
+use preseed::build::cache::BlobCache;
 use serde_json::json;
 use support::images::{self, LayerSpec, Media};
 use support::registry::{sha256_digest, Registry};

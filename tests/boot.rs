@@ -82,6 +82,7 @@ fn load_notified(tree: &Path, c: &Containerd) -> (Vec<String>, Option<AtReady>, 
                         listed: c.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]),
                         check: c.ctr_ok(&["-n", "k8s.io", "images", "check"]),
                     });
+                    // SAFETY: a signal to a process this test started; no memory is passed.
                     unsafe { libc::kill(pid, libc::SIGCONT) };
                 }
                 messages.push(m);

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use preseed::build::cache::BlobCache;
 use preseed::digest::Digest;
-use preseed::fetch::cache::BlobCache;
 use preseed::partition::index::PartitionIndex;
 use support::containerd::Containerd;
 use support::images::{self, Corpus, LayerSpec, Media};
@@ -555,9 +555,9 @@ fn verity_tree_verifies_and_is_deterministic() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("does not match this partition"), "{format}: {err}");
-        let at = preseed::partition::verity_open::locate(&image).unwrap();
+        let at = preseed::node::read::verity::locate(&image).unwrap();
         assert_eq!(at.hash_offset, offset, "{format}");
-        preseed::partition::verity_open::check_root(&image, &at, &root.parse().unwrap()).unwrap();
+        preseed::node::read::verity::check_root(&image, &at, &root.parse().unwrap()).unwrap();
         // Another cache and directory, offline from a copy of the cache: same bytes.
         let two = tempfile::tempdir().unwrap();
         let cache_b = BlobCache::open(two.path().join("cache")).unwrap();

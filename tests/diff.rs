@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use preseed::diff::{self, Added, Changed, Diff, FlagChange, NamespaceDiff, Removed, Retagged, Totals};
 use preseed::digest::Digest;
+use preseed::node::diff::{self, Added, Changed, Diff, FlagChange, NamespaceDiff, Removed, Retagged, Totals};
 use preseed::partition::index::PartitionIndex;
 use support::images::{self, LayerSpec, Media, PushedImage};
 use support::registry::Registry;

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use preseed::build::cache::BlobCache;
+use preseed::build::layout::{plan_tarball, TarballSpec};
+use preseed::build::write::erofs;
+use preseed::build::write::tree::{Node, PlannedFile, Segment, Tree};
 use preseed::digest::Digest;
-use preseed::fetch::cache::BlobCache;
-use preseed::layout::{plan_tarball, TarballSpec};
 use preseed::oci::{self, Descriptor};
-use preseed::partition::erofs;
-use preseed::partition::tree::{Node, PlannedFile, Segment, Tree};
 use sha2::{Digest as _, Sha256};
 
 /// Deterministic, incompressible bytes.

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use preseed::build::{build_image, BuildError, BuildOptions, BuiltImage};
+use preseed::build::cache::BlobCache;
+use preseed::build::intree::{build_image, BuildError, BuildOptions, BuiltImage};
+use preseed::build::layout::{plan_tarball, TarballSpec};
 use preseed::digest::Digest;
-use preseed::fetch::cache::BlobCache;
-use preseed::layout::{plan_tarball, TarballSpec};
 use preseed::oci::{self, Manifest};
 
 const HELLO_LINE: &str = "Hello from preseed!";
@@ -125,6 +125,7 @@ fn pause_and_hello_are_static_one_layer_images() {
     let mut child = Command::new(write_exec(tmp.path(), "pause", &entries[0].2)).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(child.try_wait().unwrap().is_none(), "pause exited on its own");
+    // SAFETY: a signal to a process this test started; no memory is passed.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
@@ -255,8 +256,10 @@ fn pause_reaps_orphans_as_pid_1() {
     let orphans = children(pid1);
     assert_eq!(orphans.len(), 1, "the orphan was not re-parented to pause");
     // …and reaped by it when it exits, leaving no zombie.
+    // SAFETY: a signal to a process this test started; no memory is passed.
     unsafe { libc::kill(orphans[0] as i32, libc::SIGTERM) };
     wait_for("pause to reap the orphan", || children(pid1).is_empty());
+    // SAFETY: a signal to a process this test started; no memory is passed.
     unsafe { libc::kill(pid1 as i32, libc::SIGTERM) };
     assert_eq!(ns.wait().unwrap().code(), Some(0));
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fixtures::{world, Entry, World};
-use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
+use preseed::node::load::{self, LoadOptions, LoadReport, Outcome, Source};
 use support::containerd::Containerd;
 use support::gate::{Gate, Hold};
 
@@ -45,7 +45,7 @@ fn spawn_load(dir: &Path, address: &Path) -> std::process::Child {
 
 /// The one lease in `ns`: id and labels.
 fn the_lease(c: &Containerd, ns: &str) -> (String, std::collections::HashMap<String, String>) {
-    use preseed::load::containerd::Client;
+    use preseed::node::load::containerd::Client;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let client = Client::connect(c.socket(), Duration::from_secs(5)).await.unwrap();
@@ -219,7 +219,7 @@ fn erofs_partition_imports_pins_runs_and_reloads() {
 }
 
 fn corrupt_first_layer(tarball: &Path, e: &Entry) {
-    let archive = preseed::load::archive::Archive::open(tarball).unwrap();
+    let archive = preseed::node::read::archive::Archive::open(tarball).unwrap();
     let at = archive.blob(&e.image.layers[0].digest).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(tarball).unwrap();
     use std::os::unix::fs::FileExt;
@@ -515,14 +515,14 @@ fn cri_sees_pinned_images_and_runs_a_pod_offline() {
 
 #[test]
 fn device_source_mounts_the_block_device() {
-    use preseed::load::mount::{LinuxMount, MountSys};
+    use preseed::node::sys::{Linux, Sys};
     let Some(c) = prerequisites("erofs") else { return };
     let w = world();
     let e = Entry::new("k8s.io", "dev", "preseed.local/dev:1", fixtures::single(&w.cache, "hello", 70, 0, 0));
     let img = make_partition(&w, std::slice::from_ref(&e), "erofs", "dev");
     // A loop device stands in for the node's partition; the handle keeps it
     // attached (it detaches itself when the handle and mounts are gone).
-    let dev = LinuxMount.attach_loop(&img).unwrap();
+    let dev = Linux.attach_loop(&img).unwrap();
     let before = mountinfo();
     let r = run(&opts(Source::Device(dev.device.clone()), &c));
     assert!(!r.failed(), "{}", r.to_json());
@@ -533,7 +533,7 @@ fn device_source_mounts_the_block_device() {
 
 #[test]
 fn content_writes_are_verified_and_not_repeated() {
-    use preseed::load::containerd::{BlobBytes, Client, WriteError, Wrote};
+    use preseed::node::load::containerd::{BlobBytes, Client, WriteError, Wrote};
     use preseed::oci::{Descriptor, OCI_LAYER_GZIP};
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -754,13 +754,13 @@ fn a_killed_loaders_lease_is_removed_by_the_next_load() {
     gate.cut();
     let (id, labels) = the_lease(&c, "k8s.io");
     // The lease outlives its loader (it would hold content for an hour)…
-    assert!(labels.contains_key(preseed::load::lease::LABEL_OWNER), "{labels:?}");
+    assert!(labels.contains_key(preseed::node::load::lease::LABEL_OWNER), "{labels:?}");
     assert!(labels.contains_key("containerd.io/gc.expire"), "{labels:?}");
 
     // …until the next load, which removes it and completes the import.
     let r = run(&opts(Source::Dir(tree), &c));
     assert!(!r.failed(), "{}", r.to_json());
-    assert_eq!(r.stale_leases, [preseed::load::StaleLease { namespace: "k8s.io".into(), id: id.clone() }]);
+    assert_eq!(r.stale_leases, [preseed::node::load::StaleLease { namespace: "k8s.io".into(), id: id.clone() }]);
     assert_eq!(c.ctr_ok(&["-n", "k8s.io", "leases", "ls", "-q"]).trim(), "");
     let content = c.ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"]);
     for d in &e.image.blobs {

@@ -17,13 +17,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fixtures::{Entry, World};
+use preseed::build::write::erofs;
+use preseed::build::write::tree::{PlannedFile, Tree};
 use preseed::digest::Digest;
-use preseed::load::{LoadReport, Outcome, Source};
-use preseed::partition::erofs;
+use preseed::node::load::{LoadReport, Outcome, Source};
+use preseed::node::place::settle::{SettleOptions, SettleReport};
+use preseed::node::place::{self, overlay, PlaceError, PlaceOptions, PlaceReport};
 use preseed::partition::index::INDEX_FILE;
-use preseed::partition::tree::{PlannedFile, Tree};
-use preseed::place::settle::{SettleOptions, SettleReport};
-use preseed::place::{self, overlay, PlaceError, PlaceOptions, PlaceReport};
 use support::containerd::Containerd;
 
 /// An erofs partition of `entries` as `preseed bundle` lays it out.
@@ -88,8 +88,8 @@ fn upper(c: &Containerd) -> PathBuf {
 }
 
 fn blobs_of(image: &Path, file: &str) -> BTreeSet<Digest> {
-    let opened = preseed::partition::open::open(&Source::Image(image.to_path_buf())).unwrap();
-    let archive = preseed::load::archive::Archive::open(&opened.root().join(file)).unwrap();
+    let opened = preseed::node::read::open::open(&Source::Image(image.to_path_buf())).unwrap();
+    let archive = preseed::node::read::archive::Archive::open(&opened.root().join(file)).unwrap();
     archive
         .entries()
         .filter_map(|(n, _)| n.strip_prefix("blobs/sha256/").map(|h| format!("sha256:{h}").parse().unwrap()))
@@ -169,13 +169,13 @@ fn overlaid_blobs_are_registered_with_nothing_copied_and_gc_deletes_them_as_whit
 /// leaves behind: the lease of a loader that is gone, holding the one placed
 /// blob it had registered.
 fn interrupted_load_holding(c: &Containerd, ns: &str, blob: &Digest, size: u64) {
-    use preseed::load::containerd::{Client, Wrote};
+    use preseed::node::load::containerd::{Client, Wrote};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let client = Client::connect(c.socket(), Duration::from_secs(5)).await.unwrap();
         let lease = "preseed-load-1-1";
         let owner = "00000000-0000-0000-0000-000000000000/1/1".to_string();
-        let labels = [(preseed::load::lease::LABEL_OWNER.to_string(), owner)].into();
+        let labels = [(preseed::node::load::lease::LABEL_OWNER.to_string(), owner)].into();
         client.lease_create(ns, lease, Duration::from_secs(3600), &labels).await.unwrap();
         let desc = preseed::oci::Descriptor::new("application/octet-stream", blob.clone(), size);
         let wrote = client.write_blob(ns, lease, format!("{lease}-0"), &desc, None, &Default::default()).await;
@@ -432,6 +432,7 @@ fn a_node_whose_containerd_never_ran_gets_its_root_made() {
     let visible = std::fs::read_dir(content.join("blobs/sha256")).map(|d| d.count()).unwrap_or(0);
     for m in [content, root.join(overlay::STATE_DIR).join("lower")] {
         let path = std::ffi::CString::new(m.into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
         unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
     assert!(mounted, "{r:?}");

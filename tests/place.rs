@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use fixtures::Entry;
 use preseed::digest::Digest;
-use preseed::load::{self, LoadOptions, LoadReport, Outcome, Source};
-use preseed::place::{self, PlaceError, PlaceOptions, PlaceReport};
+use preseed::node::load::{self, LoadOptions, LoadReport, Outcome, Source};
+use preseed::node::place::{self, PlaceError, PlaceOptions, PlaceReport};
 use support::containerd::{Containerd, ContainerdOptions};
 
 /// Place with the root learnt from the test containerd's own config file.
@@ -42,7 +42,7 @@ fn blobs_dir(c: &Containerd) -> PathBuf {
 
 /// Digests of every `blobs/sha256/*` in the tree's tarballs.
 fn blobs_of(tarball: &Path) -> Vec<Digest> {
-    let archive = preseed::load::archive::Archive::open(tarball).unwrap();
+    let archive = preseed::node::read::archive::Archive::open(tarball).unwrap();
     archive
         .entries()
         .filter_map(|(n, _)| n.strip_prefix("blobs/sha256/").map(|h| format!("sha256:{h}").parse().unwrap()))
@@ -156,7 +156,7 @@ fn a_damaged_blob_is_never_placed_and_its_image_fails_alone() {
     fixtures::bundle_tree(&w.cache, &[good, bad], &tree);
     // Flip one byte in the middle of bad's biggest blob.
     let tar = tree.join("k8s.io/bad.tar");
-    let archive = preseed::load::archive::Archive::open(&tar).unwrap();
+    let archive = preseed::node::read::archive::Archive::open(&tar).unwrap();
     let (name, entry) = archive.entries().filter(|(n, _)| n.starts_with("blobs/")).max_by_key(|(_, e)| e.size).unwrap();
     let victim: Digest = format!("sha256:{}", name.trim_start_matches("blobs/sha256/")).parse().unwrap();
     let mut bytes = std::fs::read(&tar).unwrap();

@@ -91,6 +91,7 @@ impl Served {
 
     /// Stops it with SIGTERM, as systemd does; it must exit 0 promptly.
     fn stop(mut self) {
+        // SAFETY: a signal to a process this test started; no memory is passed.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -488,7 +489,7 @@ fn a_hundred_downloads_of_a_large_layer_stay_under_64_mib() {
     }
     let late = read_after_disconnect - fds_gone;
     assert!(
-        late <= (CLIENTS as u64 / 2) * preseed::serve::http::CHUNK as u64,
+        late <= (CLIENTS as u64 / 2) * preseed::node::serve::http::CHUNK as u64,
         "read {late} bytes after the clients' connections were closed: more than one chunk each"
     );
     let wasted = read_after_disconnect - read_before;

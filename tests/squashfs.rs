@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use preseed::build::write::squashfs::{self, Compression, Error, Options};
+use preseed::build::write::tree::{Node, PlannedFile, Segment, Tree};
 use preseed::digest::Digest;
-use preseed::partition::squashfs::{self, Compression, Error, Options};
-use preseed::partition::tree::{Node, PlannedFile, Segment, Tree};
 
 /// squashfs data block size backhand writes with (its default, 128 KiB).
 const BLOCK: usize = 128 * 1024;

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fixtures::{world, Entry, World};
-use preseed::load::{self, LoadOptions, LoadReport, Outcome, RootHash, Source};
+use preseed::node::load::{self, LoadOptions, LoadReport, Outcome, RootHash, Source};
 use support::containerd::Containerd;
 
 /// Tests that create dm devices run one at a time, so "no device left"
@@ -88,7 +88,7 @@ fn verity_partition(w: &World, entries: &[Entry], format: &str) -> (PathBuf, Roo
     let tree = w.root.join(format!("tree-{format}"));
     fixtures::bundle_tree(&w.cache, entries, &tree);
     let img = fixtures::partition(&tree, &w.root.join(format!("p.{format}")), format);
-    let info = preseed::partition::verity::append(&img, &[7; 32], &[8; 16]).unwrap();
+    let info = preseed::build::write::verity::append(&img, &[7; 32], &[8; 16]).unwrap();
     (img, info.root_hash.parse().unwrap())
 }
 

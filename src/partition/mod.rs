@@ -1,16 +1,12 @@
-//! The partition: the bundle tree (`preseed.json`, `<namespace>/<file>.tar`)
-//! written as one read-only filesystem image, erofs (native writer) or
-//! squashfs (backhand), and read back by `inspect` and the loader.
+//! The partition format both wings agree on: the tree of a partition
+//! (`preseed.json`, `<namespace>/<file>.tar`, `.content/`), its index
+//! ([`index`]), the dm-verity tree's on-disk format and root hash
+//! ([`verity`]), and which filesystem an image holds ([`Format`]). The build
+//! wing writes it (`build::write`), the node wing reads it (`node::read`);
+//! nothing here does I/O beyond parsing what it is given.
 
-pub mod erofs;
 pub mod index;
-pub mod inspect;
-pub mod mount;
-pub mod open;
-pub mod squashfs;
-pub mod tree;
 pub mod verity;
-pub mod verity_open;
 
 use std::fmt;
 use std::str::FromStr;
@@ -56,13 +52,18 @@ impl fmt::Display for Format {
     }
 }
 
+/// A format name that is neither `erofs` nor `squashfs`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown partition format {0:?}: expected \"erofs\" or \"squashfs\"")]
+pub struct UnknownFormat(pub String);
+
 impl FromStr for Format {
-    type Err = String;
+    type Err = UnknownFormat;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "erofs" => Ok(Format::Erofs),
             "squashfs" => Ok(Format::Squashfs),
-            _ => Err(format!("unknown partition format {s:?}: expected \"erofs\" or \"squashfs\"")),
+            _ => Err(UnknownFormat(s.to_string())),
         }
     }
 }

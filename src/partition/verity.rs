@@ -1,29 +1,29 @@
-//! A dm-verity hash tree appended to a partition image, so one image carries
-//! both the filesystem and what proves it: `veritysetup` format 1, sha256,
-//! 4096-byte data and hash blocks, with a verity superblock.
+//! The dm-verity hash tree's on-disk format, as both wings see it: a
+//! partition image carries the filesystem and, after it, what proves it —
+//! `veritysetup` format 1, sha256, 4096-byte data and hash blocks, with a
+//! verity superblock.
 //!
 //! Layout after the (4096-padded) filesystem, at `hash_offset`: the
 //! superblock block, then the hash levels, the level nearest the root first
 //! (as veritysetup lays them out). Every hash is `sha256(salt ‖ block)`; the
-//! root hash is that of the single top block. The salt and the superblock's
-//! UUID are given by the caller (derived from the content), so the same
-//! filesystem gives the same bytes.
-//!
-//! Memory stays bounded: each level is streamed from the file (the data, or
-//! the level below) and written as its hash blocks fill, on all cores.
+//! root hash ([`RootHash`]) is that of the single top block. The build wing
+//! writes the tree (`build::write::verity`), the node wing opens it
+//! (`node::read::verity`).
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 /// Data and hash block size.
 pub const BLOCK: u64 = 4096;
-const HASH: u64 = 32;
-const PER_BLOCK: u64 = BLOCK / HASH;
+/// Bytes of one hash.
+pub const HASH: u64 = 32;
+/// Hashes per hash block.
+pub const PER_BLOCK: u64 = BLOCK / HASH;
+/// The kernel command line parameter a root hash can be given in.
+pub const CMDLINE_PARAMETER: &str = "preseed.roothash";
 
 /// Where the tree is and how to check it: what `preseed.json` beside the
 /// image records and what `veritysetup` needs.
@@ -39,81 +39,6 @@ pub struct VerityInfo {
     pub salt: String,
     /// Always `sha256`.
     pub hash_algorithm: String,
-}
-
-/// Pads `image` to a 4096 multiple and appends the hash tree for it.
-pub fn append(image: &Path, salt: &[u8; 32], uuid: &[u8; 16]) -> io::Result<VerityInfo> {
-    let file = OpenOptions::new().read(true).write(true).open(image)?;
-    let len = file.metadata()?.len();
-    let data_blocks = len.div_ceil(BLOCK);
-    let hash_offset = data_blocks * BLOCK;
-    file.set_len(hash_offset)?;
-
-    let levels = levels(data_blocks);
-    // Positions: after the superblock block, the highest level first.
-    let mut starts = vec![0u64; levels.len()];
-    let mut at = hash_offset + BLOCK;
-    for i in (0..levels.len()).rev() {
-        starts[i] = at;
-        at += levels[i] * BLOCK;
-    }
-    file.set_len(at)?;
-
-    let mut source = (0u64, data_blocks);
-    for (i, &blocks) in levels.iter().enumerate() {
-        hash_level(&file, salt, source.0, source.1, starts[i])?;
-        source = (starts[i], blocks);
-    }
-    let mut top = vec![0u8; BLOCK as usize];
-    file.read_exact_at(&mut top, starts[levels.len() - 1])?;
-    let root = salted(salt, &top);
-
-    file.write_all_at(&superblock(data_blocks, salt, uuid), hash_offset)?;
-    file.sync_all()?;
-    Ok(VerityInfo {
-        root_hash: hex::encode(root),
-        hash_offset,
-        data_blocks,
-        salt: hex::encode(salt),
-        hash_algorithm: "sha256".into(),
-    })
-}
-
-/// Hashes `count` blocks starting at byte `from` into hash blocks written at
-/// `to` (zero-padded), splitting the work by whole hash blocks over all cores.
-fn hash_level(file: &File, salt: &[u8], from: u64, count: u64, to: u64) -> io::Result<()> {
-    let out_blocks = count.div_ceil(PER_BLOCK);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let per_worker = out_blocks.div_ceil(workers).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..out_blocks.div_ceil(per_worker))
-            .map(|w| {
-                scope.spawn(move || -> io::Result<()> {
-                    let first = w * per_worker;
-                    let last = (first + per_worker).min(out_blocks);
-                    let mut data = vec![0u8; BLOCK as usize];
-                    let mut out = vec![0u8; BLOCK as usize];
-                    for hb in first..last {
-                        out.fill(0);
-                        for k in 0..PER_BLOCK {
-                            let b = hb * PER_BLOCK + k;
-                            if b >= count {
-                                break;
-                            }
-                            file.read_exact_at(&mut data, from + b * BLOCK)?;
-                            let at = (k * HASH) as usize;
-                            out[at..at + HASH as usize].copy_from_slice(&salted(salt, &data));
-                        }
-                        file.write_all_at(&out, to + hb * BLOCK)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("hashing thread panicked"))))
-    })
 }
 
 /// The superblock's first eight bytes.
@@ -185,7 +110,7 @@ pub fn salted(salt: &[u8], block: &[u8]) -> [u8; 32] {
 }
 
 /// The 512-byte verity superblock (format 1), zero-padded to a block.
-fn superblock(data_blocks: u64, salt: &[u8; 32], uuid: &[u8; 16]) -> Vec<u8> {
+pub fn superblock(data_blocks: u64, salt: &[u8; 32], uuid: &[u8; 16]) -> Vec<u8> {
     let mut sb = vec![0u8; BLOCK as usize];
     sb[0..8].copy_from_slice(MAGIC);
     sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
@@ -200,25 +125,84 @@ fn superblock(data_blocks: u64, salt: &[u8; 32], uuid: &[u8; 16]) -> Vec<u8> {
     sb
 }
 
+/// A dm-verity root hash (sha256).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RootHash(pub [u8; 32]);
+
+impl RootHash {
+    /// The hash, hex.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Reads a root hash from a file: one holding just the hex (as
+    /// `preseed.roothash` beside the image), or a kernel command line
+    /// (`/proc/cmdline`) with `preseed.roothash=HEX` among its words.
+    pub fn from_file(path: &Path) -> Result<RootHash, RootHashError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| RootHashError::File { path: path.to_path_buf(), source })?;
+        if let Ok(root) = text.trim().parse() {
+            return Ok(root);
+        }
+        let prefix = format!("{CMDLINE_PARAMETER}=");
+        match text.split_whitespace().find_map(|w| w.strip_prefix(prefix.as_str())) {
+            Some(hex) => hex.parse(),
+            None => Err(RootHashError::NotIn { path: path.to_path_buf() }),
+        }
+    }
+}
+
+impl std::fmt::Debug for RootHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RootHash({})", self.hex())
+    }
+}
+
+impl std::fmt::Display for RootHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl FromStr for RootHash {
+    type Err = RootHashError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || RootHashError::Bad { given: s.to_string() };
+        let bytes = hex::decode(s).map_err(|_| bad())?;
+        Ok(RootHash(bytes.try_into().map_err(|_| bad())?))
+    }
+}
+
+/// Why a root hash could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum RootHashError {
+    /// Not a sha256 root hash.
+    #[error("{given:?} is not a dm-verity root hash (64 hex digits, as in preseed.roothash beside the image)")]
+    Bad {
+        /// What was given.
+        given: String,
+    },
+    /// The root hash file could not be read.
+    #[error("reading the root hash from {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The root hash file holds neither a hash nor the kernel parameter.
+    #[error(
+        "{path} holds neither a root hash nor `{CMDLINE_PARAMETER}=HEX`: give the node the root hash of its partition"
+    )]
+    NotIn {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tree_of_one_block_is_one_level_and_deterministic() {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("img");
-        std::fs::write(&img, vec![7u8; 1000]).unwrap();
-        let a = append(&img, &[1; 32], &[2; 16]).unwrap();
-        assert_eq!((a.data_blocks, a.hash_offset), (1, 4096));
-        // superblock + one hash block
-        assert_eq!(std::fs::metadata(&img).unwrap().len(), 3 * 4096);
-        let mut block = vec![0u8; 4096];
-        block[..1000].fill(7);
-        let mut top = vec![0u8; 4096];
-        top[..32].copy_from_slice(&salted(&[1; 32], &block));
-        assert_eq!(a.root_hash, hex::encode(salted(&[1; 32], &top)));
-    }
 
     #[test]
     fn superblock_parses_back() {

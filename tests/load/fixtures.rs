@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use preseed::build::cache::BlobCache;
+use preseed::build::layout::{plan_tarball, TarballSpec};
 use preseed::digest::Digest;
-use preseed::fetch::cache::BlobCache;
-use preseed::layout::{plan_tarball, TarballSpec};
 use preseed::oci::{self, Descriptor, Platform};
 use preseed::partition::index::{BuildInfo, IndexedImage, PartitionIndex, INDEX_FILE, INDEX_VERSION};
 
@@ -73,12 +73,12 @@ pub fn runnable_world() -> Option<World> {
 /// `preseed load` of `source` into the containerd at `socket`, its report
 /// printed for the test log.
 #[allow(dead_code)] // for place and overlay (tests/load.rs checks its own options)
-pub fn load_report(source: preseed::load::Source, socket: &Path) -> preseed::load::LoadReport {
-    let mut o = preseed::load::LoadOptions::new(source);
+pub fn load_report(source: preseed::node::read::open::Source, socket: &Path) -> preseed::node::load::LoadReport {
+    let mut o = preseed::node::load::LoadOptions::new(source);
     o.address = socket.to_path_buf();
     o.timeout = std::time::Duration::from_secs(10);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let report = rt.block_on(preseed::load::load(&o)).expect("load");
+    let report = rt.block_on(preseed::node::load::load(&o)).expect("load");
     let mut out = Vec::new();
     report.print_human(&mut out).unwrap();
     eprintln!("{}", String::from_utf8_lossy(&out));
@@ -253,7 +253,7 @@ impl Entry {
 }
 
 /// The planned preseed tarball for `e`.
-pub fn plan(cache: &BlobCache, e: &Entry) -> preseed::partition::tree::PlannedFile {
+pub fn plan(cache: &BlobCache, e: &Entry) -> preseed::build::write::tree::PlannedFile {
     let tag = e.name.rsplit_once(':').map(|(_, t)| t.to_string()).filter(|t| !t.contains('/'));
     let spec = TarballSpec {
         name: e.name.clone(),

@@ -259,6 +259,7 @@ impl Containerd {
     /// directory. Used to test a loader against a dead socket.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };
+        // SAFETY: a signal to a process this test started; no memory is passed.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
         while child.try_wait().unwrap().is_none() {
@@ -304,6 +305,7 @@ impl Containerd {
             let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
             let cmdline = String::from_utf8_lossy(&cmdline);
             if cmdline.contains("containerd-shim") && cmdline.split('\0').any(|a| a == needle) {
+                // SAFETY: a signal to a process this test started; no memory is passed.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
@@ -321,6 +323,7 @@ impl Containerd {
         points.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for p in points {
             let c = std::ffi::CString::new(p).unwrap();
+            // SAFETY: a NUL-terminated path that outlives the call.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }

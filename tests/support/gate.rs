@@ -238,8 +238,7 @@ impl TcpGate {
                 let st = s.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let Ok(n) = s2.read(&mut buf) else { break };
+                    while let Ok(n) = s2.read(&mut buf) {
                         if n == 0 {
                             break;
                         }

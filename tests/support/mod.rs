@@ -35,6 +35,7 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
 
 /// Requires root (loop mounts, containerd). Same CI rule as [`require_tool`].
 pub fn require_root() -> bool {
+    // SAFETY: geteuid takes nothing and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
         missing("this test needs root (loop mounts, containerd)");

@@ -12,12 +12,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use preseed::build::cache::BlobCache;
+use preseed::build::layout::{plan_tarball, TarballSpec};
+use preseed::build::write::erofs;
+use preseed::build::write::tree::{PlannedFile, Tree};
 use preseed::digest::Digest;
-use preseed::fetch::cache::BlobCache;
-use preseed::layout::{plan_tarball, TarballSpec};
 use preseed::oci::{self, Descriptor};
-use preseed::partition::erofs;
-use preseed::partition::tree::{PlannedFile, Tree};
 
 /// Images in every synthetic corpus (the corpus has 11).
 pub const IMAGES: usize = 12;

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::test::Counts;
+use crate::Counts;
 
 /// Debian packages the build needs (package, a binary it ships).
 /// (`protoc` need not be installed: [`crate::protoc`] has a vendored one.)

@@ -30,7 +30,23 @@ fn main() -> Result<()> {
         "bench" => bench::run(&rest),
         "vm-test" => vm::run(&rest),
         "dist" => dist::run(&rest),
-        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test|dist> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu three times with a preseed partition\n  dist    build target/dist/preseed and its .deb (--check: install, try, remove it)"),
+        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test|dist> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu (six boots) with a preseed partition\n  dist    build target/dist/preseed and its .deb (--check: install, try, remove it)"),
+    }
+}
+
+/// Tests passed, failed and skipped.
+#[derive(Default)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.ignored += o.ignored;
     }
 }
 

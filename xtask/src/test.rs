@@ -17,6 +17,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use crate::Counts;
+
 /// Debian packages the tests use, and a binary that tells each is there.
 const PACKAGES: &[(&str, &str)] = &[
     ("docker-registry", "docker-registry"),
@@ -136,22 +138,6 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("{}", failures.join("\n"));
     }
     Ok(())
-}
-
-/// Tests passed, failed and skipped.
-#[derive(Default)]
-pub struct Counts {
-    pub passed: u64,
-    pub failed: u64,
-    pub ignored: u64,
-}
-
-impl Counts {
-    fn add(&mut self, o: &Counts) {
-        self.passed += o.passed;
-        self.failed += o.failed;
-        self.ignored += o.ignored;
-    }
 }
 
 /// Runs one `cargo test`, passing its output through and adding up its

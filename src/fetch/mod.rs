@@ -1,3 +1,0 @@
-//! Fetching blobs from registries into the content-addressed cache.
-
-pub mod cache;

@@ -1,0 +1,109 @@
+//! `preseed inspect`: what a partition holds, from its `preseed.json`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::node::read::open::{OpenOptions, Source};
+use crate::node::read::{mount, open};
+use crate::partition::index::{PartitionIndex, INDEX_FILE};
+use crate::partition::verity::RootHash;
+
+/// Errors reading a partition's index.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// I/O.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Not a preseed index.
+    #[error("{path}: not a preseed index: {message}")]
+    Invalid {
+        /// The path.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The partition image could not be mounted.
+    #[error(transparent)]
+    Mount(#[from] mount::MountError),
+    /// The partition could not be opened (through dm-verity).
+    #[error(transparent)]
+    Open(#[from] open::OpenError),
+    /// The index read as EIO through dm-verity.
+    #[error("{path}: {}", crate::node::read::verity::CORRUPT)]
+    Corrupt {
+        /// The index file.
+        path: String,
+    },
+}
+
+/// Reads the index of a partition: an image file or block device (mounted
+/// read-only for the moment, which needs root), a directory, or a
+/// `preseed.json` itself.
+pub fn read_index(path: &Path) -> Result<PartitionIndex, InspectError> {
+    if path.is_dir() {
+        return read_json(&path.join(INDEX_FILE));
+    }
+    if mount::sniff(path).is_ok() {
+        let loop_file = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(true);
+        let mounted = mount::mount(path, loop_file, std::sync::Arc::new(crate::node::sys::Linux))?;
+        return read_json(&mounted.path().join(INDEX_FILE));
+    }
+    read_json(path)
+}
+
+/// [`read_index`] of a partition (image file or block device) opened
+/// through dm-verity, checked against `root`.
+pub fn read_index_verified(path: &Path, root: &RootHash) -> Result<PartitionIndex, InspectError> {
+    let source = Source::detect(path);
+    let opts = OpenOptions { verity_root_hash: Some(*root), mount_at: None };
+    let opened = open::open_with_options(&source, &opts, std::sync::Arc::new(crate::node::sys::Linux))?;
+    read_json(&opened.root().join(INDEX_FILE)).map_err(|e| match e {
+        InspectError::Io { path, source } if source.raw_os_error() == Some(libc::EIO) => InspectError::Corrupt { path },
+        e => e,
+    })
+}
+
+fn read_json(file: &Path) -> Result<PartitionIndex, InspectError> {
+    let shown = file.display().to_string();
+    let bytes = std::fs::read(file).map_err(|source| InspectError::Io { path: shown.clone(), source })?;
+    serde_json::from_slice(&bytes).map_err(|e| InspectError::Invalid { path: shown, message: e.to_string() })
+}
+
+/// A table for humans.
+pub fn render(index: &PartitionIndex) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{} ({}), {} images", index.build.tool, index.build.format, index.images.len());
+    for i in &index.images {
+        let mut flags = Vec::new();
+        if i.pin {
+            flags.push("pinned");
+        }
+        if i.sandbox {
+            flags.push("sandbox");
+        }
+        if i.boot {
+            flags.push("boot");
+        }
+        let _ = writeln!(
+            out,
+            "  {:<32} {:<48} {:>10} {} [{}]",
+            i.path,
+            i.name,
+            crate::human::human_bytes(i.size),
+            i.platforms.join(","),
+            flags.join(",")
+        );
+        for n in &i.names {
+            let _ = writeln!(out, "  {:<32} also {n}", "");
+        }
+        if let Some(s) = &i.signed_by {
+            let _ = writeln!(out, "  {:<32} signed by {} ({}, {})", "", s.key, s.key_sha256, s.format);
+        }
+    }
+    out
+}

@@ -1,0 +1,24 @@
+//! The node wing: what runs on a node, at boot, beside its workloads. Each
+//! command has its room, all standing on [`read`] (open a partition or
+//! directory, list its tarballs, walk their images):
+//!
+//! * [`load`]: import into a running containerd over gRPC (the `containerd`
+//!   cargo feature: its bindings need `protoc` to build);
+//! * [`place`]: before containerd starts, put the blobs in its store
+//!   (copied, or mounted under it with `--overlay`), and `settle`;
+//! * [`serve`]: a read-only OCI registry mirror;
+//! * [`inspect`] and [`diff`]: what a partition holds, what changes between two.
+//!
+//! *Architecture invariant: nothing here imports the build wing
+//! (`crate::build`), and nothing here talks to a registry.* Every syscall
+//! beyond plain file I/O goes through [`sys`], the seam tests swap.
+
+pub mod diff;
+pub mod inspect;
+#[cfg(feature = "containerd")]
+pub mod load;
+pub mod notify;
+pub mod place;
+pub mod read;
+pub mod serve;
+pub mod sys;
