@@ -11,9 +11,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use preseed::build::cache::BlobCache;
+use preseed::build::layout::tree::{Node, PlannedFile, Segment, Tree};
 use preseed::build::layout::{plan_tarball, TarballSpec};
 use preseed::build::write::erofs;
-use preseed::build::write::tree::{Node, PlannedFile, Segment, Tree};
 use preseed::digest::Digest;
 use preseed::oci::{self, Descriptor};
 use sha2::{Digest as _, Sha256};

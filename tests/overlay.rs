@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fixtures::{Entry, World};
+use preseed::build::layout::tree::{PlannedFile, Tree};
 use preseed::build::write::erofs;
-use preseed::build::write::tree::{PlannedFile, Tree};
 use preseed::digest::Digest;
 use preseed::node::load::{LoadReport, Outcome, Source};
 use preseed::node::place::settle::{SettleOptions, SettleReport};

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use preseed::build::layout::tree::{Node, PlannedFile, Segment, Tree};
 use preseed::build::write::squashfs::{self, Compression, Error, Options};
-use preseed::build::write::tree::{Node, PlannedFile, Segment, Tree};
 use preseed::digest::Digest;
 
 /// squashfs data block size backhand writes with (its default, 128 KiB).

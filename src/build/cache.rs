@@ -147,8 +147,9 @@ impl BlobCache {
     }
 
     /// Re-hashes every blob and removes those whose content does not match
-    /// their name. Returns the removed digests. Normal runs never need this;
-    /// it exists for `preseed cache verify` and for tests of the invariant.
+    /// their name. Returns the removed digests. Normal runs never need this
+    /// (a bundle re-hashes what it takes from the cache); tests of the
+    /// invariant use it.
     pub fn verify_all(&self) -> Result<Vec<PathBuf>, CacheError> {
         let dir = self.root.join("blobs/sha256");
         let mut bad = Vec::new();

@@ -253,7 +253,7 @@ impl Entry {
 }
 
 /// The planned preseed tarball for `e`.
-pub fn plan(cache: &BlobCache, e: &Entry) -> preseed::build::write::tree::PlannedFile {
+pub fn plan(cache: &BlobCache, e: &Entry) -> preseed::build::layout::tree::PlannedFile {
     let tag = e.name.rsplit_once(':').map(|(_, t)| t.to_string()).filter(|t| !t.contains('/'));
     let spec = TarballSpec {
         name: e.name.clone(),

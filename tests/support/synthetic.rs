@@ -13,9 +13,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use preseed::build::cache::BlobCache;
+use preseed::build::layout::tree::{PlannedFile, Tree};
 use preseed::build::layout::{plan_tarball, TarballSpec};
 use preseed::build::write::erofs;
-use preseed::build::write::tree::{PlannedFile, Tree};
 use preseed::digest::Digest;
 use preseed::oci::{self, Descriptor};
 

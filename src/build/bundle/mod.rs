@@ -24,11 +24,11 @@ use serde::Serialize;
 
 use crate::build::cache::{BlobCache, CacheError};
 use crate::build::intree::BuildError;
+use crate::build::layout::tree::{PlannedFile, Tree};
 use crate::build::layout::{self, TarballSpec};
 use crate::build::manifest::{BundleManifest, ImageEntry, ManifestError, Strictness};
 use crate::build::registry::auth::DockerConfig;
 use crate::build::registry::{Registries, ResolveError, ResolvedImage};
-use crate::build::write::tree::{PlannedFile, Tree};
 use crate::build::write::{erofs, squashfs};
 use crate::digest::Digest;
 pub use crate::human::human_bytes;

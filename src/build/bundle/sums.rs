@@ -10,8 +10,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::build::cache::BlobCache;
+use crate::build::layout::tree::PlannedFile;
 use crate::build::layout::{self, TarballSpec};
-use crate::build::write::tree::PlannedFile;
 use crate::digest::{Digest, Hasher};
 
 /// Tarball sums computed in the background, one per core at most, each

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fetch::Fetched;
 use super::{io_err, BundleError, DamagedBlob, Plan, Run};
-use crate::build::write::tree::Tree;
+use crate::build::layout::tree::Tree;
 use crate::build::write::{erofs, squashfs};
 use crate::digest::{Digest, Hasher};
 use crate::partition::index::{PartitionIndex, INDEX_FILE};
@@ -138,7 +138,7 @@ struct Stamp {
 
 impl Stamp {
     fn of(tree: &Tree, format: Format, verity: bool) -> Stamp {
-        use crate::build::write::tree::Segment;
+        use crate::build::layout::tree::Segment;
         let mut h = Hasher::new();
         h.update(format!("preseed {} {format}\n", env!("CARGO_PKG_VERSION")).as_bytes());
         if verity {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use backhand::compression::{CompressionOptions, Compressor, Gzip};
 use backhand::{BackhandError, FilesystemCompressor, FilesystemWriter, NodeHeader};
 
-use super::tree::{Node, PlannedReader, Tree};
+use crate::build::layout::tree::{Node, PlannedReader, Tree};
 
 /// Statistics of a written image.
 #[derive(Clone, Debug, Default)]

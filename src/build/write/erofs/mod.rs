@@ -45,7 +45,7 @@ use self::format::{
     BLOCK_BITS, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_CHUNKED_FILE, FT_DIR, FT_REG_FILE, NID_UNIT, NULL_ADDR,
     SUPER_MAGIC, SUPER_OFFSET,
 };
-use super::tree::{Node, PlannedFile, Segment, Tree};
+use crate::build::layout::tree::{Node, PlannedFile, Segment, Tree};
 use crate::digest::Digest;
 
 /// Statistics of a written image.

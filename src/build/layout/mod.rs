@@ -1,6 +1,8 @@
-//! Per-image OCI image-layout tarballs, planned as segments (see
-//! [`crate::build::write::tree`]) so they can be written to a filesystem image or
-//! to a plain file without a staging copy.
+//! The partition's files, planned before a byte is written: one OCI
+//! image-layout tarball per image, as segments of a [`tree::PlannedFile`]
+//! (bytes made here, whole blobs of the cache), so the writers stream them
+//! into a filesystem image or a plain file without a staging copy; the
+//! [`tree`] gathers them with `.content/` and `preseed.json`.
 //!
 //! Each tarball is self-contained and importable unchanged by
 //! `ctr images import` and readable by `skopeo inspect oci-archive:`:
@@ -10,12 +12,14 @@
 //! header with a `comment` record of the right length pads it there, so that
 //! a layer shared by many tarballs is chunk-for-chunk identical in all of them.
 
+pub mod tree;
+
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::build::cache::BlobCache;
-use crate::build::write::tree::{PlannedFile, Segment};
+use crate::build::layout::tree::{PlannedFile, Segment};
 use crate::digest::Digest;
 use crate::oci::{self, Descriptor};
 
