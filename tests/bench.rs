@@ -1445,7 +1445,7 @@ fn scale_synthetic() {
     let _ = writeln!(
         o,
         "`cargo test {}--test bench scale_synthetic -- --ignored`: {} images, {} shared base layers, {} layers of \
-         their own each; blobs are sparse files in a real blob cache (no disk), tarballs planned by `src/layout`, the erofs \
+         their own each; blobs are sparse files in a real blob cache (no disk), tarballs planned by `src/build/layout`, the erofs \
          partition written to /dev/null, each size in a child process (peak RSS = its `VmHWM`). Load average {load_before} \
          before, {} after.\n",
         if cfg!(debug_assertions) { "" } else { "--release " },

@@ -7,7 +7,7 @@
 //! 3. [`verify`]: the `[verify]` signature policy, before any blob is fetched.
 //! 4. [`cache`]: the content-addressed blob cache every blob lands in.
 //! 5. [`layout`]: plan one OCI image-layout tarball per image.
-//! 6. [`write`]: the partition image (erofs, squashfs) and its verity tree.
+//! 6. [`write`](mod@write): the partition image (erofs, squashfs) and its verity tree.
 //!
 //! [`bundle`] runs them in that order; [`pin`] is the other command here
 //! (tags → digests, written into `bundles.toml`). Nothing here is used on a node.

@@ -1,13 +1,13 @@
-//! `preseed bundle`: the build wing's pipeline. [`bundle_once`] reads as
+//! `preseed bundle`: the build wing's pipeline. `bundle_once` reads as
 //! its stages, in order, each in a file of its own:
 //!
-//! 1. [`gather`]: resolve every remote image's manifests, build in-tree ones;
+//! 1. `gather`: resolve every remote image's manifests, build in-tree ones;
 //! 2. the `[verify]` policy ([`crate::build::verify`]), before any blob moves;
-//! 3. [`Plan`]: one tarball per image, planned from the descriptors alone;
-//! 4. [`fetch`]: download each missing blob once, into the cache and (erofs)
+//! 3. `Plan`: one tarball per image, planned from the descriptors alone;
+//! 4. `fetch`: download each missing blob once, into the cache and (erofs)
 //!    straight into the staged image, hashing each tarball as soon as its
-//!    last blob is in ([`sums`]);
-//! 5. [`write`]: the partition under a staging name while the cached blobs are
+//!    last blob is in (`sums`);
+//! 5. `write`: the partition under a staging name while the cached blobs are
 //!    hashed again, its verity tree, then the rename; and `preseed.json` beside it.
 
 mod fetch;

@@ -1,14 +1,14 @@
 //! The node side: import a partition's (or a preload directory's) image
 //! tarballs into a running containerd over its gRPC API.
 //!
-//! Pipeline: [`mount`] the partition read-only (through dm-verity when given
-//! a root hash, see [`crate::node::read::verity`]; or take a directory) →
-//! [`source`] lists the tarballs (`preseed.json`, else Monogon/k3s layouts) →
-//! [`archive`] reads each tarball by seeking → [`image`] works out blobs, GC
-//! labels and names → [`import`] registers every placed blob (files `preseed
-//! place` put in containerd's store) under a lease, then writes what
-//! containerd lacks and creates the image records → unpin what is gone →
-//! [`lease`] removes leases that interrupted loads left → [`report`].
+//! Pipeline, on the reading room ([`crate::node::read`]): open the partition
+//! read-only (through dm-verity when given a root hash; or take a
+//! directory) → list its tarballs → read each by seeking and walk its images
+//! into blobs, GC labels and names → [`import`] registers every placed blob
+//! (files `preseed place` put in containerd's store) under a lease, then
+//! writes what containerd lacks and creates the image records → unpin what
+//! is gone → [`lease`] removes leases that interrupted loads left →
+//! [`report`].
 //!
 //! Invariants: the loader never talks to a registry; it never sets
 //! `io.cri-containerd.image` (containerd's CRI adds it on the image event);
@@ -21,9 +21,6 @@
 //! `--dir` canonicalized). A later load from the same source removes the pin
 //! from images carrying that source label whose names it no longer has; the
 //! images themselves stay, for kubelet's GC to decide.
-//!
-//! The reading half ([`source`], [`archive`], [`image`]) is built without
-//! the `containerd` feature too: `serve` uses it.
 //!
 //! Works with containerd 1.6, 1.7 and 2.x: every record update sends the
 //! whole record (as read) with a field mask, as containerd's own clients do.

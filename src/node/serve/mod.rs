@@ -3,7 +3,7 @@
 //! configured with a mirror): images are fetched only when something needs
 //! them, from the same partition `load` imports, with no second format.
 //!
-//! Pipeline: [`open`](crate::node::read::open) the source → [`catalog`] lists
+//! Pipeline: [`crate::node::read::open`] the source → [`catalog`] lists
 //! every image under its names' repositories and where each blob lies in
 //! its tarball → [`http`] answers the distribution API, streaming blob bytes
 //! from the tarballs by offset.

@@ -12,7 +12,7 @@
 //! where inline bytes are hashed and blob pieces are named by digest and
 //! range. All-zero chunks become holes. Blob data is never re-hashed.
 //!
-//! The chunk walk ([`Assigner`]) is deterministic, so instead of keeping
+//! The chunk walk (`Assigner`) is deterministic, so instead of keeping
 //! block maps it runs three times over the same files: to count blocks and
 //! hash the chunk keys, to stream the metadata area (inodes, block maps), and
 //! to stream the data blocks in ascending order straight from the blob cache
@@ -128,7 +128,7 @@ pub fn write(tree: &Tree, out: &Path) -> Result<Stats, Error> {
 }
 
 /// Writes `tree` as an erofs image into the empty `file` (`name` is for
-/// messages). [`write`] uses it; so do benchmarks that write to `/dev/null`.
+/// messages). [`write()`] uses it; so do benchmarks that write to `/dev/null`.
 pub fn write_to(tree: &Tree, file: &File, name: &Path) -> Result<Stats, Error> {
     let mut plan = Plan::new(tree)?;
     plan.assign_data()?;
