@@ -162,15 +162,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Inspect { partition, json, verity } => {
-            let index = match verity.root_hash()? {
+            let inspected = match verity.root_hash()? {
                 Some(root) => preseed::node::inspect::read_index_verified(&partition, &root),
                 None => preseed::node::inspect::read_index(&partition),
             }
             .with_context(|| format!("inspecting {}", partition.display()))?;
             if json {
-                println!("{}", String::from_utf8_lossy(&index.to_json()).trim_end());
+                println!("{}", String::from_utf8_lossy(&inspected.index.to_json()).trim_end());
             } else {
-                print!("{}", preseed::node::inspect::render(&index));
+                print!("{}", preseed::node::inspect::render(&inspected.index));
+            }
+            // What load would refuse: said the same way, and the exit status says so.
+            for r in &inspected.refused {
+                eprintln!("preseed: error: {r}; load, place and serve skip this image");
+            }
+            if !inspected.refused.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

@@ -129,6 +129,30 @@ impl Platform {
         Platform { os: "linux".into(), architecture: architecture.into(), variant: None }
     }
 
+    /// Checks that os, architecture and variant are names the ecosystem
+    /// uses (Go's GOOS and GOARCH, the OCI variants): for platforms a person
+    /// wrote (bundles.toml), where `linx/amd64` is a typo that would match
+    /// nothing. Platforms read from registries are not checked.
+    pub fn check_known(&self) -> Result<(), UnknownPlatform> {
+        let unknown = |part: &'static str, value: &str, known: &[&str]| UnknownPlatform {
+            platform: self.to_string(),
+            part,
+            value: value.to_string(),
+            known: known.join(", "),
+        };
+        if !KNOWN_OS.contains(&self.os.as_str()) {
+            return Err(unknown("os", &self.os, KNOWN_OS));
+        }
+        let Some((_, variants)) = KNOWN_ARCH.iter().find(|(a, _)| *a == self.architecture) else {
+            let arches: Vec<&str> = KNOWN_ARCH.iter().map(|(a, _)| *a).collect();
+            return Err(unknown("architecture", &self.architecture, &arches));
+        };
+        match &self.variant {
+            Some(v) if !variants.contains(&v.as_str()) => Err(unknown("variant", v, variants)),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether an index entry's platform satisfies this wanted platform. A
     /// wanted platform without a variant accepts any variant (`linux/arm64`
     /// matches `linux/arm64/v8`), as containerd's matcher does.
@@ -147,6 +171,63 @@ impl fmt::Display for Platform {
         }
         Ok(())
     }
+}
+
+/// Operating systems images are built for (Go's GOOS values).
+const KNOWN_OS: &[&str] = &[
+    "aix",
+    "android",
+    "darwin",
+    "dragonfly",
+    "freebsd",
+    "illumos",
+    "ios",
+    "js",
+    "linux",
+    "netbsd",
+    "openbsd",
+    "plan9",
+    "solaris",
+    "wasip1",
+    "windows",
+];
+
+/// Architectures (Go's GOARCH values) and the variants each may carry.
+const KNOWN_ARCH: &[(&str, &[&str])] = &[
+    ("386", &["sse2", "softfloat"]),
+    ("amd64", &["v1", "v2", "v3", "v4"]),
+    ("arm", &["v5", "v6", "v7", "v8"]),
+    (
+        "arm64",
+        &[
+            "v8", "v8.0", "v8.1", "v8.2", "v8.3", "v8.4", "v8.5", "v8.6", "v8.7", "v8.8", "v8.9", "v9", "v9.0", "v9.1",
+            "v9.2", "v9.3", "v9.4", "v9.5",
+        ],
+    ),
+    ("loong64", &[]),
+    ("mips", &["hardfloat", "softfloat"]),
+    ("mipsle", &["hardfloat", "softfloat"]),
+    ("mips64", &["hardfloat", "softfloat"]),
+    ("mips64le", &["hardfloat", "softfloat"]),
+    ("ppc64", &["power8", "power9", "power10"]),
+    ("ppc64le", &["power8", "power9", "power10"]),
+    ("riscv64", &["rva20u64", "rva22u64", "rva23u64"]),
+    ("s390x", &[]),
+    ("wasm", &[]),
+];
+
+/// A platform whose os, architecture or variant nobody uses.
+#[derive(Debug, thiserror::Error)]
+#[error("platform {platform:?}: unknown {part} {value:?} (known: {known})")]
+pub struct UnknownPlatform {
+    /// The platform as written.
+    pub platform: String,
+    /// `os`, `architecture` or `variant`.
+    pub part: &'static str,
+    /// The unknown value.
+    pub value: String,
+    /// The values known for that part.
+    pub known: String,
 }
 
 /// A platform string that is not `os/arch[/variant]`.

@@ -5,7 +5,9 @@
 //! bytes hash to that digest. Writers stream into a temp file in the same
 //! directory while hashing and rename it into place only after digest and
 //! size match, so a killed run leaves at most a stray temp file (removed by
-//! the next [`BlobCache::open`]), never a wrong blob.
+//! the next [`BlobCache::open`]), never a wrong blob. A writer holds a lock
+//! on its temp file, so another run sharing the cache never removes a
+//! download still going on.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -65,7 +67,10 @@ impl BlobCache {
         for entry in fs::read_dir(&blobs).map_err(io_err(&blobs))? {
             let entry = entry.map_err(io_err(&blobs))?;
             if entry.file_name().to_string_lossy().starts_with(".tmp") {
-                let _ = fs::remove_file(entry.path());
+                // Its writer is gone once nobody holds its lock.
+                if File::open(entry.path()).is_ok_and(|f| f.try_lock().is_ok()) {
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
         Ok(BlobCache { root })
@@ -91,6 +96,8 @@ impl BlobCache {
     pub fn writer(&self, digest: &Digest, size: Option<u64>, what: &str) -> Result<BlobWriter, CacheError> {
         let dir = self.root.join("blobs/sha256");
         let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(io_err(&dir))?;
+        // Held until the temp file is renamed or removed: see `open`.
+        tmp.as_file().lock().map_err(io_err(tmp.path()))?;
         Ok(BlobWriter {
             out: HashingWriter::new(tmp),
             expected: digest.clone(),

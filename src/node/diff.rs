@@ -26,7 +26,8 @@ use crate::digest::Digest;
 use crate::human::human_bytes;
 use crate::node::read::archive::{Archive, ArchiveError};
 use crate::node::read::mount::{self, MountError, Mounted};
-use crate::partition::index::{IndexedBlob, IndexedImage, PartitionIndex, INDEX_FILE, INDEX_VERSION};
+use crate::node::read::source::{self, Refused, SourceError};
+use crate::partition::index::{IndexedBlob, IndexedImage, PartitionIndex, INDEX_FILE};
 use crate::partition::Format;
 
 /// Why an input could not be compared. Every message starts with the input
@@ -55,27 +56,21 @@ pub enum DiffError {
         /// The error.
         source: std::io::Error,
     },
-    /// `preseed.json` does not parse.
-    #[error("{input}: {path}: not a preseed index: {source}")]
-    Invalid {
+    /// `preseed.json` cannot be read (the same refusal as `load`'s).
+    #[error("{input}: {source}")]
+    Index {
         /// The input.
         input: String,
-        /// The index file.
-        path: PathBuf,
-        /// The parse error.
-        source: serde_json::Error,
+        /// What is wrong.
+        source: SourceError,
     },
-    /// `preseed.json` of another format version.
-    #[error("{input}: {path}: index format version {found}, this preseed reads version {expected}")]
-    Version {
+    /// An entry `load` would refuse (the same message).
+    #[error("{input}: {source}")]
+    Refused {
         /// The input.
         input: String,
-        /// The index file.
-        path: PathBuf,
-        /// The version found.
-        found: u32,
-        /// The version understood.
-        expected: u32,
+        /// The entry and what is wrong with it.
+        source: Refused,
     },
     /// The partition image could not be mounted.
     #[error("{input}: {source}")]
@@ -135,7 +130,7 @@ impl Partition {
             if !index_path.exists() {
                 return Err(DiffError::NoIndex { input });
             }
-            let index = read_index(&input, &index_path)?;
+            let index = read_index(&input, &index_path, path)?;
             return Partition::with_tarballs(input, index, path, None);
         }
         match mount::sniff(path) {
@@ -143,12 +138,12 @@ impl Partition {
                 let mounted = mount::mount(path, meta.is_file(), Arc::new(crate::node::sys::Linux))
                     .map_err(|source| DiffError::Mount { input: input.clone(), source })?;
                 let root = mounted.path().to_path_buf();
-                let index = read_index(&input, &root.join(INDEX_FILE))?;
+                let index = read_index(&input, &root.join(INDEX_FILE), &root)?;
                 Partition::with_tarballs(input, index, &root, Some(mounted))
             }
             Err(MountError::UnknownFormat { .. }) => {
-                let index = read_index(&input, path)?;
                 let beside = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let index = read_index(&input, path, beside)?;
                 Partition::with_tarballs(input, index, beside, None)
             }
             Err(source) => Err(DiffError::Mount { input, source }),
@@ -210,28 +205,14 @@ impl Partition {
     }
 }
 
-fn read_index(input: &str, path: &Path) -> Result<PartitionIndex, DiffError> {
-    let bytes = std::fs::read(path).map_err(|source| DiffError::Io {
-        input: input.to_string(),
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let invalid = |source| DiffError::Invalid { input: input.to_string(), path: path.to_path_buf(), source };
-    // The version first, so that a newer index gets the clearer error.
-    #[derive(serde::Deserialize)]
-    struct Version {
-        version: u32,
+/// Reads `preseed.json` as `load` does, refusing what it refuses; `root` is
+/// where its tarball paths start.
+fn read_index(input: &str, path: &Path, root: &Path) -> Result<PartitionIndex, DiffError> {
+    let index = source::read_index(path).map_err(|source| DiffError::Index { input: input.to_string(), source })?;
+    if let Some(source) = index.images.iter().find_map(|img| source::refusal(root, path, img)) {
+        return Err(DiffError::Refused { input: input.to_string(), source });
     }
-    let v: Version = serde_json::from_slice(&bytes).map_err(invalid)?;
-    if v.version != INDEX_VERSION {
-        return Err(DiffError::Version {
-            input: input.to_string(),
-            path: path.to_path_buf(),
-            found: v.version,
-            expected: INDEX_VERSION,
-        });
-    }
-    serde_json::from_slice(&bytes).map_err(invalid)
+    Ok(index)
 }
 
 /// Every file under a tarball's `blobs/sha256/`, in tarball order.
@@ -647,7 +628,7 @@ impl Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::partition::index::BuildInfo;
+    use crate::partition::index::{BuildInfo, INDEX_VERSION};
 
     fn digest(n: u8) -> Digest {
         Digest::of(&[n])

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::node::read::open::{OpenOptions, Source};
+use crate::node::read::source::{self, Refused, SourceError};
 use crate::node::read::{mount, open};
 use crate::partition::index::{PartitionIndex, INDEX_FILE};
 use crate::partition::verity::RootHash;
@@ -11,22 +12,9 @@ use crate::partition::verity::RootHash;
 /// Errors reading a partition's index.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    /// I/O.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// Not a preseed index.
-    #[error("{path}: not a preseed index: {message}")]
-    Invalid {
-        /// The path.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
+    /// The index could not be read (the same refusal as `load`'s).
+    #[error(transparent)]
+    Index(#[from] SourceError),
     /// The partition image could not be mounted.
     #[error(transparent)]
     Mount(#[from] mount::MountError),
@@ -41,10 +29,19 @@ pub enum InspectError {
     },
 }
 
+/// A partition's index, and the entries `load` would refuse.
+#[derive(Debug)]
+pub struct Inspected {
+    /// `preseed.json`.
+    pub index: PartitionIndex,
+    /// Its entries that no command reads (why, as `load` says it).
+    pub refused: Vec<Refused>,
+}
+
 /// Reads the index of a partition: an image file or block device (mounted
 /// read-only for the moment, which needs root), a directory, or a
 /// `preseed.json` itself.
-pub fn read_index(path: &Path) -> Result<PartitionIndex, InspectError> {
+pub fn read_index(path: &Path) -> Result<Inspected, InspectError> {
     if path.is_dir() {
         return read_json(&path.join(INDEX_FILE));
     }
@@ -58,20 +55,25 @@ pub fn read_index(path: &Path) -> Result<PartitionIndex, InspectError> {
 
 /// [`read_index`] of a partition (image file or block device) opened
 /// through dm-verity, checked against `root`.
-pub fn read_index_verified(path: &Path, root: &RootHash) -> Result<PartitionIndex, InspectError> {
+pub fn read_index_verified(path: &Path, root: &RootHash) -> Result<Inspected, InspectError> {
     let source = Source::detect(path);
     let opts = OpenOptions { verity_root_hash: Some(*root), mount_at: None };
     let opened = open::open_with_options(&source, &opts, std::sync::Arc::new(crate::node::sys::Linux))?;
-    read_json(&opened.root().join(INDEX_FILE)).map_err(|e| match e {
-        InspectError::Io { path, source } if source.raw_os_error() == Some(libc::EIO) => InspectError::Corrupt { path },
+    let file = opened.root().join(INDEX_FILE);
+    read_json(&file).map_err(|e| match e {
+        InspectError::Index(SourceError::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO) => {
+            InspectError::Corrupt { path: file.display().to_string() }
+        }
         e => e,
     })
 }
 
-fn read_json(file: &Path) -> Result<PartitionIndex, InspectError> {
-    let shown = file.display().to_string();
-    let bytes = std::fs::read(file).map_err(|source| InspectError::Io { path: shown.clone(), source })?;
-    serde_json::from_slice(&bytes).map_err(|e| InspectError::Invalid { path: shown, message: e.to_string() })
+/// Reads `preseed.json` as `load` does, and which entries it would refuse.
+fn read_json(file: &Path) -> Result<Inspected, InspectError> {
+    let index = source::read_index(file)?;
+    let root = file.parent().unwrap_or(Path::new("."));
+    let refused = index.images.iter().filter_map(|img| source::refusal(root, file, img)).collect();
+    Ok(Inspected { index, refused })
 }
 
 /// A table for humans.

@@ -111,7 +111,117 @@ pub struct BuildInfo {
     pub format: String,
 }
 
+/// Why `preseed.json` could not be read as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// Not JSON, or not of this shape.
+    #[error("not a valid preseed index: {0}")]
+    Json(#[source] serde_json::Error),
+    /// Another format version.
+    #[error("index format version {found}, this preseed reads version {expected}; use a matching preseed")]
+    Version {
+        /// The version found.
+        found: u32,
+        /// The version understood.
+        expected: u32,
+    },
+}
+
+/// What is wrong with one image's entry (the other entries may be fine:
+/// readers refuse that image and go on).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EntryProblem {
+    /// Not a containerd namespace.
+    #[error("invalid containerd namespace {0:?}")]
+    Namespace(String),
+    /// A path that is absolute, climbs out, or is not `<namespace>/<file>.tar`-like.
+    #[error("path {0:?} is not a plain relative path")]
+    Path(String),
+    /// A name (main or extra) that is not an image reference.
+    #[error("name {0:?} is not an image reference (host/repository[:tag][@digest])")]
+    Name(String),
+}
+
+/// containerd's namespace rule: labels of `[A-Za-z0-9]` joined by `.`, `_` or `-`.
+pub fn valid_namespace(ns: &str) -> bool {
+    !ns.is_empty()
+        && ns.len() <= 76
+        && ns.split(['.', '_', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// Whether `name` is a full, normalized image reference as the bundler
+/// writes them: `host[:port]/path[:tag][@sha256:<hex>]`, path components of
+/// lowercase letters, digits and single `.`, `_`, `-` (or `__`).
+pub fn valid_name(name: &str) -> bool {
+    if name.is_empty() || name.len() > 4096 {
+        return false;
+    }
+    let (rest, digest) = match name.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (name, None),
+    };
+    if digest.is_some_and(|d| d.parse::<Digest>().is_err()) {
+        return false;
+    }
+    let Some((host, path)) = rest.split_once('/') else { return false };
+    let (path, tag) = match path.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') => (p, Some(t)),
+        _ => (path, None),
+    };
+    let (hostname, port) = host.split_once(':').unwrap_or((host, ""));
+    let host_ok = !hostname.is_empty()
+        && hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && (port.is_empty() == !host.contains(':'));
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+            && c.as_bytes()[0].is_ascii_alphanumeric()
+            && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+    };
+    let tag_ok = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 128
+            && (t.as_bytes()[0].is_ascii_alphanumeric() || t.as_bytes()[0] == b'_')
+            && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    };
+    host_ok && path.split('/').all(component_ok) && tag.is_none_or(tag_ok) && (tag.is_some() || digest.is_some())
+}
+
+impl IndexedImage {
+    /// What is wrong with this entry, if anything: a namespace containerd
+    /// refuses, a path that leaves the partition, a name that is not a
+    /// reference. Checked before anything is read or imported.
+    pub fn problem(&self) -> Option<EntryProblem> {
+        if !valid_namespace(&self.namespace) {
+            return Some(EntryProblem::Namespace(self.namespace.clone()));
+        }
+        let rel = std::path::Path::new(&self.path);
+        if self.path.is_empty()
+            || rel.is_absolute()
+            || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Some(EntryProblem::Path(self.path.clone()));
+        }
+        std::iter::once(&self.name).chain(&self.names).find(|n| !valid_name(n)).map(|n| EntryProblem::Name(n.clone()))
+    }
+}
+
 impl PartitionIndex {
+    /// Parses `preseed.json`: the version first, so that a newer index gets
+    /// the clearer error. Entries are not checked here ([`IndexedImage::problem`]).
+    pub fn from_json(bytes: &[u8]) -> Result<PartitionIndex, IndexError> {
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let v: Version = serde_json::from_slice(bytes).map_err(IndexError::Json)?;
+        if v.version != INDEX_VERSION {
+            return Err(IndexError::Version { found: v.version, expected: INDEX_VERSION });
+        }
+        serde_json::from_slice(bytes).map_err(IndexError::Json)
+    }
+
     /// Canonical JSON: stable key order (struct order), two-space indent, trailing newline.
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("index serializes");
@@ -137,8 +247,25 @@ mod tests {
                   "blobs": [{{"digest": "{digest}", "size": 1, "later": true}}], "later": "x"}}],
                 "build": {{"tool": "preseed 9.9", "format": "erofs", "later": []}}}}"#
         );
-        let index: PartitionIndex = serde_json::from_str(&text).unwrap();
+        let index = PartitionIndex::from_json(text.as_bytes()).unwrap();
         assert_eq!(index.images.len(), 1);
         assert_eq!(index.images[0].blobs.len(), 1);
+        assert_eq!(index.images[0].problem(), None);
+    }
+
+    #[test]
+    fn names_are_full_references() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        for ok in ["docker.io/library/nginx:1.27", "registry.k8s.io/pause:3.10", "127.0.0.1:5000/a/b_c:v1.2-x"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        assert!(valid_name(&format!("quay.io/a/b@{d}")));
+        assert!(valid_name(&format!("quay.io/a/b:1@{d}")));
+        for bad in ["", " ", "nginx", "docker.io/library/nginx", "docker.io/Library/x:1", "a b/c:1", "h/c:", "h:x/c:1"]
+        {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(!valid_name("quay.io/a/b@sha256:zz"));
+        assert!(!valid_name("docker.io/library/x:1\n"));
     }
 }

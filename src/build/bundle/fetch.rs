@@ -63,7 +63,6 @@ pub(super) async fn missing_blobs(run: &Run<'_>, plan: &Plan) -> Result<Fetched,
         }
     }
     let downloaded_bytes: u64 = missing.values().map(|(_, d)| d.size).sum();
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let staging = run.staging();
     // An erofs image's blocks follow from the plan, so each downloaded blob
     // goes into the image as soon as it is verified; only `preseed.json`

@@ -155,6 +155,14 @@ pub enum BundleError {
         /// Each damaged blob.
         blobs: Vec<DamagedBlob>,
     },
+    /// Another bundle is writing into the same output directory.
+    #[error("another preseed bundle is writing into {out} (it holds {lock}): let it finish, or give another --out")]
+    Busy {
+        /// The output directory.
+        out: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
     /// Other I/O, with the path.
     #[error("{path}: {source}")]
     Io {
@@ -186,9 +194,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
     move |source| BundleError::Io { path: path.to_path_buf(), source }
 }
 
+/// Held while a bundle writes into `--out`: one bundle per directory.
+const LOCK_FILE: &str = ".preseed-bundle.lock";
+
 /// What every stage reads: the options, and what they and the manifest decide.
 struct Run<'a> {
     opts: &'a BundleOptions,
+    /// The lock on `--out`, for the whole run.
+    _lock: std::fs::File,
     manifest: BundleManifest,
     format: Format,
     verity: bool,
@@ -204,9 +217,10 @@ impl<'a> Run<'a> {
         let manifest = BundleManifest::load(&opts.manifest, strict)?;
         let format = opts.format.unwrap_or(manifest.format);
         let verity = opts.verity || manifest.verity;
+        let lock = lock_out(&opts.out)?;
         let cache = BlobCache::open(&opts.cache)?;
         let registries = Registries::new(&manifest.registries, DockerConfig::from_env().map_err(ResolveError::from)?)?;
-        Ok(Run { opts, manifest, format, verity, cache, registries: Arc::new(registries) })
+        Ok(Run { opts, _lock: lock, manifest, format, verity, cache, registries: Arc::new(registries) })
     }
 
     fn progress(&self) -> Progress {
@@ -222,6 +236,47 @@ impl<'a> Run<'a> {
     fn staging(&self) -> PathBuf {
         self.opts.out.join(format!(".preseed.{}.partial", self.format.extension()))
     }
+}
+
+/// Creates `out` and locks it for this run, then removes what killed runs
+/// left there: writers' temp files and staged images (never renamed, so
+/// never mistaken for a partition).
+fn lock_out(out: &Path) -> Result<std::fs::File, BundleError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let path = out.join(LOCK_FILE);
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(BundleError::Busy { out: out.to_path_buf(), lock: path }),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+    }
+    for entry in std::fs::read_dir(out).map_err(io_err(out))? {
+        let entry = entry.map_err(io_err(out))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with(".preseed-erofs-")
+            || name.starts_with(".preseed-squashfs.")
+            || (name.starts_with(".preseed.") && name.ends_with(".partial"))
+            || (name.starts_with(".preseed") && name.ends_with(".tmp"));
+        if stale {
+            std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+        }
+    }
+    Ok(file)
+}
+
+/// Writes a small file beside the partition whole or not at all: a temp
+/// file, fsync, rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(io_err(path))
 }
 
 /// An image with everything needed to plan its tarball.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::fetch::Fetched;
-use super::{io_err, BundleError, DamagedBlob, Plan, Run};
+use super::{io_err, write_atomically, BundleError, DamagedBlob, Plan, Run};
 use crate::build::layout::tree::Tree;
 use crate::build::write::{erofs, squashfs};
 use crate::digest::{Digest, Hasher};
@@ -100,7 +100,10 @@ pub(super) fn partition(run: &Run<'_>, plan: &Plan, fetched: Fetched) -> Result<
     } else {
         bytes
     };
+    // The image appears under its name whole (it was fsynced as written),
+    // and the rename itself is made durable.
     std::fs::rename(&staging, &partition).map_err(io_err(&partition))?;
+    std::fs::File::open(&run.opts.out).and_then(|d| d.sync_all()).map_err(io_err(&run.opts.out))?;
     stamp.record(&partition);
     Ok(Written { partition, bytes, index, verity: stamp.verity })
 }
@@ -110,11 +113,10 @@ pub(super) fn partition(run: &Run<'_>, plan: &Plan, fetched: Fetched) -> Result<
 pub(super) fn index_beside(run: &Run<'_>, written: &Written) -> Result<(), BundleError> {
     let out = &run.opts.out;
     let outside = PartitionIndex { verity: written.verity.clone(), ..written.index.clone() }.to_json();
-    let index_path = out.join(INDEX_FILE);
-    std::fs::write(&index_path, &outside).map_err(io_err(&index_path))?;
+    write_atomically(&out.join(INDEX_FILE), &outside)?;
     let roothash_path = out.join("preseed.roothash");
     match &written.verity {
-        Some(info) => std::fs::write(&roothash_path, format!("{}\n", info.root_hash)).map_err(io_err(&roothash_path)),
+        Some(info) => write_atomically(&roothash_path, format!("{}\n", info.root_hash).as_bytes()),
         None => match std::fs::remove_file(&roothash_path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&roothash_path)(e)),
             _ => Ok(()),

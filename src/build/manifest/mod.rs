@@ -264,7 +264,13 @@ impl BundleManifest {
         let parse_platforms = |list: &[Spanned<String>], problem: &mut dyn FnMut(usize, String)| {
             list.iter()
                 .filter_map(|p| match p.get_ref().parse::<Platform>() {
-                    Ok(p) => Some(p),
+                    Ok(parsed) => match parsed.check_known() {
+                        Ok(()) => Some(parsed),
+                        Err(e) => {
+                            problem(lines.line(p), e.to_string());
+                            None
+                        }
+                    },
                     Err(e) => {
                         problem(lines.line(p), e.to_string());
                         None
@@ -315,6 +321,7 @@ impl BundleManifest {
             }
         }
 
+        let no_images = raw.image.is_empty();
         let mut images = Vec::new();
         let mut seen_files: HashMap<String, usize> = HashMap::new();
         let mut sandboxes: HashMap<String, usize> = HashMap::new();
@@ -381,6 +388,35 @@ impl BundleManifest {
                 Some(list) => parse_platforms(list, &mut problem),
                 None => platforms.clone(),
             };
+            // An in-tree image is compiled for this machine's platform only.
+            if let ImageSource::Build(pkg) = &source {
+                let host = Platform::host();
+                match &raw_image.platforms {
+                    Some(list) => {
+                        for (written, p) in list.iter().zip(&platforms) {
+                            if !host.matches(p) && !p.matches(&host) {
+                                problem(
+                                    lines.line(written),
+                                    format!(
+                                        "image {text:?}: build = {pkg:?} is compiled for this machine's platform \
+                                         ({host}) only, not {p}: remove {p} from its platforms, or bundle on a {p} \
+                                         machine"
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                    None if !platforms.iter().any(|p| host.matches(p) || p.matches(&host)) => problem(
+                        line,
+                        format!(
+                            "image {text:?}: build = {pkg:?} is compiled for this machine's platform ({host}) only, \
+                             which [partition] platforms leaves out: give this image platforms = [\"{host}\"], or \
+                             bundle on a machine of one of those platforms"
+                        ),
+                    ),
+                    None => {}
+                }
+            }
             let mut names = Vec::new();
             for n in &raw_image.names {
                 match n.get_ref().parse::<Reference>() {
@@ -444,6 +480,12 @@ impl BundleManifest {
                 boot: sandbox || raw_image.boot.unwrap_or(false),
                 verify,
             });
+        }
+        if no_images {
+            problem(
+                lines.at(text.len()),
+                "no [[image]] entries: nothing to bundle; add at least one (see docs/bundles-toml.md)".into(),
+            );
         }
         if !problems.is_empty() {
             return Err(invalid(problems));

@@ -392,6 +392,14 @@ impl Client {
         Ok(())
     }
 
+    /// Deletes an image record (its content stays until a GC finds nothing
+    /// references it).
+    pub async fn image_delete(&self, ns: &str, name: &str) -> Result<(), Status> {
+        let req = api::DeleteImageRequest { name: name.to_string(), sync: false, target: None };
+        self.images().delete(metadata(req, ns, None)?).await?;
+        Ok(())
+    }
+
     /// Every image record of a namespace.
     pub async fn images_list(&self, ns: &str) -> Result<Vec<api::Image>, Status> {
         let req = metadata(api::ListImagesRequest { filters: vec![] }, ns, None)?;

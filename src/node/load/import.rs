@@ -466,12 +466,26 @@ impl Context {
             changed |= stats.unpacked;
         }
 
+        // Every record, or none: a failure part-way (a name containerd
+        // refuses, a lost connection) undoes the records already made, so a
+        // failed image leaves no record and no pin behind.
         let mut created = false;
+        let mut done: Vec<(&str, Option<Image>)> = Vec::new();
         for (name, record) in names.iter().zip(records) {
-            match self.put_record(ns, name, img.pin, &target, record).await? {
-                Record::Unchanged => {}
-                Record::Created => created = true,
-                Record::Updated => changed = true,
+            match self.put_record(ns, name, img.pin, &target, record.clone()).await {
+                Ok(Record::Unchanged) => {}
+                Ok(Record::Created) => {
+                    created = true;
+                    done.push((name, None));
+                }
+                Ok(Record::Updated) => {
+                    changed = true;
+                    done.push((name, record));
+                }
+                Err(e) => {
+                    self.undo_records(ns, done).await;
+                    return Err(e);
+                }
             }
         }
         Ok(if stats.blobs > 0 || stats.adopted > 0 || created || retarget {
@@ -513,6 +527,21 @@ impl Context {
             .await
             .map_err(|source| ImportError::Write { what, digest: d.digest.to_string(), source })?;
         Ok((wrote, d.size))
+    }
+
+    /// Puts records back as they were before this image: deletes those it
+    /// created, restores those it changed. Best effort: with containerd gone
+    /// there is nothing to do, and the next load imports the image again.
+    async fn undo_records(&self, ns: &str, done: Vec<(&str, Option<Image>)>) {
+        for (name, before) in done.into_iter().rev() {
+            let _ = match before {
+                None => self.client.image_delete(ns, name).await,
+                Some(before) => {
+                    let paths = vec!["target".to_string(), "labels".to_string()];
+                    self.client.image_update(ns, before, paths).await
+                }
+            };
+        }
     }
 
     /// Creates or updates one image record: target, pin, source label.

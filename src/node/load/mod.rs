@@ -192,10 +192,15 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn crate::node::sys::Sys>) 
     // the rest, fewer at a time so the node's first pods win. A partition
     // that marks no image as boot (older ones, k3s/Monogon directories) is
     // all boot: READY comes after everything, as a oneshot would.
-    let all_boot = !listing.images.iter().any(|i| i.boot);
+    let all_boot = !listing.images.iter().any(|i| i.boot) && !listing.refused.iter().any(|r| r.boot);
     let (boot, background): (Vec<_>, Vec<_>) = listing.images.iter().cloned().partition(|i| i.boot || all_boot);
     let jobs = opts.jobs.max(1);
-    let mut images = import_all(&ctx, boot, jobs).await;
+    // Entries preseed.json itself shows to be unusable fail before anything
+    // is read from them; with the boot images if they are boot images.
+    let (refused_boot, refused_later): (Vec<_>, Vec<_>) =
+        listing.refused.iter().map(refused_report).partition(|(boot, _)| *boot || all_boot);
+    let mut images: Vec<ImageReport> = refused_boot.into_iter().map(|(_, r)| r).collect();
+    images.extend(import_all(&ctx, boot, jobs).await);
     let boot_count = images.len();
     let boot_failed: Vec<String> = images.iter().filter(|i| i.outcome == Outcome::Failed).map(|i| i.label()).collect();
     let mut ready_ms = None;
@@ -218,7 +223,7 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn crate::node::sys::Sys>) 
                 "boot image(s) failed, so systemd was not told the node is ready: {}; {} background image(s) not \
                  imported",
                 boot_failed.join(", "),
-                background.len()
+                background.len() + refused_later.len()
             ));
             skipped = true;
         }
@@ -244,6 +249,7 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn crate::node::sys::Sys>) 
             .collect()
             .await;
         images.extend(per_tarball.into_iter().flatten());
+        images.extend(refused_later.into_iter().map(|(_, r)| r));
     }
 
     // Names still in the source keep their pin, failed or not.
@@ -312,6 +318,25 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn crate::node::sys::Sys>) 
         ready_ms,
         duration_ms: report::millis(start.elapsed()),
     })
+}
+
+/// A refused index entry as a failed image of the report, and whether it is
+/// a boot image.
+fn refused_report(r: &source::Refused) -> (bool, ImageReport) {
+    let report = ImageReport {
+        namespace: r.namespace.clone(),
+        tarball: r.rel.clone(),
+        names: r.names.clone(),
+        outcome: Outcome::Failed,
+        error: Some(r.to_string()),
+        blobs_written: 0,
+        bytes_written: 0,
+        blobs_placed: 0,
+        bytes_placed: 0,
+        unpacked: false,
+        duration_ms: 0,
+    };
+    (r.boot, report)
 }
 
 /// Imports `images`, `jobs` tarballs at a time, in order.

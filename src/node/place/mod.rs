@@ -339,6 +339,7 @@ fn copy_all(
     report.source = opened.id().to_string();
     let listing = source::list(opened.root())?;
     report.warnings.extend(listing.warnings.iter().cloned());
+    report.warnings.extend(listing.refused.iter().map(|r| format!("{r}; not placed")));
 
     // Every blob of every tarball, once.
     let mut archives = Vec::new();

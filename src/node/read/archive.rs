@@ -151,7 +151,7 @@ impl Archive {
     /// zstd, and indexes its entries.
     pub fn open(path: &Path) -> Result<Archive, ArchiveError> {
         let io_err = |source| ArchiveError::Io { path: path.to_path_buf(), source };
-        let file = File::open(path).map_err(io_err)?;
+        let file = super::file::open_regular(path).map_err(io_err)?;
         let mut head = [0u8; 4];
         let n = file.read_at(&mut head, 0).map_err(io_err)?;
         let compression = Compression::sniff(&head[..n]);
@@ -317,8 +317,10 @@ fn scan(file: &File, path: &Path) -> Result<BTreeMap<String, Entry>, ArchiveErro
         let mut size =
             parse_number(&header[124..136]).ok_or(ArchiveError::NotTar { path: path.to_path_buf(), offset: pos })?;
         let data = pos + BLOCK;
+        // Every size is checked against the file before any arithmetic on
+        // it: a crafted size near 2^64 must not wrap the offsets around.
         let read_meta = |size: u64| -> Result<Vec<u8>, ArchiveError> {
-            if size > MAX_META || data + size > len {
+            if size > MAX_META || size > len - data {
                 return Err(ArchiveError::BadPax {
                     path: path.to_path_buf(),
                     offset: pos,
@@ -328,6 +330,12 @@ fn scan(file: &File, path: &Path) -> Result<BTreeMap<String, Entry>, ArchiveErro
             let mut buf = vec![0; size as usize];
             file.read_exact_at(&mut buf, data).map_err(io_err)?;
             Ok(buf)
+        };
+        let truncated = |entry: String, size: u64| ArchiveError::Truncated {
+            path: path.to_path_buf(),
+            entry,
+            end: data.saturating_add(size),
+            len,
         };
         match kind {
             b'x' => {
@@ -354,7 +362,11 @@ fn scan(file: &File, path: &Path) -> Result<BTreeMap<String, Entry>, ArchiveErro
                 let name = read_meta(size)?;
                 long_name = Some(cstr(&name));
             }
-            b'g' | b'K' => {}
+            b'g' | b'K' => {
+                if size > len - data {
+                    return Err(truncated(format!("(extended header at offset {pos})"), size));
+                }
+            }
             _ => {
                 if let Some(s) = pax_size.take() {
                     size = s;
@@ -373,19 +385,16 @@ fn scan(file: &File, path: &Path) -> Result<BTreeMap<String, Entry>, ArchiveErro
                         }
                     }
                 };
-                if data + size > len {
-                    return Err(ArchiveError::Truncated {
-                        path: path.to_path_buf(),
-                        entry: name,
-                        end: data + size,
-                        len,
-                    });
+                if size > len - data {
+                    return Err(truncated(name, size));
                 }
                 if kind == b'0' || kind == 0 || kind == b'7' {
                     entries.insert(normalize(&name).to_string(), Entry { offset: data, size });
                 }
             }
         }
+        // size <= len - data here, so this cannot wrap; the next header is
+        // always further on.
         pos = data + size.div_ceil(BLOCK) * BLOCK;
     }
     Ok(entries)

@@ -9,7 +9,7 @@
 //! archives (`manifest.json` + `<id>/layer.tar`), for which the manifest is
 //! synthesized.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -18,8 +18,14 @@ use super::archive::{Archive, ArchiveError, Entry};
 use crate::digest::Digest;
 use crate::oci::{self, Descriptor};
 
-/// Largest index or manifest the loader reads into memory.
-const MAX_JSON: u64 = 8 << 20;
+/// Largest index, manifest or config read into memory: containerd's own
+/// limit for manifests.
+pub const MAX_JSON: u64 = 4 << 20;
+/// Deepest nesting of indexes: real images nest two or three levels.
+pub const MAX_DEPTH: usize = 16;
+/// Most descriptors the walks of one archive may visit in all (each distinct
+/// index or manifest is read, hashed and parsed once, whatever the count).
+pub const MAX_VISITS: usize = 1 << 20;
 
 /// Why an archive's images could not be planned.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +88,42 @@ pub enum ImageError {
         path: String,
         /// The root digest.
         digest: Digest,
+    },
+    /// An index or manifest whose bytes do not hash to its digest.
+    #[error("{path}: {what} {digest} does not match its digest (its bytes hash to {found}): the tarball is damaged or crafted")]
+    DigestMismatch {
+        /// The archive.
+        path: String,
+        /// What kind of blob.
+        what: &'static str,
+        /// Its digest.
+        digest: Digest,
+        /// What its bytes hash to.
+        found: Digest,
+    },
+    /// An index that lists itself, directly or through others.
+    #[error("{path}: index {digest} lists itself ({chain}): the tarball is damaged or crafted")]
+    Cycle {
+        /// The archive.
+        path: String,
+        /// The index listed again.
+        digest: Digest,
+        /// The chain of indexes, from the image's root.
+        chain: String,
+    },
+    /// Indexes nested deeper than anything real.
+    #[error("{path}: indexes nested more than {MAX_DEPTH} deep under {digest}: the tarball is damaged or crafted")]
+    TooDeep {
+        /// The archive.
+        path: String,
+        /// The image's root.
+        digest: Digest,
+    },
+    /// More descriptors than anything real.
+    #[error("{path}: the images list more than {MAX_VISITS} descriptors in all: the tarball is damaged or crafted")]
+    TooLarge {
+        /// The archive.
+        path: String,
     },
     /// Something else is inconsistent.
     #[error("{path}: {why}")]
@@ -170,6 +212,7 @@ fn parse<'a, T: Deserialize<'a>>(archive: &Archive, what: &str, bytes: &'a [u8])
 fn oci_layout(archive: &Archive) -> Result<Vec<ArchiveImage>, ImageError> {
     let bytes = archive.read("index.json", MAX_JSON)?;
     let index: oci::Index = parse(archive, "index.json", &bytes)?;
+    let mut graph = Graph { archive, nodes: HashMap::new(), visits: 0 };
     let mut out = Vec::new();
     for root in index.manifests {
         let mut names = Vec::new();
@@ -188,12 +231,21 @@ fn oci_layout(archive: &Archive) -> Result<Vec<ArchiveImage>, ImageError> {
             names.extend(extra.split(',').map(str::trim).filter(|s| !s.is_empty()).filter_map(normalize_name));
         }
         dedup(&mut names);
-        let mut walk = Walk { archive, blobs: Vec::new(), seen: HashSet::new(), manifests: Vec::new() };
+        let mut walk = Walk {
+            graph: &mut graph,
+            root: root.digest.clone(),
+            blobs: Vec::new(),
+            seen: HashSet::new(),
+            manifests: Vec::new(),
+            stack: Vec::new(),
+            done: HashSet::new(),
+        };
         walk.visit(&root)?;
+        let (blobs, manifests) = (walk.blobs, walk.manifests);
         let mut root = root;
         root.annotations.clear();
         root.platform = None;
-        out.push(ArchiveImage { names, root, blobs: walk.blobs, manifests: walk.manifests });
+        out.push(ArchiveImage { names, root, blobs, manifests });
     }
     Ok(out)
 }
@@ -203,14 +255,22 @@ fn dedup(names: &mut Vec<String>) {
     names.retain(|n| seen.insert(n.clone()));
 }
 
-struct Walk<'a> {
-    archive: &'a Archive,
-    blobs: Vec<Blob>,
-    seen: HashSet<Digest>,
-    manifests: Vec<PlatformManifest>,
+/// An index or manifest, read, checked against its digest and parsed once
+/// per archive, however many images or parents list it.
+enum Node {
+    Index { entry: Entry, children: Vec<Descriptor> },
+    Manifest { entry: Entry, manifest: oci::Manifest },
 }
 
-impl Walk<'_> {
+/// The archive's indexes and manifests as they are first needed, and how
+/// many descriptors all walks have visited (the bound on untrusted work).
+struct Graph<'a> {
+    archive: &'a Archive,
+    nodes: HashMap<Digest, Arc<Node>>,
+    visits: usize,
+}
+
+impl Graph<'_> {
     fn entry(&self, d: &Descriptor, what: &'static str) -> Result<Entry, ImageError> {
         let e = self.archive.blob(&d.digest).ok_or_else(|| ImageError::MissingBlob {
             path: display(self.archive),
@@ -228,6 +288,53 @@ impl Walk<'_> {
         Ok(e)
     }
 
+    /// The index or manifest `d` names: its size checked against the
+    /// descriptor and the cap, its bytes against the digest, before parsing.
+    fn node(&mut self, d: &Descriptor) -> Result<Arc<Node>, ImageError> {
+        if let Some(n) = self.nodes.get(&d.digest) {
+            return Ok(n.clone());
+        }
+        let path = display(self.archive);
+        let what = if oci::is_index(&d.media_type) {
+            "index"
+        } else if oci::is_manifest(&d.media_type) {
+            "manifest"
+        } else {
+            return Err(ImageError::Unsupported { path, media_type: d.media_type.clone(), digest: d.digest.clone() });
+        };
+        let entry = self.entry(d, what)?;
+        let bytes = self.archive.read(&d.digest.layout_path(), MAX_JSON)?;
+        let found = Digest::of(&bytes);
+        if found != d.digest {
+            return Err(ImageError::DigestMismatch { path, what, digest: d.digest.clone(), found });
+        }
+        let label = format!("{what} {}", d.digest);
+        let node = if what == "index" {
+            let index: oci::Index = parse(self.archive, &label, &bytes)?;
+            Node::Index { entry, children: index.manifests }
+        } else {
+            Node::Manifest { entry, manifest: parse(self.archive, &label, &bytes)? }
+        };
+        let node = Arc::new(node);
+        self.nodes.insert(d.digest.clone(), node.clone());
+        Ok(node)
+    }
+}
+
+/// One image's walk from its root: every blob once, children first.
+struct Walk<'g, 'a> {
+    graph: &'g mut Graph<'a>,
+    root: Digest,
+    blobs: Vec<Blob>,
+    seen: HashSet<Digest>,
+    manifests: Vec<PlatformManifest>,
+    /// The indexes being visited, root first: a child among them is a cycle.
+    stack: Vec<Digest>,
+    /// Indexes and manifests already walked in this image.
+    done: HashSet<Digest>,
+}
+
+impl Walk<'_, '_> {
     fn push(&mut self, d: &Descriptor, data: BlobData, labels: BTreeMap<String, String>) {
         if self.seen.insert(d.digest.clone()) {
             let descriptor = Descriptor::new(&d.media_type, d.digest.clone(), d.size);
@@ -236,51 +343,73 @@ impl Walk<'_> {
     }
 
     fn visit(&mut self, d: &Descriptor) -> Result<(), ImageError> {
-        let path = display(self.archive);
-        if oci::is_index(&d.media_type) {
-            let entry = self.entry(d, "index")?;
-            let bytes = self.archive.read_entry(entry)?;
-            let index: oci::Index = parse(self.archive, &format!("index {}", d.digest), &bytes)?;
-            // Platforms left out at bundle time are absent: only children in
-            // the archive are imported and referenced.
-            let present: Vec<&Descriptor> =
-                index.manifests.iter().filter(|c| self.archive.blob(&c.digest).is_some()).collect();
-            if present.is_empty() {
-                return Err(ImageError::Invalid {
-                    path,
-                    why: format!("index {} has none of its manifests in the archive", d.digest),
-                });
-            }
-            for child in &present {
-                self.visit(child)?;
-            }
-            let labels = gc_labels(present.iter().copied());
-            self.push(d, BlobData::Entry(entry), labels);
-        } else if oci::is_manifest(&d.media_type) {
-            let entry = self.entry(d, "manifest")?;
-            let bytes = self.archive.read_entry(entry)?;
-            let m: oci::Manifest = parse(self.archive, &format!("manifest {}", d.digest), &bytes)?;
-            let config_entry = self.entry(&m.config, "config")?;
-            self.push(&m.config, BlobData::Entry(config_entry), BTreeMap::new());
-            for layer in &m.layers {
-                if oci::is_foreign_layer(&layer.media_type) || !layer.urls.is_empty() {
-                    return Err(ImageError::Unsupported {
+        let path = display(self.graph.archive);
+        if self.done.contains(&d.digest) {
+            return Ok(());
+        }
+        if let Some(at) = self.stack.iter().position(|s| *s == d.digest) {
+            let chain: Vec<String> = self.stack[at..].iter().chain([&d.digest]).map(|s| short(s)).collect();
+            return Err(ImageError::Cycle { path, digest: d.digest.clone(), chain: chain.join(" → ") });
+        }
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(ImageError::TooDeep { path, digest: self.root.clone() });
+        }
+        self.graph.visits += 1;
+        if self.graph.visits > MAX_VISITS {
+            return Err(ImageError::TooLarge { path });
+        }
+        let node = self.graph.node(d)?;
+        match &*node {
+            Node::Index { entry, children } => {
+                let archive = self.graph.archive;
+                // Platforms left out at bundle time are absent: only children
+                // in the archive are imported and referenced.
+                let present: Vec<&Descriptor> = children.iter().filter(|c| archive.blob(&c.digest).is_some()).collect();
+                if present.is_empty() {
+                    return Err(ImageError::Invalid {
                         path,
-                        media_type: layer.media_type.clone(),
-                        digest: layer.digest.clone(),
+                        why: format!("index {} has none of its manifests in the archive", d.digest),
                     });
                 }
-                let e = self.entry(layer, "layer")?;
-                self.push(layer, BlobData::Entry(e), BTreeMap::new());
+                self.stack.push(d.digest.clone());
+                for child in &present {
+                    self.visit(child)?;
+                }
+                self.stack.pop();
+                let labels = gc_labels(present.iter().copied());
+                self.push(d, BlobData::Entry(*entry), labels);
             }
-            let children: Vec<&Descriptor> = std::iter::once(&m.config).chain(&m.layers).collect();
-            self.push(d, BlobData::Entry(entry), gc_labels(children.into_iter()));
-            self.manifests.push(PlatformManifest { descriptor: d.clone(), config: m.config, layers: m.layers });
-        } else {
-            return Err(ImageError::Unsupported { path, media_type: d.media_type.clone(), digest: d.digest.clone() });
+            Node::Manifest { entry, manifest: m } => {
+                let config_entry = self.graph.entry(&m.config, "config")?;
+                self.push(&m.config, BlobData::Entry(config_entry), BTreeMap::new());
+                for layer in &m.layers {
+                    if oci::is_foreign_layer(&layer.media_type) || !layer.urls.is_empty() {
+                        return Err(ImageError::Unsupported {
+                            path,
+                            media_type: layer.media_type.clone(),
+                            digest: layer.digest.clone(),
+                        });
+                    }
+                    let e = self.graph.entry(layer, "layer")?;
+                    self.push(layer, BlobData::Entry(e), BTreeMap::new());
+                }
+                let children: Vec<&Descriptor> = std::iter::once(&m.config).chain(&m.layers).collect();
+                self.push(d, BlobData::Entry(*entry), gc_labels(children.into_iter()));
+                self.manifests.push(PlatformManifest {
+                    descriptor: d.clone(),
+                    config: m.config.clone(),
+                    layers: m.layers.clone(),
+                });
+            }
         }
+        self.done.insert(d.digest.clone());
         Ok(())
     }
+}
+
+/// `sha256:0123456789ab`, for chains in messages.
+fn short(d: &Digest) -> String {
+    d.to_string().chars().take(19).collect()
 }
 
 /// containerd's child GC labels: `containerd.io/gc.ref.content.m.<i>` for

@@ -10,6 +10,7 @@
 //! file and what is wrong.
 
 pub mod archive;
+pub mod file;
 pub mod image;
 pub mod mount;
 pub mod open;

@@ -6,7 +6,11 @@
 use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
-use crate::partition::index::{PartitionIndex, INDEX_FILE, INDEX_VERSION};
+pub use crate::partition::index::valid_namespace;
+use crate::partition::index::{IndexError, PartitionIndex, INDEX_FILE};
+
+/// Largest `preseed.json` read: some 100 000 images with their blob lists.
+pub const MAX_INDEX: u64 = 64 << 20;
 
 /// Namespace of k3s-style archives (the one the CRI plugin uses).
 pub const K3S_NAMESPACE: &str = "k8s.io";
@@ -22,34 +26,34 @@ pub enum SourceError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// `preseed.json` does not parse.
-    #[error("{path}: not a valid preseed index: {source}")]
+    /// `preseed.json` cannot be read as an index (not JSON, another version).
+    #[error("{path}: {source}")]
     BadIndex {
         /// The index file.
         path: PathBuf,
-        /// The parse error.
-        source: serde_json::Error,
-    },
-    /// `preseed.json` is of another format version.
-    #[error("{path}: index format version {found}, this preseed reads version {expected}; use a matching preseed")]
-    IndexVersion {
-        /// The index file.
-        path: PathBuf,
-        /// The version found.
-        found: u32,
-        /// The version understood.
-        expected: u32,
-    },
-    /// An index entry has an unusable path or namespace.
-    #[error("{path}: image {image:?}: {why}")]
-    BadEntry {
-        /// The index file.
-        path: PathBuf,
-        /// The image name.
-        image: String,
         /// What is wrong.
-        why: String,
+        source: IndexError,
     },
+}
+
+/// An image of `preseed.json` that is not read or imported (the others are).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{index}: image {image:?}: {why}", index = .index.display())]
+pub struct Refused {
+    /// The index file.
+    pub index: PathBuf,
+    /// Its containerd namespace, as written.
+    pub namespace: String,
+    /// Its tarball path, as written.
+    pub rel: String,
+    /// Its main name, as written.
+    pub image: String,
+    /// Every name it would have had.
+    pub names: Vec<String>,
+    /// Whether it is a boot image (or the sandbox).
+    pub boot: bool,
+    /// What is wrong.
+    pub why: String,
 }
 
 /// One tarball to import.
@@ -79,6 +83,9 @@ pub struct SourceImage {
 pub struct Listing {
     /// Tarballs in import order.
     pub images: Vec<SourceImage>,
+    /// Entries of `preseed.json` refused before anything was read from them
+    /// (a bad namespace, path or name): each command reports them as failed.
+    pub refused: Vec<Refused>,
     /// Things skipped, for the report.
     pub warnings: Vec<String>,
     /// Whether it came from `preseed.json`.
@@ -88,52 +95,68 @@ pub struct Listing {
 /// Lists the tarballs under `root`.
 pub fn list(root: &Path) -> Result<Listing, SourceError> {
     let index_path = root.join(INDEX_FILE);
-    match std::fs::read(&index_path) {
-        Ok(bytes) => from_index(root, &index_path, &bytes),
+    match std::fs::symlink_metadata(&index_path) {
+        Ok(_) => Ok(from_index(root, &index_path, &read_index(&index_path)?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => compat(root),
         Err(source) => Err(SourceError::Io { path: index_path, source }),
     }
 }
 
-/// containerd's namespace rule: labels of `[A-Za-z0-9]` joined by `.`, `_` or `-`.
-pub fn valid_namespace(ns: &str) -> bool {
-    !ns.is_empty()
-        && ns.len() <= 76
-        && ns.split(['.', '_', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()))
+/// Reads `preseed.json` as untrusted input: a regular file of at most
+/// [`MAX_INDEX`] bytes, of this index version. `inspect` and `diff` read it
+/// through here too, so they refuse what `load` refuses.
+pub fn read_index(path: &Path) -> Result<PartitionIndex, SourceError> {
+    let bytes = super::file::read_capped(path, MAX_INDEX)
+        .map_err(|source| SourceError::Io { path: path.to_path_buf(), source })?;
+    PartitionIndex::from_json(&bytes).map_err(|source| SourceError::BadIndex { path: path.to_path_buf(), source })
 }
 
-fn from_index(root: &Path, index_path: &Path, bytes: &[u8]) -> Result<Listing, SourceError> {
-    // Read the version first so that a newer index gets the clearer error.
-    #[derive(serde::Deserialize)]
-    struct Version {
-        version: u32,
-    }
-    let v: Version = serde_json::from_slice(bytes)
-        .map_err(|source| SourceError::BadIndex { path: index_path.to_path_buf(), source })?;
-    if v.version != INDEX_VERSION {
-        return Err(SourceError::IndexVersion {
-            path: index_path.to_path_buf(),
-            found: v.version,
-            expected: INDEX_VERSION,
-        });
-    }
-    let index: PartitionIndex = serde_json::from_slice(bytes)
-        .map_err(|source| SourceError::BadIndex { path: index_path.to_path_buf(), source })?;
-    let mut listing = Listing { indexed: true, ..Listing::default() };
-    for img in index.images {
-        let bad = |why: String| SourceError::BadEntry { path: index_path.to_path_buf(), image: img.name.clone(), why };
-        if !valid_namespace(&img.namespace) {
-            return Err(bad(format!("invalid containerd namespace {:?}", img.namespace)));
+/// Why an entry of the index at `index_path` is refused, if it is: what
+/// `preseed.json` says is wrong
+/// ([`crate::partition::index::IndexedImage::problem`]), or a path through a
+/// symbolic link under `root` (a partition's directories are never links).
+pub fn refusal(root: &Path, index_path: &Path, img: &crate::partition::index::IndexedImage) -> Option<Refused> {
+    let why = match img.problem() {
+        Some(p) => Some(p.to_string()),
+        None => {
+            let mut at = root.to_path_buf();
+            let parts: Vec<_> = Path::new(&img.path).components().collect();
+            parts[..parts.len().saturating_sub(1)].iter().find_map(|c| {
+                at.push(c);
+                match std::fs::symlink_metadata(&at) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        Some(format!("path {:?} goes through a symbolic link ({})", img.path, at.display()))
+                    }
+                    _ => None,
+                }
+            })
         }
-        let rel = Path::new(&img.path);
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-            return Err(bad(format!("path {:?} is not a plain relative path", img.path)));
+    }?;
+    let mut names = vec![img.name.clone()];
+    names.extend(img.names.iter().cloned());
+    Some(Refused {
+        index: index_path.to_path_buf(),
+        namespace: img.namespace.clone(),
+        rel: img.path.clone(),
+        image: img.name.clone(),
+        names,
+        boot: img.boot || img.sandbox,
+        why,
+    })
+}
+
+fn from_index(root: &Path, index_path: &Path, index: &PartitionIndex) -> Listing {
+    let mut listing = Listing { indexed: true, ..Listing::default() };
+    for img in &index.images {
+        if let Some(r) = refusal(root, index_path, img) {
+            listing.refused.push(r);
+            continue;
         }
         let mut names = vec![img.name.clone()];
         names.extend(img.names.iter().cloned());
         listing.images.push(SourceImage {
             namespace: img.namespace.clone(),
-            path: root.join(rel),
+            path: root.join(&img.path),
             rel: img.path.clone(),
             names,
             digest: Some(img.digest.clone()),
@@ -144,7 +167,7 @@ fn from_index(root: &Path, index_path: &Path, bytes: &[u8]) -> Result<Listing, S
             boot: img.boot || img.sandbox,
         });
     }
-    Ok(listing)
+    listing
 }
 
 /// File names k3s accepts as image archives.
@@ -198,6 +221,9 @@ fn compat(root: &Path) -> Result<Listing, SourceError> {
 }
 
 fn compat_image(namespace: &str, path: PathBuf, rel: String) -> SourceImage {
+    // Preload directories are often assembled with links: follow them here,
+    // once, so that the tarball itself is opened without following any.
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
     // No index, no boot classes: everything is imported before READY.
     SourceImage {
         namespace: namespace.to_string(),
@@ -267,10 +293,15 @@ mod tests {
             "build": { "tool": "preseed 0.1.0", "format": "erofs" }
         });
         std::fs::write(d.path().join(INDEX_FILE), idx.to_string()).unwrap();
-        assert!(matches!(list(d.path()), Err(SourceError::BadEntry { .. })));
+        let l = list(d.path()).unwrap();
+        assert!(l.images.is_empty());
+        assert!(l.refused[0].to_string().contains("path \"../x.tar\" is not a plain relative path"), "{:?}", l.refused);
         let mut v2 = idx.clone();
         v2["version"] = 2.into();
         std::fs::write(d.path().join(INDEX_FILE), v2.to_string()).unwrap();
-        assert!(matches!(list(d.path()), Err(SourceError::IndexVersion { found: 2, .. })));
+        assert!(matches!(
+            list(d.path()),
+            Err(SourceError::BadIndex { source: IndexError::Version { found: 2, .. }, .. })
+        ));
     }
 }

@@ -140,12 +140,13 @@ impl Catalog {
     pub fn build(root: &Path) -> Result<Catalog, CatalogError> {
         let listing = source::list(root)?;
         let mut cat = Catalog { warnings: listing.warnings.clone(), ..Catalog::default() };
+        cat.warnings.extend(listing.refused.iter().map(|r| format!("{r}; not served")));
         for src in &listing.images {
             if let Err(why) = cat.add_tarball(src) {
                 cat.warnings.push(format!("{}: {why}; not served", src.rel));
             }
         }
-        if cat.images == 0 && !listing.images.is_empty() {
+        if cat.images == 0 && !(listing.images.is_empty() && listing.refused.is_empty()) {
             return Err(CatalogError::Empty(root.to_path_buf()));
         }
         Ok(cat)
