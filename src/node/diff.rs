@@ -70,7 +70,7 @@ pub enum DiffError {
         /// The input.
         input: String,
         /// The entry and what is wrong with it.
-        source: Refused,
+        source: Box<Refused>,
     },
     /// The partition image could not be mounted.
     #[error("{input}: {source}")]
@@ -210,7 +210,7 @@ impl Partition {
 fn read_index(input: &str, path: &Path, root: &Path) -> Result<PartitionIndex, DiffError> {
     let index = source::read_index(path).map_err(|source| DiffError::Index { input: input.to_string(), source })?;
     if let Some(source) = index.images.iter().find_map(|img| source::refusal(root, path, img)) {
-        return Err(DiffError::Refused { input: input.to_string(), source });
+        return Err(DiffError::Refused { input: input.to_string(), source: Box::new(source) });
     }
     Ok(index)
 }

@@ -172,7 +172,7 @@ pub fn valid_name(name: &str) -> bool {
     let host_ok = !hostname.is_empty()
         && hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
         && port.bytes().all(|b| b.is_ascii_digit())
-        && (port.is_empty() == !host.contains(':'));
+        && (port.is_empty() != host.contains(':'));
     let component_ok = |c: &str| {
         !c.is_empty()
             && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))

@@ -259,7 +259,7 @@ fn dedup(names: &mut Vec<String>) {
 /// per archive, however many images or parents list it.
 enum Node {
     Index { entry: Entry, children: Vec<Descriptor> },
-    Manifest { entry: Entry, manifest: oci::Manifest },
+    Manifest { entry: Entry, manifest: Box<oci::Manifest> },
 }
 
 /// The archive's indexes and manifests as they are first needed, and how
@@ -313,7 +313,7 @@ impl Graph<'_> {
             let index: oci::Index = parse(self.archive, &label, &bytes)?;
             Node::Index { entry, children: index.manifests }
         } else {
-            Node::Manifest { entry, manifest: parse(self.archive, &label, &bytes)? }
+            Node::Manifest { entry, manifest: Box::new(parse(self.archive, &label, &bytes)?) }
         };
         let node = Arc::new(node);
         self.nodes.insert(d.digest.clone(), node.clone());
@@ -348,7 +348,7 @@ impl Walk<'_, '_> {
             return Ok(());
         }
         if let Some(at) = self.stack.iter().position(|s| *s == d.digest) {
-            let chain: Vec<String> = self.stack[at..].iter().chain([&d.digest]).map(|s| short(s)).collect();
+            let chain: Vec<String> = self.stack[at..].iter().chain([&d.digest]).map(short).collect();
             return Err(ImageError::Cycle { path, digest: d.digest.clone(), chain: chain.join(" → ") });
         }
         if self.stack.len() >= MAX_DEPTH {
