@@ -7,7 +7,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -18,6 +17,7 @@ use axum::response::Response;
 use axum::routing::any;
 use preseed::build::cache::BlobCache;
 use serde_json::json;
+use support::cli::preseed_without_credentials;
 use support::images::{self, LayerSpec, Media};
 use support::registry::{sha256_digest, Registry};
 
@@ -291,17 +291,9 @@ fn bundle(manifest_text: &str) -> Run {
     std::fs::write(&manifest, manifest_text).unwrap();
     let (cache, out) = (dir.path().join("cache"), dir.path().join("out"));
     let start = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_preseed"))
-        .args(["bundle", "--no-progress", "--format", "squashfs", "--manifest"])
-        .arg(&manifest)
-        .arg("--out")
-        .arg(&out)
-        .arg("--cache")
-        .arg(&cache)
-        .env_remove("DOCKER_CONFIG")
-        .env("HOME", "/nonexistent")
-        .output()
-        .unwrap();
+    let mut args = vec!["bundle", "--no-progress", "--format", "squashfs", "--manifest", manifest.to_str().unwrap()];
+    args.extend(["--out", out.to_str().unwrap(), "--cache", cache.to_str().unwrap()]);
+    let output = preseed_without_credentials(&args);
     Run {
         ok: output.status.success(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),

@@ -4,19 +4,16 @@
 //! importing them; a failed boot image means no READY and a failed exit.
 #![cfg(feature = "containerd")]
 
-#[path = "load/fixtures.rs"]
-#[allow(dead_code)] // shared with tests/load.rs, which uses all of it
-mod fixtures;
 mod support;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use fixtures::{Entry, World};
+use support::cli;
 use support::containerd::Containerd;
+use support::fixtures::{self, Entry, World};
 
 /// A sandbox image and a `boot = true` app (small), and two background
 /// images, one big enough (160 MiB) to take a while.
@@ -51,7 +48,7 @@ fn load_notified(tree: &Path, c: &Containerd) -> (Vec<String>, Option<AtReady>, 
     let path = dir.path().join("notify");
     let socket = UnixDatagram::bind(&path).unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_preseed"))
+    let child = cli::command()
         .args(["load", "--json", "--dir"])
         .arg(tree)
         .arg("--address")

@@ -12,24 +12,11 @@ use std::process::{Command, Output};
 use preseed::build::cache::BlobCache;
 use preseed::digest::Digest;
 use preseed::partition::index::PartitionIndex;
+use support::cli::{self, ok, preseed_with_env, preseed_without_credentials};
 use support::containerd::Containerd;
 use support::images::{self, Corpus, LayerSpec, Media};
 use support::mount::Mounted;
 use support::registry::Registry;
-
-fn preseed(args: &[&str], envs: &[(&str, &Path)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_preseed"));
-    cmd.args(args).env_remove("DOCKER_CONFIG").env("HOME", "/nonexistent");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "preseed failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// bundles.toml for the whole corpus; `multi` keeps both platforms.
 fn corpus_manifest(corpus: &Corpus, format: &str) -> String {
@@ -61,7 +48,7 @@ fn bundle(dir: &Path, manifest_text: &str, extra: &[&str]) -> (Bundle, Output) {
     let mut args = vec!["bundle", "--no-progress", "--manifest", manifest.to_str().unwrap()];
     args.extend(["--out", b.out.to_str().unwrap(), "--cache", b.cache.to_str().unwrap()]);
     args.extend(extra);
-    let out = preseed(&args, &[]);
+    let out = preseed_without_credentials(&args);
     (b, out)
 }
 
@@ -86,7 +73,7 @@ fn corpus_end_to_end(format: &str) {
     let corpus = images::push_test_corpus(&reg);
     let dir = tempfile::tempdir().unwrap();
     let (b, out) = bundle(dir.path(), &corpus_manifest(&corpus, format), &[]);
-    let summary = ok(&out);
+    let summary = ok("preseed bundle", &out);
     eprintln!("{summary}");
     let partition = b.out.join(format!("preseed.{format}"));
     let index: PartitionIndex = serde_json::from_slice(&std::fs::read(b.out.join("preseed.json")).unwrap()).unwrap();
@@ -165,7 +152,7 @@ fn bundles_are_byte_identical_across_caches() {
         let text = corpus_manifest(&corpus, format);
         let one = tempfile::tempdir().unwrap();
         let (a, out) = bundle(one.path(), &text, &["--jobs", "8"]);
-        ok(&out);
+        ok("preseed bundle", &out);
         // Second cache: the same blobs, written in reverse order, then offline.
         let two = tempfile::tempdir().unwrap();
         let cache_b = BlobCache::open(two.path().join("cache")).unwrap();
@@ -177,7 +164,7 @@ fn bundles_are_byte_identical_across_caches() {
             cache_b.put_bytes(&std::fs::read(p).unwrap()).unwrap();
         }
         let (b, out) = bundle(two.path(), &text, &["--offline", "--jobs", "1"]);
-        ok(&out);
+        ok("preseed bundle", &out);
         let name = format!("preseed.{format}");
         assert_eq!(sha256_file(&a.out.join(&name)), sha256_file(&b.out.join(&name)), "{format} partitions differ");
         assert_eq!(
@@ -199,10 +186,10 @@ fn offline_uses_the_cache_or_names_the_missing_blob() {
     assert!(stderr.contains("--offline but blob sha256:") && stderr.contains("is not in the cache"), "{stderr}");
     // Warm the cache, then offline works without a single request.
     let (_, out) = bundle(dir.path(), &text, &[]);
-    ok(&out);
+    ok("preseed bundle", &out);
     let before = reg.request_count();
     let (b, out) = bundle(dir.path(), &text, &["--offline"]);
-    ok(&out);
+    ok("preseed bundle", &out);
     assert!(reg.requests_since(before).is_empty(), "offline bundle made requests");
     // Nothing changed: the partition is not rewritten. Touched by hand: it is.
     assert!(String::from_utf8_lossy(&out.stderr).contains("is up to date"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -246,7 +233,7 @@ fn basic_auth_from_docker_config() {
         ]
     };
     // Without credentials: a clear failure naming the registry and what to do.
-    let no_creds = preseed(&args("a").iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let no_creds = preseed_without_credentials(&args("a").iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!no_creds.status.success());
     let stderr = String::from_utf8_lossy(&no_creds.stderr);
     assert!(stderr.contains(&format!("registry {host}")) && stderr.contains("docker login"), "{stderr}");
@@ -255,8 +242,9 @@ fn basic_auth_from_docker_config() {
     let auth = base64_encode(b"builder:s3cret");
     std::fs::write(docker.path().join("config.json"), format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#))
         .unwrap();
-    let with = preseed(&args("b").iter().map(String::as_str).collect::<Vec<_>>(), &[("DOCKER_CONFIG", docker.path())]);
-    ok(&with);
+    let config = [("DOCKER_CONFIG", docker.path().as_os_str())];
+    let with = preseed_with_env(&args("b").iter().map(String::as_str).collect::<Vec<_>>(), &config);
+    ok("preseed bundle", &with);
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
@@ -289,7 +277,7 @@ fn killed_bundle_resumes_and_cache_stays_valid() {
     std::fs::write(&manifest, &text).unwrap();
     let cache = dir.path().join("cache");
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_preseed"))
+        cli::command()
             .args(["bundle", "--no-progress", "--jobs", "1", "--manifest"])
             .arg(&manifest)
             .arg("--out")
@@ -342,26 +330,23 @@ fn pin_writes_digests_keeping_comments() {
         "# release 42\n[registries.\"{host}\"]\ninsecure = true # local\n\n[[image]]\n# the app\nref = \"{host}/pin/app:v2\"   # tag only\npin = false\n"
     );
     std::fs::write(&manifest, &text).unwrap();
-    ok(&preseed(&["pin", "--manifest", manifest.to_str().unwrap()], &[]));
+    ok("preseed pin", &preseed_without_credentials(&["pin", "--manifest", manifest.to_str().unwrap()]));
     let after = std::fs::read_to_string(&manifest).unwrap();
     let expected =
         text.replace(&format!("{host}/pin/app:v2\""), &format!("{host}/pin/app:v2@{}\"", pushed.manifest_digest));
     assert_eq!(after, expected);
     // Pinned now: bundling needs no --allow-unpinned.
-    let out = preseed(
-        &[
-            "bundle",
-            "--no-progress",
-            "--format",
-            "squashfs",
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--out",
-            dir.path().join("out").to_str().unwrap(),
-        ],
-        &[],
-    );
-    ok(&out);
+    let out = preseed_without_credentials(&[
+        "bundle",
+        "--no-progress",
+        "--format",
+        "squashfs",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    ok("preseed bundle", &out);
 }
 
 /// A TLS registry whose certificate only the manifest's `ca` makes trusted.
@@ -442,7 +427,7 @@ fn https_registry_trusted_through_the_manifests_ca() {
     // With `ca` (relative to bundles.toml): trusted, bundled.
     let text = format!("[partition]\nformat = \"squashfs\"\n[registries.\"{host}\"]\nca = \"ca.pem\"\n\n{image}");
     let (_, out) = bundle(dir.path(), &text, &[]);
-    ok(&out);
+    ok("preseed bundle", &out);
 }
 
 /// A byte flipped in a cached blob (disk error, hand edit) never reaches a
@@ -456,7 +441,7 @@ fn damaged_cache_blob_fails_offline_and_heals_online() {
     let text = corpus_manifest(&corpus, "erofs");
     let dir = tempfile::tempdir().unwrap();
     let (b, out) = bundle(dir.path(), &text, &[]);
-    ok(&out);
+    ok("preseed bundle", &out);
     let partition = b.out.join("preseed.erofs");
     let good = sha256_file(&partition);
     // The biggest blob: a layer.
@@ -486,7 +471,7 @@ fn damaged_cache_blob_fails_offline_and_heals_online() {
 
     // Online: fetched again, the same partition as before.
     let (_, out) = bundle(dir.path(), &text, &[]);
-    ok(&out);
+    ok("preseed bundle", &out);
     assert_eq!(sha256_file(&partition), good, "the healed partition differs from the original");
 
     // Damaged while the partition is current: the next run that writes a
@@ -495,7 +480,7 @@ fn damaged_cache_blob_fails_offline_and_heals_online() {
     std::fs::remove_file(&partition).unwrap();
     let (_, out) = bundle(dir.path(), &text, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ok(&out);
+    ok("preseed bundle", &out);
     assert!(stderr.contains(&format!("cache blob sha256:{hex} was damaged")), "{stderr}");
     assert_eq!(sha256_file(&partition), good);
 }
@@ -512,7 +497,7 @@ fn verity_tree_verifies_and_is_deterministic() {
         let text = corpus_manifest(&corpus, format);
         let one = tempfile::tempdir().unwrap();
         let (a, out) = bundle(one.path(), &text, &["--verity"]);
-        ok(&out);
+        ok("preseed bundle", &out);
         let image = a.out.join(format!("preseed.{format}"));
         let root = std::fs::read_to_string(a.out.join("preseed.roothash")).unwrap().trim().to_string();
         let index: serde_json::Value =
@@ -546,13 +531,8 @@ fn verity_tree_verifies_and_is_deterministic() {
         // hash is refused as such (not as "no tree"), before any device.
         let mut wrong = root.clone().into_bytes();
         wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
-        let out = Command::new(env!("CARGO_BIN_EXE_preseed"))
-            .arg("inspect")
-            .arg(&image)
-            .arg("--verity-root-hash")
-            .arg(String::from_utf8(wrong).unwrap())
-            .output()
-            .unwrap();
+        let wrong = String::from_utf8(wrong).unwrap();
+        let out = cli::preseed(&["inspect", image.to_str().unwrap(), "--verity-root-hash", &wrong]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("does not match this partition"), "{format}: {err}");
         let at = preseed::node::read::verity::locate(&image).unwrap();
@@ -565,7 +545,7 @@ fn verity_tree_verifies_and_is_deterministic() {
             cache_b.put_bytes(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
         }
         let (b, out) = bundle(two.path(), &text, &["--verity", "--offline"]);
-        ok(&out);
+        ok("preseed bundle", &out);
         assert_eq!(sha256_file(&image), sha256_file(&b.out.join(format!("preseed.{format}"))), "{format}");
         // A warm run keeps the image and still reports the tree.
         let (_, out) = bundle(one.path(), &text, &["--verity"]);

@@ -9,22 +9,14 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use preseed::digest::Digest;
 use preseed::node::diff::{self, Added, Changed, Diff, FlagChange, NamespaceDiff, Removed, Retagged, Totals};
 use preseed::partition::index::PartitionIndex;
+use support::cli::{ok, preseed_without_credentials};
 use support::images::{self, LayerSpec, Media, PushedImage};
 use support::registry::Registry;
-
-fn preseed(args: &[&str]) -> Output {
-    support::preseed_without_credentials(args)
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "preseed failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn d(s: &str) -> Digest {
     s.parse().unwrap()
@@ -94,16 +86,19 @@ fn world(reg: &Registry) -> World {
         let manifest = dir.path().join(format!("{name}.toml"));
         std::fs::write(&manifest, text).unwrap();
         let out = dir.path().join(name);
-        ok(&preseed(&[
-            "bundle",
-            "--no-progress",
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--cache",
-            cache.to_str().unwrap(),
-        ]));
+        ok(
+            "preseed bundle",
+            &preseed_without_credentials(&[
+                "bundle",
+                "--no-progress",
+                "--manifest",
+                manifest.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--cache",
+                cache.to_str().unwrap(),
+            ]),
+        );
         out
     };
     let (old, new) = (bundle("old", &old_text), bundle("new", &new_text));
@@ -221,7 +216,8 @@ fn bundle_directories_and_preseed_json_diff_from_the_index() {
     assert_eq!(diff::diff_paths(&oj, &nj).unwrap(), expect(&w, &oj, &nj));
 
     // The binary: human report.
-    let human = ok(&preseed(&["diff", w.old.to_str().unwrap(), w.new.to_str().unwrap()]));
+    let human =
+        ok("preseed diff", &preseed_without_credentials(&["diff", w.old.to_str().unwrap(), w.new.to_str().unwrap()]));
     eprintln!("{human}");
     let host = reg.host();
     let t = &w.expected.totals;
@@ -244,7 +240,10 @@ fn bundle_directories_and_preseed_json_diff_from_the_index() {
     assert_eq!(lines.len(), 8, "{human}");
 
     // --json: the documented shape, exact figures.
-    let json = ok(&preseed(&["diff", "--json", oj.to_str().unwrap(), nj.to_str().unwrap()]));
+    let json = ok(
+        "preseed diff",
+        &preseed_without_credentials(&["diff", "--json", oj.to_str().unwrap(), nj.to_str().unwrap()]),
+    );
     eprintln!("{json}");
     assert_eq!(json, expect(&w, &oj, &nj).to_json());
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -260,7 +259,8 @@ fn bundle_directories_and_preseed_json_diff_from_the_index() {
     let index: PartitionIndex = serde_json::from_slice(&std::fs::read(&nj).unwrap()).unwrap();
     let app = index.images.iter().find(|i| i.file == "app").unwrap();
     assert!(app.blobs.iter().any(|b| b.digest.to_string() == w.new_layer.0 && b.size == w.new_layer.1));
-    let same = ok(&preseed(&["diff", w.new.to_str().unwrap(), nj.to_str().unwrap()]));
+    let same =
+        ok("preseed diff", &preseed_without_credentials(&["diff", w.new.to_str().unwrap(), nj.to_str().unwrap()]));
     assert_eq!(same, "k8s.io: 0 added, 0 removed, 0 changed, 0 retagged, 4 unchanged\n0 added, 0 removed, 0 changed, 0 retagged, 4 unchanged; a node must newly import 0 B (0 blobs)\n");
 }
 
@@ -276,8 +276,10 @@ fn partition_images_and_old_indexes_read_the_tarballs() {
     let w = world(&reg);
     let (oi, ni) = (w.old.join("preseed.erofs"), w.new.join("preseed.squashfs"));
     assert_eq!(diff::diff_paths(&oi, &ni).unwrap(), expect(&w, &oi, &ni));
-    let by_dir = ok(&preseed(&["diff", w.old.to_str().unwrap(), w.new.to_str().unwrap()]));
-    let by_image = ok(&preseed(&["diff", oi.to_str().unwrap(), ni.to_str().unwrap()]));
+    let by_dir =
+        ok("preseed diff", &preseed_without_credentials(&["diff", w.old.to_str().unwrap(), w.new.to_str().unwrap()]));
+    let by_image =
+        ok("preseed diff", &preseed_without_credentials(&["diff", oi.to_str().unwrap(), ni.to_str().unwrap()]));
     assert_eq!(by_image, by_dir);
 
     let tmp = tempfile::tempdir().unwrap();
@@ -330,7 +332,7 @@ fn partition_images_and_old_indexes_read_the_tarballs() {
 fn errors_name_the_input() {
     let tmp = tempfile::tempdir().unwrap();
     let fails = |args: &[&str]| {
-        let out = preseed(args);
+        let out = preseed_without_credentials(args);
         assert!(!out.status.success(), "diff {args:?} succeeded");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };

@@ -5,11 +5,13 @@
 //! subcommand and long flag of the command line is documented in
 //! `docs/commands.md`.
 
+mod support;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use clap::CommandFactory as _;
+use support::cli::{ok, preseed};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,13 +98,7 @@ fn bundle(out: &Path, extra: &[&str]) -> serde_json::Value {
         cache.display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let run = Command::new(env!("CARGO_BIN_EXE_preseed")).args(&args).output().unwrap();
-    assert!(
-        run.status.success(),
-        "preseed {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    ok(&format!("preseed {args:?}"), &preseed(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     serde_json::from_str(&read(&out.join("preseed.json"))).unwrap()
 }
 
@@ -129,13 +125,9 @@ fn real_preseed_json_matches_the_schema() {
     assert_valid(&schema, "preseed.json", &plain);
     assert!(plain.get("verity").is_none());
     // The copy inside the partition is the same document (a directory is a partition too).
-    let inspected = Command::new(env!("CARGO_BIN_EXE_preseed"))
-        .args(["inspect", "--json"])
-        .arg(dir.path().join("plain/preseed.json"))
-        .output()
-        .unwrap();
-    assert!(inspected.status.success(), "{}", String::from_utf8_lossy(&inspected.stderr));
-    assert_valid(&schema, "inspect --json", &serde_json::from_slice(&inspected.stdout).unwrap());
+    let index = dir.path().join("plain/preseed.json");
+    let inspected = ok("preseed inspect", &preseed(&["inspect", "--json", index.to_str().unwrap()]));
+    assert_valid(&schema, "inspect --json", &serde_json::from_str(&inspected).unwrap());
 
     let verity = bundle(&dir.path().join("verity"), &["--verity"]);
     assert_valid(&schema, "preseed.json with --verity", &verity);

@@ -7,29 +7,15 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Instant;
 
+use support::cli::{ok, preseed};
 use support::containerd::{Containerd, ContainerdOptions};
 use support::images::{self, LayerSpec, Media};
 use support::registry::Registry;
 
 const HELLO_LINE: &str = "Hello from preseed!";
 const SANDBOX: &str = "preseed.local/pause:3.10";
-
-fn preseed(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_preseed")).args(args).output().unwrap()
-}
-
-fn ok(what: &str, out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn load_json(partition: &Path, socket: &Path) -> (serde_json::Value, f64) {
     let start = Instant::now();

@@ -2,16 +2,15 @@
 //! test, with partitions made by the real mksquashfs / mkfs.erofs.
 #![cfg(feature = "containerd")]
 
-#[path = "load/fixtures.rs"]
-mod fixtures;
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fixtures::{world, Entry, World};
-use preseed::node::load::{self, LoadOptions, LoadReport, Outcome, Source};
+use preseed::node::load::{self, LoadOptions, Outcome, Source};
+use support::cli;
 use support::containerd::Containerd;
+use support::fixtures::{self, load_options, run_load, world, Entry, World};
 use support::gate::{Gate, Hold};
 
 /// Everything a partition test needs, or `None` (skipped) without it.
@@ -21,18 +20,11 @@ fn prerequisites(format: &str) -> Option<Containerd> {
     Containerd::start()
 }
 
-fn opts(source: Source, c: &Containerd) -> LoadOptions {
-    let mut o = LoadOptions::new(source);
-    o.address = c.socket().to_path_buf();
-    o.timeout = Duration::from_secs(10);
-    o
-}
-
 /// `preseed load --dir DIR --json` as a child process talking to the
 /// containerd socket `address` (a [`Gate`] in front of it, for tests that
 /// take containerd away, or kill the loader, at a point they choose).
 fn spawn_load(dir: &Path, address: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_preseed"))
+    cli::command()
         .args(["load", "--json", "--jobs", "1", "--dir"])
         .arg(dir)
         .arg("--address")
@@ -62,15 +54,6 @@ fn layered_tree(w: &World, name: &str) -> (Entry, PathBuf) {
     let tree = w.root.join("big-tree");
     fixtures::bundle_tree(&w.cache, std::slice::from_ref(&e), &tree);
     (e, tree)
-}
-
-fn run(opts: &LoadOptions) -> LoadReport {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let report = rt.block_on(load::load(opts)).expect("load");
-    let mut out = Vec::new();
-    report.print_human(&mut out).unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out));
-    report
 }
 
 /// `ctr images ls` rows of a namespace: name → labels column.
@@ -155,9 +138,9 @@ fn partition_imports_pins_runs_and_reloads(format: &str) {
     let entries = three(&w);
     let img = make_partition(&w, &entries, format, "p1");
     let before = mountinfo();
-    let o = opts(Source::Image(img.clone()), &c);
+    let o = load_options(Source::Image(img.clone()), c.socket());
 
-    let cold = run(&o);
+    let cold = run_load(&o);
     assert!(!cold.failed(), "{}", cold.to_json());
     assert_eq!(cold.count(Outcome::Imported), 3);
     assert!(cold.bytes_written > 6 << 20);
@@ -193,7 +176,7 @@ fn partition_imports_pins_runs_and_reloads(format: &str) {
     let out = c.ctr_ok(&["-n", "k8s.io", "run", "--rm", "preseed.local/hello:0.1", &format!("hello-{format}")]);
     assert!(out.contains(fixtures::HELLO_LINE), "{out}");
 
-    let warm = run(&o);
+    let warm = run_load(&o);
     assert!(!warm.failed());
     assert_eq!(warm.count(Outcome::AlreadyPresent), 3, "{}", warm.to_json());
     assert_eq!(warm.bytes_written, 0);
@@ -241,7 +224,7 @@ fn corrupted_layer_fails_that_image_only_and_leaves_nothing() {
     corrupt_first_layer(&tree.join("k8s.io/bad.tar"), &bad_second);
     let img = fixtures::partition(&tree, &w.root.join("p.squashfs"), "squashfs");
 
-    let report = run(&opts(Source::Image(img), &c));
+    let report = run_load(&load_options(Source::Image(img), c.socket()));
     assert!(report.failed());
     let bad_r = report.images.iter().find(|i| i.tarball == "k8s.io/bad.tar").unwrap();
     assert_eq!(bad_r.outcome, Outcome::Failed);
@@ -325,8 +308,8 @@ fn newer_partition_without_an_image_unpins_it() {
     // Same source path, newer contents: what a node sees after an update.
     let installed = w.root.join("installed.erofs");
     std::fs::copy(&p1, &installed).unwrap();
-    let o = opts(Source::Image(installed.clone()), &c);
-    assert!(!run(&o).failed());
+    let o = load_options(Source::Image(installed.clone()), c.socket());
+    assert!(!run_load(&o).failed());
     assert!(labels_of(&c, "k8s.io", "preseed.local/b:1").contains("io.cri-containerd.pinned=pinned"));
     // Someone else's pinned image is left alone.
     c.ctr_ok(&["-n", "k8s.io", "images", "tag", "preseed.local/b:1", "other.local/b:1"]);
@@ -343,7 +326,7 @@ fn newer_partition_without_an_image_unpins_it() {
 
     std::fs::copy(&p2, &installed).unwrap();
     let pid = c.pid();
-    let r = run(&o);
+    let r = run_load(&o);
     assert!(!r.failed(), "{}", r.to_json());
     assert!(r.warnings.is_empty() && r.errors.is_empty(), "{}", r.to_json());
     assert_eq!(c.pid(), pid);
@@ -371,7 +354,7 @@ fn monogon_and_k3s_directories_import_with_the_right_names() {
     fixtures::write_tarball(&w.cache, &m2, &monogon.join("k8s.io/y.tar"));
     std::fs::write(monogon.join("k8s.io/README"), "stray").unwrap();
     std::fs::create_dir_all(monogon.join("k8s.io/sub")).unwrap();
-    let r = run(&opts(Source::Dir(monogon), &c));
+    let r = run_load(&load_options(Source::Dir(monogon), c.socket()));
     assert!(!r.failed(), "{}", r.to_json());
     assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
     assert_eq!(names(&c, "default"), ["docker.io/library/mono-x:1"]);
@@ -394,7 +377,7 @@ fn monogon_and_k3s_directories_import_with_the_right_names() {
     let legacy = fixtures::single(&w.cache, "hello", 43, 1, 50_000);
     fixtures::docker_save(&legacy, &["legacy:1", "example.com/team/legacy:1"], &k3s.join("legacy.tar"));
     std::fs::write(k3s.join("images.txt"), "not an archive").unwrap();
-    let r = run(&opts(Source::Dir(k3s), &c));
+    let r = run_load(&load_options(Source::Dir(k3s), c.socket()));
     assert!(!r.failed(), "{}", r.to_json());
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
     assert_eq!(
@@ -424,9 +407,9 @@ fn unpack_puts_layers_in_the_snapshotter() {
     let e = Entry::new("k8s.io", "u", "preseed.local/unpacked:1", fixtures::multi(&w.cache, 50));
     let tree = w.root.join("tree");
     fixtures::bundle_tree(&w.cache, std::slice::from_ref(&e), &tree);
-    let mut o = opts(Source::Dir(tree), &c);
+    let mut o = load_options(Source::Dir(tree), c.socket());
     o.unpack = true;
-    let r = run(&o);
+    let r = run_load(&o);
     assert!(!r.failed(), "{}", r.to_json());
     assert!(r.images[0].unpacked);
     let diff_ids: Vec<String> = e.image.layer_tars.iter().map(|t| preseed::digest::Digest::of(t).to_string()).collect();
@@ -438,7 +421,7 @@ fn unpack_puts_layers_in_the_snapshotter() {
     assert!(content.contains(&format!("containerd.io/uncompressed={}", diff_ids[0])), "{content}");
     // Snapshots survive GC (held by the config's label) and a second load
     // has nothing to do.
-    let r2 = run(&o);
+    let r2 = run_load(&o);
     assert_eq!(r2.images[0].outcome, Outcome::AlreadyPresent, "{}", r2.to_json());
     let snaps2 = c.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "overlayfs", "ls"]);
     assert_eq!(snaps, snaps2);
@@ -465,8 +448,8 @@ fn cri_sees_pinned_images_and_runs_a_pod_offline() {
     let hello = Entry::new("k8s.io", "app", app, fixtures::single(&w.cache, "hello", 61, 0, 0));
     let tree = w.root.join("tree");
     fixtures::bundle_tree(&w.cache, &[pause.clone(), hello], &tree);
-    let o = opts(Source::Dir(tree.clone()), &c);
-    let report = run(&o);
+    let o = load_options(Source::Dir(tree.clone()), c.socket());
+    let report = run_load(&o);
     assert!(!report.failed(), "{}", report.to_json());
     let version = c.version().clone();
     assert!(
@@ -502,7 +485,7 @@ fn cri_sees_pinned_images_and_runs_a_pod_offline() {
     index["images"].as_array_mut().unwrap().retain(|i| i["file"] != "app");
     std::fs::write(tree.join("preseed.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     let pid = c.pid();
-    let r = run(&o);
+    let r = run_load(&o);
     assert!(!r.failed() && r.warnings.is_empty(), "{}", r.to_json());
     assert_eq!(r.unpinned.len(), 1, "{}", r.to_json());
     support::cri::wait_for_image(c.socket(), app, false);
@@ -524,7 +507,7 @@ fn device_source_mounts_the_block_device() {
     // attached (it detaches itself when the handle and mounts are gone).
     let dev = Linux.attach_loop(&img).unwrap();
     let before = mountinfo();
-    let r = run(&opts(Source::Device(dev.device.clone()), &c));
+    let r = run_load(&load_options(Source::Device(dev.device.clone()), c.socket()));
     assert!(!r.failed(), "{}", r.to_json());
     assert_eq!(r.source, dev.device.display().to_string());
     assert_eq!(names(&c, "k8s.io"), ["preseed.local/dev:1"]);
@@ -592,18 +575,18 @@ fn unreadable_compat_tarball_unpins_nothing() {
     let b = Entry::new("k8s.io", "b", "docker.io/library/b:1", fixtures::single(&w.cache, "pause", 96, 0, 0));
     fixtures::write_tarball(&w.cache, &a, &dir.join("a.tar"));
     fixtures::write_tarball(&w.cache, &b, &dir.join("b.tar"));
-    let o = opts(Source::Dir(dir.clone()), &c);
-    assert!(!run(&o).failed());
+    let o = load_options(Source::Dir(dir.clone()), c.socket());
+    assert!(!run_load(&o).failed());
     // b.tar is damaged: its names are unknown, so no pin may be removed.
     std::fs::write(dir.join("b.tar"), fixtures::noise(97, 10_000)).unwrap();
-    let r = run(&o);
+    let r = run_load(&o);
     assert!(r.failed());
     assert!(r.unpinned.is_empty());
     assert!(r.warnings.iter().any(|w| w.contains("not unpinning")), "{:?}", r.warnings);
     assert!(labels_of(&c, "k8s.io", "docker.io/library/b:1").contains("io.cri-containerd.pinned=pinned"));
     // Gone for good: now it is unpinned.
     std::fs::remove_file(dir.join("b.tar")).unwrap();
-    let r = run(&o);
+    let r = run_load(&o);
     assert!(!r.failed() && r.warnings.is_empty(), "{}", r.to_json());
     assert_eq!(r.unpinned.len(), 1);
     c.assert_running();
@@ -684,7 +667,7 @@ fn containerd_going_away_mid_load_fails_it_clearly_and_the_next_run_completes() 
     assert!(report["errors"].as_array().is_some_and(|e| !e.is_empty()), "unpinning could not run: {report}");
 
     c.restart();
-    let r = run(&opts(Source::Dir(tree), &c));
+    let r = run_load(&load_options(Source::Dir(tree), c.socket()));
     assert!(!r.failed(), "{}", r.to_json());
     assert_eq!(r.images[0].outcome, Outcome::Imported);
     // The dead run's lease (its loader exited) is gone too.
@@ -728,7 +711,7 @@ fn containerd_going_away_at_any_call_is_reported_and_the_next_run_completes() {
         let out = child.wait_with_output().unwrap();
         c.restart();
         judge_lost_connection(out, &c, &step);
-        let r = run(&opts(Source::Dir(tree.clone()), &c));
+        let r = run_load(&load_options(Source::Dir(tree.clone()), c.socket()));
         assert!(!r.failed() && r.warnings.is_empty(), "{step}: the next run: {}", r.to_json());
         assert_eq!(c.ctr_ok(&["-n", "k8s.io", "leases", "ls", "-q"]).trim(), "", "{step}: a lease is left");
         for name in &["preseed.local/pause:1", "registry.local/pause:1"] {
@@ -758,7 +741,7 @@ fn a_killed_loaders_lease_is_removed_by_the_next_load() {
     assert!(labels.contains_key("containerd.io/gc.expire"), "{labels:?}");
 
     // …until the next load, which removes it and completes the import.
-    let r = run(&opts(Source::Dir(tree), &c));
+    let r = run_load(&load_options(Source::Dir(tree), c.socket()));
     assert!(!r.failed(), "{}", r.to_json());
     assert_eq!(r.stale_leases, [preseed::node::load::StaleLease { namespace: "k8s.io".into(), id: id.clone() }]);
     assert_eq!(c.ctr_ok(&["-n", "k8s.io", "leases", "ls", "-q"]).trim(), "");
@@ -772,10 +755,7 @@ fn a_killed_loaders_lease_is_removed_by_the_next_load() {
 
 #[test]
 fn a_missing_device_is_named_and_its_cause_said_once() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_preseed"))
-        .args(["load", "--device", "/dev/preseed-test-no-such-device", "--timeout", "1"])
-        .output()
-        .unwrap();
+    let out = cli::preseed(&["load", "--device", "/dev/preseed-test-no-such-device", "--timeout", "1"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/dev/preseed-test-no-such-device"), "{stderr}");

@@ -3,7 +3,8 @@
 mod support;
 
 use std::net::TcpListener;
-use std::process::Command;
+
+use support::cli::preseed;
 
 const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -16,13 +17,15 @@ fn bundle(text: &str) -> (bool, String, usize) {
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("bundles.toml");
     std::fs::write(&manifest, text.replace("HOST", &host)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_preseed"))
-        .args(["bundle", "--no-progress", "--manifest"])
-        .arg(&manifest)
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .output()
-        .unwrap();
+    let out_dir = dir.path().join("out");
+    let out = preseed(&[
+        "bundle",
+        "--no-progress",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
     let mut connections = 0;
     while listener.accept().is_ok() {
         connections += 1;

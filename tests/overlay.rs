@@ -6,9 +6,6 @@
 //! blob, and a squashfs partition.
 #![cfg(feature = "containerd")]
 
-#[path = "load/fixtures.rs"]
-#[allow(dead_code)] // shared with tests/load.rs, which uses all of it
-mod fixtures;
 mod support;
 
 use std::collections::BTreeSet;
@@ -16,7 +13,6 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fixtures::{Entry, World};
 use preseed::build::layout::tree::{PlannedFile, Tree};
 use preseed::build::write::erofs;
 use preseed::digest::Digest;
@@ -25,6 +21,7 @@ use preseed::node::place::settle::{SettleOptions, SettleReport};
 use preseed::node::place::{self, overlay, PlaceError, PlaceOptions, PlaceReport};
 use preseed::partition::index::INDEX_FILE;
 use support::containerd::Containerd;
+use support::fixtures::{self, Entry, World};
 
 /// An erofs partition of `entries` as `preseed bundle` lays it out.
 fn partition(w: &World, entries: &[Entry], name: &str) -> PathBuf {
@@ -74,7 +71,7 @@ fn settle(next: Option<&Path>, c: &Containerd) -> Result<SettleReport, PlaceErro
 }
 
 fn load_from(image: &Path, c: &Containerd) -> LoadReport {
-    fixtures::load_report(Source::Image(image.to_path_buf()), c.socket())
+    fixtures::run_load(&fixtures::load_options(Source::Image(image.to_path_buf()), c.socket()))
 }
 
 /// What containerd sees.

@@ -4,20 +4,17 @@
 //! `isolated` policy.
 #![cfg(feature = "containerd")]
 
-#[path = "load/fixtures.rs"]
-#[allow(dead_code)] // shared with tests/load.rs, which uses all of it
-mod fixtures;
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fixtures::Entry;
 use preseed::digest::Digest;
-use preseed::node::load::{self, LoadOptions, LoadReport, Outcome, Source};
+use preseed::node::load::{LoadOptions, LoadReport, Outcome, Source};
 use preseed::node::place::{self, PlaceError, PlaceOptions, PlaceReport};
 use support::containerd::{Containerd, ContainerdOptions};
+use support::fixtures::{self, Entry};
 
 /// Place with the root learnt from the test containerd's own config file.
 fn place_into(tree: &Path, c: &Containerd) -> Result<PlaceReport, PlaceError> {
@@ -33,7 +30,7 @@ fn place_into(tree: &Path, c: &Containerd) -> Result<PlaceReport, PlaceError> {
 }
 
 fn load_from(tree: &Path, c: &Containerd) -> LoadReport {
-    fixtures::load_report(Source::Dir(tree.to_path_buf()), c.socket())
+    fixtures::run_load(&fixtures::load_options(Source::Dir(tree.to_path_buf()), c.socket()))
 }
 
 fn blobs_dir(c: &Containerd) -> PathBuf {
@@ -132,8 +129,7 @@ fn a_cri_container_starts_from_placed_content_unpacked_by_load() {
     let mut o = LoadOptions::new(Source::Dir(tree.clone()));
     o.address = c.socket().to_path_buf();
     o.unpack = true;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let report = rt.block_on(load::load(&o)).unwrap();
+    let report = fixtures::run_load(&o);
     assert!(!report.failed(), "{}", report.to_json());
     assert!(report.images.iter().all(|i| i.unpacked), "{}", report.to_json());
     assert_eq!(report.bytes_written, 0, "{}", report.to_json());

@@ -14,33 +14,20 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
+use support::cli::{self, ok, preseed_without_credentials};
 use support::containerd::Containerd;
 use support::images::{self, LayerSpec, Media};
 use support::registry::Registry;
-
-fn preseed(args: &[&str]) -> Output {
-    support::preseed_without_credentials(args)
-}
-
-fn ok(what: &str, out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `preseed bundle` of `manifest` into `dir/out`; returns the partition image.
 fn bundle(dir: &Path, manifest: &str) -> PathBuf {
     std::fs::write(dir.join("bundles.toml"), manifest).unwrap();
     let d = |p: &str| dir.join(p).display().to_string();
-    let out = preseed(&[
+    let out = preseed_without_credentials(&[
         "bundle",
         "--no-progress",
         "--manifest",
@@ -62,7 +49,7 @@ struct Served {
 
 impl Served {
     fn start(partition: &Path) -> Served {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_preseed"))
+        let mut child = cli::command()
             .args(["serve", "--listen", "127.0.0.1:0", "--image"])
             .arg(partition)
             .stdout(Stdio::piped())
@@ -141,9 +128,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 fn skopeo(args: &[&str]) -> String {
-    let out = Command::new("skopeo").args(args).output().unwrap();
-    assert!(out.status.success(), "skopeo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cli::run(&format!("skopeo {args:?}"), Command::new("skopeo").args(args))
 }
 
 /// `hosts_dir/<host>/hosts.toml`: `host` (plain HTTP, now gone) mirrored by

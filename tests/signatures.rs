@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use preseed::partition::index::PartitionIndex;
+use support::cli::{ok, preseed, preseed_without_credentials};
 use support::images::{self, LayerSpec, Media, PushedImage};
 use support::registry::Registry;
 
@@ -130,11 +131,11 @@ impl Workspace {
     fn bundle(&self, text: &str, extra: &[&str]) -> Output {
         let manifest = self.dir.path().join("bundles.toml");
         std::fs::write(&manifest, text).unwrap();
-        let cache = self.dir.path().join("cache");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_preseed"));
-        cmd.args(["bundle", "--no-progress", "--manifest"]).arg(&manifest).arg("--out").arg(self.out());
-        cmd.arg("--cache").arg(&cache).args(extra).env_remove("DOCKER_CONFIG").env("HOME", "/nonexistent");
-        cmd.output().unwrap()
+        let (out, cache) = (self.out(), self.dir.path().join("cache"));
+        let mut args = vec!["bundle", "--no-progress", "--manifest", manifest.to_str().unwrap()];
+        args.extend(["--out", out.to_str().unwrap(), "--cache", cache.to_str().unwrap()]);
+        args.extend(extra);
+        preseed_without_credentials(&args)
     }
 
     /// Bundles `text`, expecting failure with every `expected` in the message,
@@ -153,11 +154,6 @@ impl Workspace {
         assert!(fetched.is_empty(), "the layer was fetched although the signature is not valid: {fetched:?}");
         stderr
     }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "preseed failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn get(reg: &Registry, path: &str, accept: &str) -> Vec<u8> {
@@ -192,7 +188,7 @@ fn signed_images_bundle_and_record_their_key() {
             (pinned(&reg, &imgs[3], "v3"), "exempt", "verify = false\n"),
         ],
     );
-    ok(&ws.bundle(&text, &[]));
+    ok("preseed bundle", &ws.bundle(&text, &[]));
 
     let index: PartitionIndex = serde_json::from_slice(&std::fs::read(ws.out().join("preseed.json")).unwrap()).unwrap();
     let signed: Vec<_> = index
@@ -218,14 +214,14 @@ fn signed_images_bundle_and_record_their_key() {
     };
     assert_eq!(key_sha256, &preseed::digest::Digest::of(&der), "key_sha256 is the sha256 of the key's DER");
 
-    let inspect = ok(&Command::new(env!("CARGO_BIN_EXE_preseed")).arg("inspect").arg(ws.out()).output().unwrap());
+    let inspect = ok("preseed inspect", &preseed(&["inspect", ws.out().to_str().unwrap()]));
     assert!(inspect.contains(&format!("signed by keys/release.pub ({key_sha256}, sigstore-bundle)")), "{inspect}");
     assert!(inspect.contains("signed by keys/other.pub"), "{inspect}");
 
     // --offline checks the signatures kept in the cache again, without a registry.
     std::fs::remove_dir_all(ws.out()).unwrap();
     let before = reg.request_count();
-    ok(&ws.bundle(&text, &["--offline"]));
+    ok("preseed bundle", &ws.bundle(&text, &["--offline"]));
     assert_eq!(reg.request_count(), before, "--offline talked to the registry");
     let again: PartitionIndex = serde_json::from_slice(&std::fs::read(ws.out().join("preseed.json")).unwrap()).unwrap();
     assert_eq!(again, index);
@@ -316,5 +312,5 @@ fn unsigned_or_wrongly_signed_images_stop_the_bundle() {
 
     // The same image bundles once it is exempt.
     let exempt = manifest(&reg, &[(pinned(&reg, &imgs[4], "v4"), "app", "verify = false\n")]);
-    ok(&ws.bundle(&exempt, &[]));
+    ok("preseed bundle", &ws.bundle(&exempt, &[]));
 }

@@ -11,9 +11,6 @@
 //! see [`device_mapper`] for when they are skipped.
 #![cfg(feature = "containerd")]
 
-#[allow(dead_code)]
-#[path = "load/fixtures.rs"]
-mod fixtures;
 mod support;
 
 use std::os::unix::fs::FileExt;
@@ -22,9 +19,10 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fixtures::{world, Entry, World};
-use preseed::node::load::{self, LoadOptions, LoadReport, Outcome, RootHash, Source};
+use preseed::node::load::{Outcome, RootHash, Source};
+use support::cli::preseed;
 use support::containerd::Containerd;
+use support::fixtures::{self, world, Entry, World};
 
 /// Tests that create dm devices run one at a time, so "no device left"
 /// is about the test's own.
@@ -98,24 +96,11 @@ fn wrong(root: &RootHash) -> RootHash {
     String::from_utf8(hex).unwrap().parse().unwrap()
 }
 
-fn preseed(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_preseed")).args(args).output().unwrap()
-}
-
 fn load_cli(img: &Path, c: &Containerd, extra: &[&str]) -> Output {
     let mut args = vec!["load", "--json", "--image", img.to_str().unwrap(), "--address", c.socket().to_str().unwrap()];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--timeout", "10"]);
     preseed(&args)
-}
-
-fn run(opts: &LoadOptions) -> LoadReport {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let report = rt.block_on(load::load(opts)).expect("load");
-    let mut out = Vec::new();
-    report.print_human(&mut out).unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out));
-    report
 }
 
 fn rows(c: &Containerd, ns: &str, what: &[&str]) -> Vec<String> {
@@ -233,11 +218,9 @@ fn right_root_hash_imports_everything(format: &str) {
         assert_no_loop_on(&img);
         return;
     }
-    let mut o = LoadOptions::new(Source::Image(img.clone()));
-    o.address = c.socket().to_path_buf();
-    o.timeout = Duration::from_secs(10);
+    let mut o = fixtures::load_options(Source::Image(img.clone()), c.socket());
     o.verity_root_hash = Some(root);
-    let report = run(&o);
+    let report = fixtures::run_load(&o);
     assert!(!report.failed(), "{}", report.to_json());
     assert_eq!(report.count(Outcome::Imported), 3);
     assert_eq!(names(&c, "k8s.io"), ["preseed.local/hello:0.1", "preseed.local/pause:1"]);
@@ -295,11 +278,9 @@ fn flipped_byte_fails_only_its_image(format: &str) {
     drop(f);
     let dm_before = preseed_dm_devices();
 
-    let mut o = LoadOptions::new(Source::Image(img.clone()));
-    o.address = c.socket().to_path_buf();
-    o.timeout = Duration::from_secs(10);
+    let mut o = fixtures::load_options(Source::Image(img.clone()), c.socket());
     o.verity_root_hash = Some(root);
-    let report = run(&o);
+    let report = fixtures::run_load(&o);
     assert!(report.failed());
     let failed: Vec<_> = report.images.iter().filter(|i| i.outcome == Outcome::Failed).collect();
     assert_eq!(failed.len(), 1, "{}", report.to_json());

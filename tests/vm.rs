@@ -51,10 +51,11 @@ use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use support::cli::{self, ok, run};
 use support::images::{self, LayerSpec, Media};
 use support::registry::Registry;
 
@@ -138,25 +139,9 @@ const LOAD_DROP_IN: &str = include_str!("vm/preseed-load-on-failure.conf");
 /// containerd's drop-in for the overlay boots.
 const OVERLAY_DROP_IN: &str = include_str!("vm/containerd-overlay.conf");
 
-fn ok(what: &str, out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn run(what: &str, cmd: &mut Command) -> String {
-    ok(what, &cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}")))
-}
-
 /// `target/`, from where cargo put the preseed binary (`target/debug/preseed`).
 fn target_dir() -> PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_preseed"));
-    exe.parent().and_then(Path::parent).expect("binary under target/<profile>/").to_path_buf()
+    cli::bin().parent().and_then(Path::parent).expect("binary under target/<profile>/").to_path_buf()
 }
 
 /// A unit or drop-in as shipped (`dist/systemd/`, what the .deb installs
@@ -313,7 +298,7 @@ fn root_disk(base: &Path, work: &Path, cri_smoke: &Path, overlay: bool) -> PathB
     run("cp -al", Command::new("cp").arg("-al").arg(base).arg(&stage));
     let _ = fs::remove_file(stage.join(".complete"));
     // New files only (a hard-linked file written in place would change the cache).
-    install_binary(Path::new(env!("CARGO_BIN_EXE_preseed")), &stage.join("usr/bin/preseed"));
+    install_binary(cli::bin(), &stage.join("usr/bin/preseed"));
     install_binary(cri_smoke, &stage.join("usr/local/bin/cri_smoke"));
     let units = stage.join("etc/systemd/system");
     let load_unit = shipped_unit("preseed-load.service");
@@ -564,7 +549,7 @@ fn partitions(work: &Path) -> Option<[(PathBuf, String); 3]> {
         fs::write(dir.join("bundles.toml"), manifest).unwrap();
         run(
             &format!("preseed bundle ({version})"),
-            Command::new(env!("CARGO_BIN_EXE_preseed"))
+            cli::command()
                 .args(["bundle", "--no-progress", "--verity", "--manifest"])
                 .arg(dir.join("bundles.toml"))
                 .args(["--workspace", workspace, "--out"])
@@ -599,7 +584,7 @@ fn corrupt(image: &Path, blob: &[u8]) {
 /// Builds the stand-in kubelet's CRI client (`examples/cri_smoke.rs`) with
 /// the profile the test runs in.
 fn cri_smoke(target: &Path) -> PathBuf {
-    let profile_dir = Path::new(env!("CARGO_BIN_EXE_preseed")).parent().unwrap().to_path_buf();
+    let profile_dir = cli::bin().parent().unwrap().to_path_buf();
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -1,8 +1,9 @@
-//! Test images and partitions for the loader: a static `hello`/`pause`
+//! Test images and partitions for the node side: a static `hello`/`pause`
 //! binary compiled here with `gcc -static`, gzip layers, configs,
 //! manifests, multi-platform indexes, preseed tarballs (via the real
 //! layout planner), `preseed.json`, and partition images made with the
-//! real `mksquashfs` / `mkfs.erofs`.
+//! real `mksquashfs` / `mkfs.erofs`; and the library's load run on them
+//! (`load_options`, `run_load`: the `containerd` feature).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -53,10 +54,10 @@ int main(int argc, char **argv) {
 /// The static binary, or `None` (the test is skipped) without gcc or a
 /// static libc; in CI that is a failure.
 pub fn require_static_binary() -> Option<&'static [u8]> {
-    crate::support::require_tool("gcc")?;
+    super::require_tool("gcc")?;
     let bin = static_binary();
     if bin.is_none() {
-        assert!(!crate::support::in_ci(), "gcc -static failed (libc6-dev static libc missing?)");
+        assert!(!super::in_ci(), "gcc -static failed (libc6-dev static libc missing?)");
         eprintln!("SKIPPED: gcc -static does not work here");
     }
     bin
@@ -64,21 +65,27 @@ pub fn require_static_binary() -> Option<&'static [u8]> {
 
 /// A world whose test images run (the static binary built), or `None`
 /// (skipped; a failure in CI).
-#[allow(dead_code)] // for the tests that run containers (not tests/load.rs)
 pub fn runnable_world() -> Option<World> {
     require_static_binary()?;
     Some(world())
 }
 
-/// `preseed load` of `source` into the containerd at `socket`, its report
-/// printed for the test log.
-#[allow(dead_code)] // for place and overlay (tests/load.rs checks its own options)
-pub fn load_report(source: preseed::node::read::open::Source, socket: &Path) -> preseed::node::load::LoadReport {
+/// Options to load `source` into the containerd at `socket`, with a 10 s
+/// timeout (a test containerd answers at once, or never).
+#[cfg(feature = "containerd")]
+pub fn load_options(source: preseed::node::load::Source, socket: &Path) -> preseed::node::load::LoadOptions {
     let mut o = preseed::node::load::LoadOptions::new(source);
     o.address = socket.to_path_buf();
     o.timeout = std::time::Duration::from_secs(10);
+    o
+}
+
+/// The library's load with `opts` (panics if it returns an error), its
+/// report printed for the test log.
+#[cfg(feature = "containerd")]
+pub fn run_load(opts: &preseed::node::load::LoadOptions) -> preseed::node::load::LoadReport {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let report = rt.block_on(preseed::node::load::load(&o)).expect("load");
+    let report = rt.block_on(preseed::node::load::load(opts)).expect("load");
     let mut out = Vec::new();
     report.print_human(&mut out).unwrap();
     eprintln!("{}", String::from_utf8_lossy(&out));

@@ -1,10 +1,14 @@
-//! Shared test support: prerequisites, real servers on loopback, test images.
-//! Each integration test file includes it with `mod support;`.
+//! Shared test support: prerequisites, the `preseed` binary and other
+//! commands run (`cli`), real servers on loopback, test images and
+//! partitions (`fixtures`), CRI calls. Each integration test file includes
+//! it with `mod support;`.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod containerd;
 #[cfg(feature = "containerd")]
 pub mod cri;
+pub mod fixtures;
 pub mod gate;
 pub mod images;
 pub mod mount;
@@ -53,16 +57,4 @@ fn missing(what: &str) {
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Runs the `preseed` binary with no docker credentials in reach (no
-/// `$DOCKER_CONFIG`, a `$HOME` that does not exist), so a test never picks
-/// up the machine's registry logins.
-pub fn preseed_without_credentials(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_preseed"))
-        .args(args)
-        .env_remove("DOCKER_CONFIG")
-        .env("HOME", "/nonexistent")
-        .output()
-        .unwrap()
 }
