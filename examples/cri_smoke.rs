@@ -21,13 +21,18 @@
 //! * `PRESEED-VM: done`  last line
 //!
 //! Usage: `cri_smoke [--socket PATH] [--image REF] [--as UNIT]`.
+//!
+//! The CRI client is the tests' own, `tests/support/cri.rs`; what is here is
+//! the VM's side: its arguments, the facts of the boot, the console.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use k8s_cri::v1 as cri;
+#[allow(dead_code)] // the tests' panicking helpers
+#[path = "../tests/support/cri.rs"]
+mod cri;
 
 const MARK: &str = "PRESEED-VM:";
 
@@ -46,15 +51,14 @@ fn output(cmd: &mut Command) -> String {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let mut socket = "/run/containerd/containerd.sock".to_string();
+fn main() {
+    let mut socket = PathBuf::from("/run/containerd/containerd.sock");
     let mut image = "preseed.local/hello:0.1".to_string();
     let mut unit = String::from("?");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
-            ("--socket", Some(v)) => socket = v,
+            ("--socket", Some(v)) => socket = v.into(),
             ("--image", Some(v)) => image = v,
             ("--as", Some(v)) => unit = v,
             _ => {
@@ -81,13 +85,13 @@ async fn main() {
     say(format!("load-at-start {}", load_state()));
     // What kubelet does first: the pod, while the loader may still import
     // background images.
-    if let Err(e) = pod(&socket, &image, &boot_id).await {
+    if let Err(e) = pod(&socket, &image, &boot_id) {
         say(format!("error {e:#}"));
     }
     // Then wait for the whole load, to report it.
     let deadline = Instant::now() + Duration::from_secs(600);
     while load_state() == "running" && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::thread::sleep(Duration::from_millis(200));
     }
     for unit in ["containerd.service", "preseed-load.service"] {
         let props = output(Command::new("systemctl").args(["show", "-p", "ActiveState", "-p", "Result", unit]));
@@ -101,8 +105,15 @@ async fn main() {
     {
         say(format!("load-log {line}"));
     }
-    if let Err(e) = list_images(&socket).await {
-        say(format!("error listing images: {e:#}"));
+    match cri::list_images(&socket) {
+        Ok(images) => {
+            for i in images {
+                for tag in &i.repo_tags {
+                    say(format!("image {tag} pinned={}", i.pinned));
+                }
+            }
+        }
+        Err(e) => say(format!("error listing images: {e:#}")),
     }
     let journal = output(Command::new("journalctl").args([
         "-b",
@@ -120,123 +131,20 @@ async fn main() {
     say("done");
 }
 
-async fn channel(socket: &str) -> Result<tonic::transport::Channel> {
-    containerd_client::connect(socket).await.with_context(|| format!("connecting to {socket}"))
-}
-
-async fn list_images(socket: &str) -> Result<()> {
-    let mut is = cri::image_service_client::ImageServiceClient::new(channel(socket).await?);
-    let images = is.list_images(cri::ListImagesRequest { filter: None }).await.context("ListImages")?.into_inner();
-    for i in images.images {
-        for tag in &i.repo_tags {
-            say(format!("image {tag} pinned={}", i.pinned));
-        }
-    }
-    Ok(())
-}
-
-/// Kubelet's first pod, offline: sandbox, then the container, then cleanup
-/// (so the next boot can reuse the names).
-async fn pod(socket: &str, image: &str, boot_id: &str) -> Result<()> {
-    let mut rs = cri::runtime_service_client::RuntimeServiceClient::new(channel(socket).await?);
+/// Kubelet's first pod, offline: the sandbox, then a container of `image`
+/// (its entrypoint), named and logged where kubelet would put them.
+fn pod(socket: &Path, image: &str, boot_id: &str) -> anyhow::Result<()> {
     let uid = format!("preseed-vm-{boot_id}");
-    let log_directory = format!("/var/log/pods/default_preseed-vm_{uid}");
-    let namespaces = cri::NamespaceOption {
-        network: cri::NamespaceMode::Node as i32,
-        pid: cri::NamespaceMode::Pod as i32,
-        ipc: cri::NamespaceMode::Pod as i32,
-        ..Default::default()
+    let log_directory = PathBuf::from(format!("/var/log/pods/default_preseed-vm_{uid}"));
+    let pod = cri::Pod {
+        name: "preseed-vm",
+        uid: &uid,
+        log_directory: Some(&log_directory),
+        container: Some(cri::Container { name: "hello", image, command: &[] }),
     };
-    let config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "preseed-vm".into(),
-            uid: uid.clone(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        log_directory: log_directory.clone(),
-        // Host network: no CNI needed, and no hostname may be set.
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(namespaces.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let started = Instant::now();
-    let sandbox = rs
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
-    let status = rs
-        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: sandbox.clone(), verbose: false })
-        .await
-        .context("PodSandboxStatus")?
-        .into_inner()
-        .status
-        .context("PodSandboxStatus without a status")?;
-    if status.state != cri::PodSandboxState::SandboxReady as i32 {
-        bail!("sandbox {sandbox} is in state {}", status.state);
-    }
-    say(format!("sandbox ready ({:.2}s)", started.elapsed().as_secs_f64()));
-
-    let container = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata { name: "hello".into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
-        log_path: "hello/0.log".into(),
-        linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(namespaces),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let id = rs
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: sandbox.clone(),
-            config: Some(container),
-            sandbox_config: Some(config),
-        })
-        .await
-        .context("CreateContainer")?
-        .into_inner()
-        .container_id;
-    rs.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.context("StartContainer")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        let status = rs
-            .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
-            .await
-            .context("ContainerStatus")?
-            .into_inner()
-            .status
-            .context("ContainerStatus without a status")?;
-        if status.state == cri::ContainerState::ContainerExited as i32 {
-            break status.exit_code;
-        }
-        if Instant::now() > deadline {
-            bail!("container {id} still in state {} after 60s", status.state);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    say(format!("container exit={exit} ({:.2}s)", started.elapsed().as_secs_f64()));
-    // CRI log format: `<time> <stream> <F|P> <text>`.
-    let log = std::fs::read_to_string(format!("{log_directory}/hello/0.log")).context("reading the container log")?;
-    for line in log.lines() {
-        say(format!("container-log {}", line.splitn(4, ' ').nth(3).unwrap_or(line)));
-    }
-    rs.remove_container(cri::RemoveContainerRequest { container_id: id }).await.context("RemoveContainer")?;
-    rs.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sandbox.clone() })
-        .await
-        .context("StopPodSandbox")?;
-    rs.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sandbox })
-        .await
-        .context("RemovePodSandbox")?;
-    Ok(())
+    cri::run_pod(socket, &pod, |seen| match seen {
+        cri::Seen::SandboxReady(t) => say(format!("sandbox ready ({:.2}s)", t.as_secs_f64())),
+        cri::Seen::Exited(code, t) => say(format!("container exit={code} ({:.2}s)", t.as_secs_f64())),
+        cri::Seen::Log(line) => say(format!("container-log {line}")),
+    })
 }
