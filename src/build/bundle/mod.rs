@@ -200,8 +200,6 @@ const LOCK_FILE: &str = ".preseed-bundle.lock";
 /// What every stage reads: the options, and what they and the manifest decide.
 struct Run<'a> {
     opts: &'a BundleOptions,
-    /// The lock on `--out`, for the whole run.
-    _lock: std::fs::File,
     manifest: BundleManifest,
     format: Format,
     verity: bool,
@@ -217,10 +215,9 @@ impl<'a> Run<'a> {
         let manifest = BundleManifest::load(&opts.manifest, strict)?;
         let format = opts.format.unwrap_or(manifest.format);
         let verity = opts.verity || manifest.verity;
-        let lock = lock_out(&opts.out)?;
         let cache = BlobCache::open(&opts.cache)?;
         let registries = Registries::new(&manifest.registries, DockerConfig::from_env().map_err(ResolveError::from)?)?;
-        Ok(Run { opts, _lock: lock, manifest, format, verity, cache, registries: Arc::new(registries) })
+        Ok(Run { opts, manifest, format, verity, cache, registries: Arc::new(registries) })
     }
 
     fn progress(&self) -> Progress {
@@ -382,6 +379,9 @@ async fn bundle_once(opts: &BundleOptions, start: Instant) -> Result<BundleSumma
     let to_check: Vec<_> = images.iter().map(|i| (&i.entry, &i.resolved.root.digest)).collect();
     let signed = crate::build::verify::check_images(&run.registries, &to_check, &run.cache, opts.offline).await?;
     let plan = Plan::new(images, signed, &run.cache);
+    // Nothing is written before the policy is satisfied; from here on, this
+    // run owns `--out`.
+    let _lock = lock_out(&opts.out)?;
     let fetched = fetch::missing_blobs(&run, &plan).await?;
     let (unique_bytes, downloaded_bytes) = (fetched.unique_bytes, fetched.downloaded_bytes);
     let written = write::partition(&run, &plan, fetched)?;
