@@ -141,6 +141,11 @@ impl RootHash {
     pub fn from_file(path: &Path) -> Result<RootHash, RootHashError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| RootHashError::File { path: path.to_path_buf(), source })?;
+        Self::from_text(&text, path)
+    }
+
+    /// [`RootHash::from_file`] of text already read (`path` names it in messages).
+    pub fn from_text(text: &str, path: &Path) -> Result<RootHash, RootHashError> {
         if let Ok(root) = text.trim().parse() {
             return Ok(root);
         }

@@ -7,11 +7,13 @@
 //! * `cargo xtask vm-test [ARGS…]` installs what the VM boot test needs and runs it alone
 //! * `cargo xtask dist [--check]`  builds `target/dist/preseed` and a `.deb`; `--check` installs it, tries it,
 //!   removes it
+//! * `cargo xtask fuzz [--seconds N] [TARGET…]` fuzzes every parser of untrusted bytes (cargo fuzz, libFuzzer)
 
 mod bench;
 mod bundle;
 mod debian;
 mod dist;
+mod fuzz;
 mod test;
 mod vm;
 
@@ -30,7 +32,8 @@ fn main() -> Result<()> {
         "bench" => bench::run(&rest),
         "vm-test" => vm::run(&rest),
         "dist" => dist::run(&rest),
-        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test|dist> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu (six boots) with a preseed partition\n  dist    build target/dist/preseed and its .deb (--check: install, try, remove it)"),
+        "fuzz" => fuzz::run(&rest),
+        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test|dist|fuzz> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu (six boots) with a preseed partition\n  dist    build target/dist/preseed and its .deb (--check: install, try, remove it)\n  fuzz    fuzz every parser of untrusted bytes (--seconds N per target, default 5)"),
     }
 }
 

@@ -9,7 +9,8 @@
 //! prerequisites [`crate::vm::prerequisites`] provides. The signature tests
 //! sign with sid's `cosign` (not in bookworm), fetched the same way and
 //! named by `PRESEED_COSIGN_BIN`. Last, unless given test arguments, it
-//! builds the Debian package and checks it installed ([`crate::dist`]).
+//! builds the Debian package and checks it installed ([`crate::dist`]), and
+//! runs every fuzz target for a few seconds ([`crate::fuzz::smoke`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -131,6 +132,16 @@ pub fn run(args: &[String]) -> Result<()> {
             Ok(()) => {}
         }
         println!("xtask: dist: {} passed, {} failed, {} skipped", counts.passed, counts.failed, counts.ignored);
+        total.add(&counts);
+        // Every fuzz target a few seconds, and every saved crash input again.
+        let mut counts = Counts::default();
+        if let Err(e) = crate::fuzz::smoke(&mut counts) {
+            counts.failed = counts.failed.max(1);
+            failures.push(format!("fuzz: {e:#}"));
+        } else if counts.failed > 0 {
+            failures.push("fuzz: a target crashed (see above)".into());
+        }
+        println!("xtask: fuzz: {} passed, {} failed", counts.passed, counts.failed);
         total.add(&counts);
     }
     println!("xtask: {} passed, {} failed, {} skipped", total.passed, total.failed, total.ignored);

@@ -49,7 +49,7 @@ pub enum ConfigError {
 
 /// Reads `config` (and its imports).
 pub fn read(config: &Path) -> Result<ContentConfig, ConfigError> {
-    let mut out = ContentConfig { root: PathBuf::from(DEFAULT_ROOT), unusable: None };
+    let out = ContentConfig { root: PathBuf::from(DEFAULT_ROOT), unusable: None };
     let main = match std::fs::read_to_string(config) {
         Ok(text) => parse(config, &text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -60,7 +60,20 @@ pub fn read(config: &Path) -> Result<ContentConfig, ConfigError> {
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Io { path: file.clone(), source })?;
         tables.push(parse(&file, &text)?);
     }
-    for t in &tables {
+    content(config, &tables, out)
+}
+
+/// What one configuration file says on its own (its `imports` not
+/// followed): what [`read`] does to each file, for tests and fuzzing.
+pub fn parse_content(config: &Path, text: &str) -> Result<ContentConfig, ConfigError> {
+    let out = ContentConfig { root: PathBuf::from(DEFAULT_ROOT), unusable: None };
+    content(config, &[parse(config, text)?], out)
+}
+
+/// `root` and the content store's usability from the parsed files, later
+/// ones overriding earlier ones.
+fn content(config: &Path, tables: &[toml::Table], mut out: ContentConfig) -> Result<ContentConfig, ConfigError> {
+    for t in tables {
         if let Some(root) = t.get("root").and_then(toml::Value::as_str) {
             out.root = PathBuf::from(root);
         }

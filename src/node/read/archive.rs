@@ -150,8 +150,14 @@ impl Archive {
     /// Opens `path`, decompressing it into a temp file first if it is gzip or
     /// zstd, and indexes its entries.
     pub fn open(path: &Path) -> Result<Archive, ArchiveError> {
+        let file =
+            super::file::open_regular(path).map_err(|source| ArchiveError::Io { path: path.to_path_buf(), source })?;
+        Self::from_file(file, path)
+    }
+
+    /// [`Archive::open`] of a file already open (`path` names it in messages).
+    pub fn from_file(file: File, path: &Path) -> Result<Archive, ArchiveError> {
         let io_err = |source| ArchiveError::Io { path: path.to_path_buf(), source };
-        let file = super::file::open_regular(path).map_err(io_err)?;
         let mut head = [0u8; 4];
         let n = file.read_at(&mut head, 0).map_err(io_err)?;
         let compression = Compression::sniff(&head[..n]);
@@ -227,17 +233,37 @@ fn normalize(name: &str) -> &str {
     n.trim_start_matches('/')
 }
 
-/// Streams a compressed archive once into an unlinked temp file.
+/// Streams a compressed archive once into an unlinked temp file, refusing
+/// one that expands past [`max_expanded`] (a decompression bomb would fill
+/// the disk, or a tmpfs `/tmp`'s memory).
 fn decompress(file: File, compression: Compression) -> io::Result<File> {
+    let limit = max_expanded(file.metadata()?.len());
     let mut out = tempfile::tempfile()?;
     let input = io::BufReader::with_capacity(1 << 20, file);
-    let mut reader: Box<dyn Read> = match compression {
+    let reader: Box<dyn Read> = match compression {
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(input)?),
         Compression::None => Box::new(input),
     };
-    io::copy(&mut reader, &mut out)?;
+    let copied = io::copy(&mut reader.take(limit + 1), &mut out)?;
+    if copied > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "decompresses to more than {limit} bytes, {EXPANSION} times its size: refused (a decompression bomb?)"
+            ),
+        ));
+    }
     Ok(out)
+}
+
+/// How much larger than its compressed size an archive may expand: image
+/// layers are compressed already, so real archives expand a few times at most.
+const EXPANSION: u64 = 32;
+
+/// The most a compressed archive of `len` bytes may expand to.
+pub fn max_expanded(len: u64) -> u64 {
+    len.saturating_mul(EXPANSION).max(64 << 20)
 }
 
 /// Parses an octal (or GNU base-256) numeric header field.

@@ -169,7 +169,9 @@ fn valid_name(name: &str) -> bool {
         })
 }
 
-fn route<B>(catalog: &Catalog, req: &Request<B>) -> Response<Body> {
+/// The answer to one request (any method, any path a client sends): a 4xx
+/// for anything malformed or unknown, never a panic.
+pub fn route<B>(catalog: &Catalog, req: &Request<B>) -> Response<Body> {
     let path = req.uri().path();
     let Some(rest) = path.strip_prefix("/v2").filter(|r| r.is_empty() || r.starts_with('/')) else {
         return error(Code::NoSuchEndpoint, "not a registry API path (they start with /v2/)");
