@@ -561,3 +561,79 @@ fn verity_tree_verifies_and_is_deterministic() {
         assert!(!out.status.success(), "{format}: a damaged image verified");
     }
 }
+
+/// `preseed bundle` killed at points spread over its run, with the previous
+/// release's partition in `--out`: what is left under `preseed.erofs` is
+/// always the previous partition or the new one, byte for byte, never a
+/// torn file; `preseed.json` beside it is whole; and the next run leaves no
+/// temp file of the killed one.
+#[test]
+fn a_bundle_killed_anywhere_leaves_the_old_partition_or_the_new_one() {
+    let Some(reg) = Registry::start() else { return };
+    let host = reg.host();
+    let a = images::push_image(&reg, "kill/a", "1", &[LayerSpec::new(911, 4, 2 << 20)], Media::Oci);
+    let b = images::push_image(&reg, "kill/b", "1", &[LayerSpec::new(912, 4, 2 << 20)], Media::Oci);
+    let head = format!("[registries.\"{host}\"]\ninsecure = true\n");
+    let image = |name: &str, digest: &str| format!("\n[[image]]\nref = \"{host}/kill/{name}:1@{digest}\"\n");
+    let v1 = format!("{head}{}", image("a", &a.manifest_digest));
+    let v2 = format!("{v1}{}", image("b", &b.manifest_digest));
+    let dir = tempfile::tempdir().unwrap();
+    // The reference bytes of each release, from clean runs.
+    let reference = |text: &str, name: &str| {
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        let (bundled, out) = bundle(&dir.path().join(name), text, &[]);
+        ok("preseed bundle", &out);
+        std::fs::read(bundled.out.join("preseed.erofs")).unwrap()
+    };
+    let (r1, r2) = (reference(&v1, "ref1"), reference(&v2, "ref2"));
+    let work = dir.path().join("work");
+    let cache = dir.path().join("ref2/cache");
+    let run = |text: &str| {
+        let manifest = work.join("bundles.toml");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(&manifest, text).unwrap();
+        cli::command()
+            .args(["bundle", "--no-progress", "--manifest"])
+            .arg(&manifest)
+            .arg("--out")
+            .arg(work.join("out"))
+            .arg("--cache")
+            .arg(&cache)
+            .env("HOME", "/nonexistent")
+            .env_remove("DOCKER_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let out = work.join("out");
+    // How long a warm run takes: the cuts are spread over it.
+    let started = std::time::Instant::now();
+    assert!(run(&v2).wait().unwrap().success());
+    let clean = started.elapsed();
+    let mut kept = [0, 0];
+    for i in 0..8u32 {
+        // The previous release in place (warm cache: nothing to fetch), then v2 killed.
+        assert!(run(&v1).wait().unwrap().success());
+        assert_eq!(std::fs::read(out.join("preseed.erofs")).unwrap(), r1, "v1 is in place before cut {i}");
+        let mut child = run(&v2);
+        std::thread::sleep(clean.mul_f64(f64::from(i) / 5.0));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let left = std::fs::read(out.join("preseed.erofs")).unwrap();
+        assert!(left == r1 || left == r2, "cut {i}: preseed.erofs is neither release ({} bytes)", left.len());
+        kept[usize::from(left == r2)] += 1;
+        let index = std::fs::read(out.join("preseed.json")).unwrap();
+        PartitionIndex::from_json(&index).unwrap_or_else(|e| panic!("cut {i}: preseed.json is torn: {e}"));
+        // The next run completes, and nothing of the killed one is left.
+        assert!(run(&v2).wait().unwrap().success());
+        assert_eq!(std::fs::read(out.join("preseed.erofs")).unwrap(), r2, "cut {i}: the rerun");
+        let stray: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".partial") || n.ends_with(".tmp") || n.starts_with(".preseed-erofs-"))
+            .collect();
+        assert!(stray.is_empty(), "cut {i}: left behind: {stray:?}");
+    }
+    eprintln!("8 cuts over {clean:?}: {} left the previous partition, {} the new one", kept[0], kept[1]);
+}

@@ -101,3 +101,31 @@ fn missing_or_bad_verify_keys_name_their_line() {
     let text = "[verify]\nkeys = []\nsigners = []\n";
     assert_fails(text, "bundles.toml:3: unknown field `signers`");
 }
+
+#[test]
+fn an_empty_manifest_is_refused() {
+    assert_fails("# nothing yet\n", "bundles.toml:2: no [[image]] entries: nothing to bundle");
+    assert_fails("[partition]\nformat = \"erofs\"\n", "no [[image]] entries");
+}
+
+#[test]
+fn misspelled_platforms_name_their_line() {
+    let text = format!("[partition]\nplatforms = [\"linx/amd64\"]\n\n[[image]]\nref = \"HOST/a:1@{D}\"\n");
+    assert_fails(&text, "bundles.toml:2: platform \"linx/amd64\": unknown os \"linx\"");
+    let text = format!("[[image]]\nref = \"HOST/a:1@{D}\"\nplatforms = [\"linux/amd64\",\n  \"linux/arm65/v8\"]\n");
+    assert_fails(&text, "bundles.toml:4: platform \"linux/arm65/v8\": unknown architecture \"arm65\"");
+    let text = format!("[[image]]\nref = \"HOST/a:1@{D}\"\nplatforms = [\"linux/arm64/v7\"]\n");
+    assert_fails(&text, "unknown variant \"v7\"");
+}
+
+#[test]
+fn an_in_tree_build_for_another_platform_is_refused() {
+    let host = preseed::oci::Platform::host();
+    let other = if host.architecture == "arm64" { "linux/amd64" } else { "linux/arm64" };
+    let text = format!("[[image]]\nbuild = \"hello\"\nref = \"preseed.local/hello:0.1\"\nplatforms = [\"{other}\"]\n");
+    assert_fails(&text, &format!("bundles.toml:4: image \"preseed.local/hello:0.1\": build = \"hello\" is compiled for this machine's platform ({host}) only, not {other}"));
+    let text = format!(
+        "[partition]\nplatforms = [\"{other}\"]\n[[image]]\nbuild = \"hello\"\nref = \"preseed.local/hello:0.1\"\n"
+    );
+    assert_fails(&text, "which [partition] platforms leaves out");
+}

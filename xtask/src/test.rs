@@ -37,6 +37,7 @@ const PACKAGES: &[(&str, &str)] = &[
 /// The tests that start a containerd: (test target, name filter).
 const CONTAINERD_SUITES: &[(&str, Option<&str>)] = &[
     ("load", None),
+    ("hostile", None),
     ("place", None),
     ("overlay", None),
     ("boot", None),

@@ -209,6 +209,10 @@ pub struct PlaceReport {
     /// Blobs not placed because their bytes are wrong (with `--overlay`:
     /// hidden from containerd).
     pub damaged: Vec<Damaged>,
+    /// Tarballs not placed at all, and why: entries `preseed.json` shows to
+    /// be unusable, tarballs that cannot be read (as `load` refuses them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
     /// `--overlay`: the partition was mounted under the store, not copied.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub overlay: bool,
@@ -239,7 +243,7 @@ impl PlaceReport {
     /// containerd must start (the damaged image then fails its load), so
     /// damaged and lost blobs are reported but the exit status is 0.
     pub fn failed(&self) -> bool {
-        !self.overlay && !self.damaged.is_empty()
+        !self.overlay && !(self.damaged.is_empty() && self.unreadable.is_empty())
     }
 
     /// Machine-readable report.
@@ -251,6 +255,9 @@ impl PlaceReport {
     pub fn print_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
         for w in &self.warnings {
             writeln!(out, "warning: {w}")?;
+        }
+        for u in &self.unreadable {
+            writeln!(out, "unreadable {u}; not placed (preseed load fails it the same way)")?;
         }
         for d in &self.damaged {
             let what = if self.overlay { "hidden from containerd" } else { "not placed" };
@@ -339,7 +346,7 @@ fn copy_all(
     report.source = opened.id().to_string();
     let listing = source::list(opened.root())?;
     report.warnings.extend(listing.warnings.iter().cloned());
-    report.warnings.extend(listing.refused.iter().map(|r| format!("{r}; not placed")));
+    report.unreadable.extend(listing.refused.iter().map(|r| r.to_string()));
 
     // Every blob of every tarball, once.
     let mut archives = Vec::new();
@@ -348,7 +355,7 @@ fn copy_all(
         let archive = match Archive::open(&img.path) {
             Ok(a) => a,
             Err(e) => {
-                report.warnings.push(format!("{}: not placed: {e}", img.rel));
+                report.unreadable.push(format!("{}: {e}", img.rel));
                 continue;
             }
         };

@@ -38,7 +38,7 @@ pub enum SourceError {
 
 /// An image of `preseed.json` that is not read or imported (the others are).
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{index}: image {image:?}: {why}", index = .index.display())]
+#[error("{index}: image {image:?} ({rel}): {why}", index = .index.display())]
 pub struct Refused {
     /// The index file.
     pub index: PathBuf,
