@@ -165,8 +165,9 @@ fn locate_named(device: &Path, shown: &Path) -> Result<TreeLocation, VerityError
     if sb.data_block_size as u64 != BLOCK || sb.hash_block_size as u64 != BLOCK {
         return Err(unsupported(format!("blocks of {} and {} bytes", sb.data_block_size, sb.hash_block_size)));
     }
-    // The tree must cover the whole filesystem, exactly.
-    if sb.data_blocks * BLOCK != hash_offset {
+    // The tree must cover the whole filesystem, exactly (a crafted block
+    // count must not wrap around to match).
+    if sb.data_blocks.checked_mul(BLOCK) != Some(hash_offset) {
         return Err(unsupported(format!(
             "it covers {} blocks, the filesystem has {}",
             sb.data_blocks,
@@ -322,6 +323,23 @@ mod tests {
         std::fs::write(f.path(), fs).unwrap();
         let info = crate::build::write::verity::append(f.path(), &salt, &[9; 16]).unwrap();
         (f, info.root_hash.parse().unwrap())
+    }
+
+    /// Found by `cargo xtask fuzz` (target `verity`): a verity superblock
+    /// whose block count times 4096 overflows 64 bits; kept in
+    /// `fuzz/regressions/verity/` too.
+    #[test]
+    fn a_block_count_that_overflows_is_unsupported() {
+        let mut img = vec![0u8; 8192];
+        img[1024..1028].copy_from_slice(&0xE0F5_E1E2u32.to_le_bytes());
+        img[1024 + 12] = 12;
+        img[1024 + 36..1024 + 40].copy_from_slice(&1u32.to_le_bytes());
+        img[4096..8192].copy_from_slice(&verity::superblock(300, &[5; 32], &[6; 16]));
+        img[4096 + 72..4096 + 80].copy_from_slice(&0x2000_0000_0000_012cu64.to_le_bytes());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &img).unwrap();
+        let e = locate(f.path()).unwrap_err();
+        assert!(e.to_string().contains("it covers 2305843009213694252 blocks, the filesystem has 1"), "{e}");
     }
 
     fn squashfs(len: usize) -> Vec<u8> {
