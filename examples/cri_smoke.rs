@@ -17,7 +17,13 @@
 //! * `PRESEED-VM: image <name> pinned=<true|false>`  every name CRI lists
 //! * `PRESEED-VM: sandbox ready` / `PRESEED-VM: container exit=<code>` / `PRESEED-VM: container-log <line>`
 //! * `PRESEED-VM: error <what>`
-//! * `PRESEED-VM: journal <line>`  the preseed-load and containerd journal of this boot
+//! * `PRESEED-VM: check <name> <status>`  `ctr images check` of every image in `k8s.io`
+//! * `PRESEED-VM: lease <namespace> <id>` / `PRESEED-VM: ingest <namespace> <ref>`  every
+//!   lease and unfinished content write containerd holds
+//! * `PRESEED-VM: temp <path>`  a temp file or directory of preseed's under containerd's root
+//! * `PRESEED-VM: overlay consistent` / `overlay inconsistent <why>` / `overlay none`  whether
+//!   `place --overlay`'s state names the partition mounted as the lower layer
+//! * `PRESEED-VM: journal <line>`  the preseed-load, containerd and settle journal of this boot
 //! * `PRESEED-VM: done`  last line
 //!
 //! Usage: `cri_smoke [--socket PATH] [--image REF] [--as UNIT]`.
@@ -93,7 +99,7 @@ fn main() {
     while load_state() == "running" && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    for unit in ["containerd.service", "preseed-load.service"] {
+    for unit in ["containerd.service", "preseed-load.service", "preseed-vm-settle.service"] {
         let props = output(Command::new("systemctl").args(["show", "-p", "ActiveState", "-p", "Result", unit]));
         let get = |k: &str| {
             props.lines().find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('='))).unwrap_or("?").to_string()
@@ -115,12 +121,15 @@ fn main() {
         }
         Err(e) => say(format!("error listing images: {e:#}")),
     }
+    containerd_state();
     let journal = output(Command::new("journalctl").args([
         "-b",
         "-u",
         "preseed-load.service",
         "-u",
         "containerd.service",
+        "-u",
+        "preseed-vm-settle.service",
         "-o",
         "short-monotonic",
         "--no-pager",
@@ -129,6 +138,67 @@ fn main() {
         say(format!("journal {line}"));
     }
     say("done");
+}
+
+/// What is left in containerd and its root after this boot's preseed runs:
+/// images and whether they are complete, leases, unfinished writes, preseed's
+/// temp files, and whether the overlay's state matches its mount (for the
+/// power-cut test, which requires that a recovery boot leaves none of them).
+fn containerd_state() {
+    let ctr = |args: &[&str]| output(Command::new("ctr").args(args));
+    for line in ctr(&["-n", "k8s.io", "images", "check"]).lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() >= 4 {
+            say(format!("check {} {}", cols[0], cols[3]));
+        }
+    }
+    for ns in ctr(&["namespaces", "ls", "-q"]).lines() {
+        for id in ctr(&["-n", ns, "leases", "ls", "-q"]).lines() {
+            say(format!("lease {ns} {id}"));
+        }
+        for line in ctr(&["-n", ns, "content", "active"]).lines().skip(1) {
+            if let Some(r) = line.split_whitespace().next() {
+                say(format!("ingest {ns} {r}"));
+            }
+        }
+    }
+    let root = Path::new("/var/lib/containerd");
+    let content = root.join("io.containerd.content.v1.content");
+    let state = root.join("preseed-overlay");
+    let mut candidates: Vec<PathBuf> =
+        ["preseed-place.tmp", "preseed-settle.tmp"].iter().map(|n| content.join(n)).collect();
+    candidates.extend(["preseed-place.tmp", "preseed-settle.tmp"].iter().map(|n| state.join("upper").join(n)));
+    candidates.push(state.join("tmp"));
+    if let Ok(entries) = std::fs::read_dir(&state) {
+        candidates.extend(
+            entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp")).map(|e| e.path()),
+        );
+    }
+    for c in candidates.iter().filter(|c| c.exists()) {
+        say(format!("temp {}", c.display()));
+    }
+    let Ok(recorded) = std::fs::read(state.join("lower.json")) else {
+        say("overlay none");
+        return;
+    };
+    let recorded: serde_json::Value = serde_json::from_slice(&recorded).unwrap_or_default();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounted_as = |dir: &Path| {
+        mounts.lines().rev().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            (Path::new(f.get(4)?) == dir).then(|| f.get(dash + 1).map(|s| s.to_string()).unwrap_or_default())
+        })
+    };
+    let index = std::fs::read(state.join("lower/preseed.json")).map(|b| preseed::digest::Digest::of(&b).to_string());
+    let want = recorded["index"].as_str().unwrap_or("?");
+    match (mounted_as(&content).as_deref(), index) {
+        (Some("overlay"), Ok(found)) if found == want => say("overlay consistent"),
+        (Some("overlay"), Ok(found)) => {
+            say(format!("overlay inconsistent lower.json names {want}, the lower is {found}"))
+        }
+        (fs, _) => say(format!("overlay inconsistent content directory mounted as {fs:?}, lower.json exists")),
+    }
 }
 
 /// Kubelet's first pod, offline: the sandbox, then a container of `image`

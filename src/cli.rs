@@ -94,12 +94,11 @@ pub enum Command {
         update: bool,
     },
     /// Import a partition's images into containerd (the node side, at boot).
-    #[cfg(feature = "containerd")]
     Load {
         #[command(flatten)]
         from: SourceArgs,
         /// containerd's gRPC socket.
-        #[arg(long, default_value = crate::node::load::DEFAULT_ADDRESS)]
+        #[arg(long, default_value = crate::node::DEFAULT_ADDRESS)]
         address: PathBuf,
         /// Seconds to wait for containerd's socket.
         #[arg(long, default_value_t = 60)]
@@ -195,14 +194,14 @@ impl Command {
     /// Whether the command runs on the node (at boot, beside the workloads)
     /// rather than on a build machine.
     pub fn is_node_side(&self) -> bool {
-        match self {
-            #[cfg(feature = "containerd")]
-            Command::Load { .. } => true,
-            Command::Place { .. } | Command::Settle { .. } | Command::Serve { .. } => true,
-            _ => false,
-        }
+        matches!(self, Command::Load { .. } | Command::Place { .. } | Command::Settle { .. } | Command::Serve { .. })
     }
 }
+
+/// What `load` says in a binary built without the loader.
+pub const NO_LOADER: &str = "this preseed was built without the loader (the `containerd` cargo feature: `cargo xtask \
+    bundle` builds it so, to need no protoc); the full binary is target/dist/preseed from `cargo xtask dist`, or build \
+    it with `cargo build --release` (its gRPC bindings need protoc: apt-get install protobuf-compiler)";
 
 /// `--verity-root-hash HEX | --verity-root-hash-file F` (load, place, inspect).
 #[derive(clap::Args)]

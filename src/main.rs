@@ -105,6 +105,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             println!("{} reference(s) pinned", changes.len());
         }
+        #[cfg(not(feature = "containerd"))]
+        Command::Load { .. } => anyhow::bail!("{}", preseed::cli::NO_LOADER),
         #[cfg(feature = "containerd")]
         Command::Load { from, address, timeout, jobs, unpack, snapshotter, json, verity } => {
             let mut opts = preseed::node::load::LoadOptions::new(from.source());

@@ -13,6 +13,9 @@
 //! (`crate::build`), and nothing here talks to a registry.* Every syscall
 //! beyond plain file I/O goes through [`sys`], the seam tests swap.
 
+/// containerd's default socket.
+pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+
 pub mod diff;
 pub mod inspect;
 #[cfg(feature = "containerd")]

@@ -22,6 +22,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Ok(s) if s > 0.0 && s.is_finite() => {}
         _ => bail!("--scale must be a positive number, not {scale}"),
     }
+    crate::install_missing(&[("protobuf-compiler", "protoc")], "cargo xtask bench")?;
     let root = crate::workspace_root()?;
     // Load rows for every containerd version the tests cover.
     let versions = crate::test::containerds(&root.join("target"))?;

@@ -18,9 +18,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::Counts;
 
-/// Debian packages the build needs (package, a binary it ships).
-/// (`protoc` need not be installed: [`crate::protoc`] has a vendored one.)
-const BUILD_PACKAGES: &[(&str, &str)] = &[("binutils", "strip"), ("dpkg", "dpkg-deb")];
+/// Debian packages the build needs (package, a binary it ships): the
+/// loader's gRPC bindings are generated with `protoc`.
+const BUILD_PACKAGES: &[(&str, &str)] = &[("binutils", "strip"), ("dpkg", "dpkg-deb"), ("protobuf-compiler", "protoc")];
 
 /// And the check: `containerd.service` is what `preseed-load.service` requires.
 const CHECK_PACKAGES: &[(&str, &str)] =

@@ -4,7 +4,8 @@
 //! * `cargo xtask test [ARGS…]`   installs what the tests need (as root, with apt-get) and runs every test,
 //!   the node-side ones on containerd 1.6, 1.7 and 2.x
 //! * `cargo xtask bench [--scale S]` benchmarks against the tools users would use instead
-//! * `cargo xtask vm-test [ARGS…]` installs what the VM boot test needs and runs it alone
+//! * `cargo xtask vm-test [--power-cuts N --seed S] [ARGS…]` installs what the VM boot test needs and runs it
+//!   alone (with `--power-cuts`, N power cuts spread over a node's phases)
 //! * `cargo xtask dist [--check]`  builds `target/dist/preseed` and a `.deb`; `--check` installs it, tries it,
 //!   removes it
 //! * `cargo xtask fuzz [--seconds N] [TARGET…]` fuzzes every parser of untrusted bytes (cargo fuzz, libFuzzer)
@@ -33,7 +34,7 @@ fn main() -> Result<()> {
         "vm-test" => vm::run(&rest),
         "dist" => dist::run(&rest),
         "fuzz" => fuzz::run(&rest),
-        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test|dist|fuzz> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu (six boots) with a preseed partition\n  dist    build target/dist/preseed and its .deb (--check: install, try, remove it)\n  fuzz    fuzz every parser of untrusted bytes (--seconds N per target, default 5)"),
+        _ => bail!("usage: cargo xtask <bundle|test|bench|vm-test|dist|fuzz> [ARGS…]\n  bundle  build target/preseed/preseed.erofs from bundles.toml\n  test    install test prerequisites and run every test\n  bench   compare against skopeo + mksquashfs and ctr import\n  vm-test boot a Debian VM under qemu with a preseed partition (--power-cuts N --seed S: cut its power N times)\n  dist    build target/dist/preseed and its .deb (--check: install, try, remove it)\n  fuzz    fuzz every parser of untrusted bytes (--seconds N per target, default 5)"),
     }
 }
 
@@ -106,14 +107,10 @@ pub fn run_status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// `PROTOC` for crates whose build scripts need it: the system one if
-/// installed, else the binary shipped in the protoc-bin-vendored crate.
+/// `PROTOC` for crates whose build scripts need it, when set; else the
+/// build scripts find `protoc` on PATH (Debian's protobuf-compiler, which
+/// every command that builds the loader installs, as it does its other tools).
+/// `cargo xtask bundle` builds preseed without the loader: no protoc at all.
 pub fn protoc() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PROTOC") {
-        return Some(p.into());
-    }
-    if Command::new("protoc").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return None;
-    }
-    protoc_bin_vendored::protoc_bin_path().ok()
+    std::env::var_os("PROTOC").map(PathBuf::from)
 }

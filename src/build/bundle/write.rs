@@ -109,9 +109,23 @@ pub(super) fn partition(run: &Run<'_>, plan: &Plan, fetched: Fetched) -> Result<
 }
 
 /// `preseed.json` beside the image (saying where its verity tree is, which
-/// the copy inside cannot), and `preseed.roothash` for a verity image.
+/// the copy inside cannot), and `preseed.roothash` for a verity image. An
+/// image of the other format from an earlier run goes: the directory's one
+/// `preseed.json` must describe the one image in it.
 pub(super) fn index_beside(run: &Run<'_>, written: &Written) -> Result<(), BundleError> {
     let out = &run.opts.out;
+    for other in [Format::Erofs, Format::Squashfs].into_iter().filter(|f| *f != run.format) {
+        let image = out.join(format!("preseed.{}", other.extension()));
+        if image.exists() {
+            std::fs::remove_file(&image).map_err(io_err(&image))?;
+            let _ = std::fs::remove_file(Stamp::path(&image));
+            run.progress().line(&format!(
+                "removed {} (this directory now holds the {} image; preseed.json describes it)",
+                image.display(),
+                run.format
+            ));
+        }
+    }
     let outside = PartitionIndex { verity: written.verity.clone(), ..written.index.clone() }.to_json();
     write_atomically(&out.join(INDEX_FILE), &outside)?;
     let roothash_path = out.join("preseed.roothash");

@@ -80,8 +80,7 @@ use crate::node::read::source;
 pub use crate::partition::verity::RootHash;
 pub use report::{ImageReport, LoadReport, Outcome, StaleLease, Unpinned};
 
-/// containerd's default socket.
-pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+pub use crate::node::DEFAULT_ADDRESS;
 /// The CRI label that keeps kubelet's image GC away from an image.
 pub const LABEL_PINNED: &str = "io.cri-containerd.pinned";
 /// Its value.

@@ -53,7 +53,7 @@ pub const META_DB: &str = "io.containerd.metadata.v1.bolt/meta.db";
 /// Where blobs are written before they are renamed into place (inside the
 /// content store, so the rename stays on one filesystem; containerd only
 /// looks at `blobs/` and `ingest/`).
-const TEMP_DIR: &str = "preseed-place.tmp";
+pub(super) const TEMP_DIR: &str = "preseed-place.tmp";
 /// Read and hash in pieces of this size: memory stays bounded per core.
 const PIECE: usize = 1 << 20;
 
@@ -243,7 +243,8 @@ impl PlaceReport {
     /// containerd must start (the damaged image then fails its load), so
     /// damaged and lost blobs are reported but the exit status is 0.
     pub fn failed(&self) -> bool {
-        !self.overlay && !(self.damaged.is_empty() && self.unreadable.is_empty())
+        let damage = !self.damaged.is_empty() || !self.unreadable.is_empty();
+        !self.overlay && damage
     }
 
     /// Machine-readable report.

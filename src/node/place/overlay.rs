@@ -144,6 +144,7 @@ pub fn overlay_with(
     }
     mkdir(&l.state, 0o700)?;
     mkdir(&l.lower, 0o700)?;
+    clear_leftovers(&l)?;
     // Left mounted by a run that stopped before the overlay was mounted.
     if mount::fs_type_at(&l.lower).is_some() {
         sys.unmount(&l.lower).map_err(io_err(&l.lower))?;
@@ -374,6 +375,30 @@ fn check(path: &Path, hex: &str) -> Result<Option<String>, PlaceError> {
     }
     let found = hasher.finish();
     Ok((found.hex() != hex).then(|| format!("bytes that hash to {found}")))
+}
+
+/// Removes what a run cut short (a power cut, a kill) left, before the
+/// overlay is mounted: the temp directory of `--previous` copies, a state
+/// file never renamed into place, and the temp directories `settle` (or a
+/// copying place) left in the upper layer. None was ever named as a blob.
+fn clear_leftovers(l: &Layout) -> Result<(), PlaceError> {
+    let mut stale = vec![l.state.join("tmp")];
+    stale.extend([super::TEMP_DIR, super::settle::TEMP_DIR].iter().map(|n| l.upper.join(n)));
+    for entry in std::fs::read_dir(&l.state).map_err(io_err(&l.state))? {
+        let entry = entry.map_err(io_err(&l.state))?;
+        if entry.file_name().to_string_lossy().starts_with(".tmp") {
+            stale.push(entry.path());
+        }
+    }
+    for path in stale {
+        let removed = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+            Ok(_) => std::fs::remove_file(&path),
+            Err(_) => continue,
+        };
+        removed.map_err(io_err(&path))?;
+    }
+    Ok(())
 }
 
 /// Removes every whiteout (character device 0:0) in `dir`.

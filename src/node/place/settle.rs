@@ -34,7 +34,7 @@ use crate::partition::index::CONTENT_DIR as PARTITION_CONTENT;
 /// Where settle writes before renaming into the store (inside the merged
 /// content directory: one filesystem; containerd only looks at `blobs/`
 /// and `ingest/`).
-const TEMP_DIR: &str = "preseed-settle.tmp";
+pub(super) const TEMP_DIR: &str = "preseed-settle.tmp";
 /// Held (flock) while settling: one settle at a time per root.
 const LOCK_FILE: &str = "settle.lock";
 
