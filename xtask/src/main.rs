@@ -44,6 +44,10 @@ pub struct Counts {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
+    /// Tests that did not run, with why (ignored, skipped).
+    pub skipped: Vec<String>,
+    /// Test binaries that did not finish (crashed, or never built).
+    pub not_run: Vec<String>,
 }
 
 impl Counts {
@@ -51,6 +55,8 @@ impl Counts {
         self.passed += o.passed;
         self.failed += o.failed;
         self.ignored += o.ignored;
+        self.skipped.extend(o.skipped.iter().cloned());
+        self.not_run.extend(o.not_run.iter().cloned());
     }
 }
 

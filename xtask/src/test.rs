@@ -14,7 +14,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
@@ -102,12 +102,18 @@ pub fn run(args: &[String]) -> Result<()> {
                 runs.push(r);
             }
         }
+        // The dm-verity tests (ignored: they need device-mapper), where this
+        // kernel has it; elsewhere they stay counted as skipped.
+        if device_mapper() {
+            runs.push(["--test", "verity", "--", "--ignored"].map(String::from).to_vec());
+        }
         println!("xtask: containerd {} from {}", v.label, v.bin.display());
         let mut counts = Counts::default();
         for r in runs {
             let extra: &[String] = if r[0] == "--workspace" { &args } else { &[] };
             let mut cmd = crate::cargo();
-            cmd.current_dir(&root).arg("test").args(&r).args(extra).env("PRESEED_CONTAINERD_BIN", &v.bin);
+            cmd.current_dir(&root).args(["test", "--no-fail-fast"]).args(&r).args(extra);
+            cmd.env("PRESEED_CONTAINERD_BIN", &v.bin);
             cmd.env("PRESEED_COSIGN_BIN", &cosign);
             // The VM test's mmdebstrap fetches from the machine's own mirror.
             cmd.env("PRESEED_VM_MIRROR", crate::debian::system_mirror());
@@ -145,26 +151,79 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("xtask: fuzz: {} passed, {} failed", counts.passed, counts.failed);
         total.add(&counts);
     }
-    println!("xtask: {} passed, {} failed, {} skipped", total.passed, total.failed, total.ignored);
+    for s in &total.skipped {
+        println!("xtask: skipped: {s}");
+    }
+    for n in &total.not_run {
+        println!("xtask: NOT RUN: {n}");
+    }
+    println!(
+        "xtask: {} passed, {} failed, {} skipped{}",
+        total.passed,
+        total.failed,
+        total.ignored,
+        if total.not_run.is_empty() {
+            String::new()
+        } else {
+            format!(", {} test binaries did not finish", total.not_run.len())
+        }
+    );
     if !failures.is_empty() {
         bail!("{}", failures.join("\n"));
     }
     Ok(())
 }
 
-/// Runs one `cargo test`, passing its output through and adding up its
-/// per-binary results.
+/// Whether this kernel has device-mapper (the dm-verity tests need it).
+fn device_mapper() -> bool {
+    let has =
+        || std::fs::read_to_string("/proc/misc").unwrap_or_default().lines().any(|l| l.ends_with("device-mapper"));
+    if !has() {
+        let _ = Command::new("modprobe").arg("dm_mod").output();
+    }
+    has()
+}
+
+/// Runs one `cargo test --no-fail-fast`, passing its output through and
+/// adding up its per-binary results: what passed, failed and was skipped
+/// (by name), and which test binaries never reported (crashed, or the
+/// build failed) — so that a failure early on hides nothing that did not run.
 fn cargo_test(mut cmd: Command, counts: &mut Counts) -> Result<()> {
     if let Some(protoc) = crate::protoc() {
         cmd.env("PROTOC", protoc);
     }
-    cmd.stdout(Stdio::piped());
+    // cargo's "Running <binary>" (stderr) and the binaries' results (stdout)
+    // through one pipe, in the order they happen.
+    let (reader, writer) = std::io::pipe()?;
+    cmd.stdout(writer.try_clone()?).stderr(writer);
     let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    drop(cmd);
     let (passed, failed, ignored) = (&mut counts.passed, &mut counts.failed, &mut counts.ignored);
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+    let mut current: Option<(String, bool)> = None;
+    let mut ran_any = false;
+    for line in BufReader::new(reader).lines() {
         let line = line?;
         println!("{line}");
+        if let Some(rest) = line.strip_prefix("     Running ").filter(|_| line.ends_with(')')) {
+            if let Some((binary, false)) = current.take() {
+                counts.not_run.push(format!("{binary}: ended without a result (crashed?)"));
+            }
+            current = Some((rest.split(" (").next().unwrap_or(rest).to_string(), false));
+            ran_any = true;
+        }
+        if let Some(rest) = line.strip_prefix("test ").and_then(|r| r.split_once(" ... ignored")) {
+            let why = rest.1.trim_start_matches(", ");
+            let binary = current.as_ref().map_or("?", |(b, _)| b.as_str());
+            counts.skipped.push(format!(
+                "{binary}: {}{}",
+                rest.0,
+                if why.is_empty() { String::new() } else { format!(" ({why})") }
+            ));
+        }
         if let Some(counts) = line.strip_prefix("test result: ") {
+            if let Some((_, got)) = current.as_mut() {
+                *got = true;
+            }
             for part in counts.split(['.', ';']) {
                 let mut words = part.split_whitespace();
                 if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
@@ -178,9 +237,15 @@ fn cargo_test(mut cmd: Command, counts: &mut Counts) -> Result<()> {
             }
         }
     }
+    if let Some((binary, false)) = current.take() {
+        counts.not_run.push(format!("{binary}: ended without a result (crashed?)"));
+    }
     let status = child.wait()?;
     if !status.success() {
-        bail!("{cmd:?} failed: {status}");
+        if !ran_any {
+            counts.not_run.push("the test build failed: no test ran".into());
+        }
+        bail!("cargo test failed: {status}");
     }
     Ok(())
 }

@@ -514,7 +514,28 @@ fn explain(host: &str, e: &OciDistributionError, configs: &BTreeMap<String, Regi
         OciDistributionError::RequestError(re) if re.is_connect() && text.contains("certificate") => {
             format!("its TLS certificate is not trusted: add the CA that signed it as `ca = \"path/to/ca.pem\"` under `[registries.{host:?}]`")
         }
-        OciDistributionError::RequestError(re) if re.is_connect() => {
+        OciDistributionError::RequestError(re)
+            if re.is_connect()
+                && ["dns error", "failed to lookup address", "Name or service not known"]
+                    .iter()
+                    .any(|m| text.contains(m)) =>
+        {
+            format!("cannot resolve the host name of {host:?}: check its spelling in bundles.toml and this machine's DNS; offline, bundle with --offline from a filled cache")
+        }
+        OciDistributionError::RequestError(re) if re.is_connect() && text.contains("Connection refused") => {
+            format!("nothing answers on {host:?} (connection refused): is the registry running, and is the port right?")
+        }
+        OciDistributionError::RequestError(re)
+            if re.is_connect()
+                && ["InvalidContentType", "corrupt message", "wrong version number", "HTTP response to HTTPS"]
+                    .iter()
+                    .any(|m| text.contains(m)) =>
+        {
+            format!(
+                "{host:?} does not speak HTTPS: for a plain-HTTP registry set `[registries.{host:?}] insecure = true`"
+            )
+        }
+        OciDistributionError::RequestError(re) if re.is_connect() || re.is_timeout() => {
             let insecure = configs.get(host).is_some_and(|c| c.insecure);
             if insecure {
                 "cannot connect: is the registry running and reachable?".to_string()

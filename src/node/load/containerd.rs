@@ -49,7 +49,7 @@ pub fn describe(status: &Status) -> String {
 /// containerd could not be reached.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "containerd is not answering on {socket} (waited {waited:?}): {last_error}; \
+    "containerd is not answering on {socket} (waited {waited:.0?}): {last_error}; \
      is containerd running, and is this its socket (--address)?"
 )]
 pub struct Unreachable {
@@ -127,10 +127,14 @@ impl Client {
                     }
                 }
                 Err(e) => {
+                    // Each cause once: tonic repeats the OS error at two levels.
                     let mut msg = e.to_string();
                     let mut src = std::error::Error::source(&e);
                     while let Some(s) = src {
-                        msg = format!("{msg}: {s}");
+                        let cause = s.to_string();
+                        if !msg.contains(&cause) {
+                            msg = format!("{msg}: {cause}");
+                        }
                         src = s.source();
                     }
                     msg
