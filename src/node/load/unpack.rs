@@ -14,10 +14,46 @@ use crate::node::read::archive::Archive;
 use crate::node::read::image::{ArchiveImage, PlatformManifest};
 use crate::oci::Platform;
 
-/// Unpacking failed: what went wrong, in words.
+/// Why unpacking failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UnpackError(String);
+pub enum UnpackError {
+    /// The host manifest's config cannot be had or read.
+    #[error("config {digest}: {why}")]
+    Config {
+        /// The config's digest.
+        digest: Digest,
+        /// What is wrong.
+        why: String,
+    },
+    /// The config's layers and the manifest's do not match.
+    #[error("config {digest} lists {diff_ids} diff_ids for {layers} layers")]
+    DiffIds {
+        /// The config's digest.
+        digest: Digest,
+        /// How many it lists.
+        diff_ids: usize,
+        /// How many layers the manifest has.
+        layers: usize,
+    },
+    /// A layer does not unpack to what the config says.
+    #[error("layer {layer} unpacks to {found}, config says {expected}")]
+    Layer {
+        /// The layer.
+        layer: Digest,
+        /// What it unpacked to.
+        found: String,
+        /// The config's diff_id.
+        expected: Digest,
+    },
+    /// containerd refused a call.
+    #[error("{op}: {message}")]
+    Containerd {
+        /// The call.
+        op: &'static str,
+        /// containerd's answer, described.
+        message: String,
+    },
+}
 
 /// What unpacking an image needs: its host manifest, its layers' diff IDs
 /// and chain IDs. Found by [`plan`]; carried out by [`apply`].
@@ -66,12 +102,16 @@ fn host_manifest<'a>(
                 continue;
             }
         }
-        let entry = archive
-            .blob(&m.config.digest)
-            .ok_or_else(|| UnpackError(format!("config {} not in the archive", m.config.digest)))?;
-        let bytes = archive.read_entry(entry).map_err(|e| UnpackError(e.to_string()))?;
-        let config: Config =
-            serde_json::from_slice(&bytes).map_err(|e| UnpackError(format!("config {}: {e}", m.config.digest)))?;
+        let bad = |why: String| UnpackError::Config { digest: m.config.digest.clone(), why };
+        // Untrusted like any blob: capped, and checked against its digest before it is parsed.
+        let bytes = archive
+            .read(&m.config.digest.layout_path(), crate::node::read::image::MAX_JSON)
+            .map_err(|e| bad(e.to_string()))?;
+        let found = Digest::of(&bytes);
+        if found != m.config.digest {
+            return Err(bad(format!("its bytes hash to {found}")));
+        }
+        let config: Config = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
         if (config.os.is_empty() || config.os == host.os)
             && (config.architecture.is_empty() || config.architecture == host.architecture)
         {
@@ -82,7 +122,7 @@ fn host_manifest<'a>(
 }
 
 fn grpc(op: &'static str) -> impl Fn(tonic::Status) -> UnpackError {
-    move |s| UnpackError(format!("{op}: {}", describe(&s)))
+    move |s| UnpackError::Containerd { op, message: describe(&s) }
 }
 
 fn gc_key(snapshotter: &str) -> String {
@@ -101,12 +141,11 @@ pub async fn plan<'a>(
 ) -> Result<Option<Plan<'a>>, UnpackError> {
     let Some((manifest, config)) = host_manifest(ai, archive)? else { return Ok(None) };
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(UnpackError(format!(
-            "config {} lists {} diff_ids for {} layers",
-            manifest.config.digest,
-            config.rootfs.diff_ids.len(),
-            manifest.layers.len()
-        )));
+        return Err(UnpackError::DiffIds {
+            digest: manifest.config.digest.clone(),
+            diff_ids: config.rootfs.diff_ids.len(),
+            layers: manifest.layers.len(),
+        });
     }
     let chains = chain_ids(&config.rootfs.diff_ids);
     let Some(top) = chains.last() else { return Ok(None) };
@@ -141,7 +180,7 @@ pub async fn apply(
                 Ok(d) if d == diff_id.to_string() => {
                     c.snapshot_commit(ns, lease, sn, &name, &key).await.map_err(grpc("snapshot commit"))
                 }
-                Ok(d) => Err(UnpackError(format!("layer {} unpacks to {d}, config says {diff_id}", layer.digest))),
+                Ok(d) => Err(UnpackError::Layer { layer: layer.digest.clone(), found: d, expected: diff_id.clone() }),
                 Err(s) => Err(grpc("diff apply")(s)),
             };
             if let Err(e) = result {
