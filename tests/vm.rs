@@ -904,19 +904,24 @@ fn judge_overlay_boot2(b: &Boot) -> Verdict {
     )
 }
 
-#[test]
-fn node_boots_from_the_preseed_partition_streamed_and_overlaid() {
+/// What every VM test needs first: root, its tools, sid's containerd — and
+/// the machine to itself (one VM at a time).
+fn vm_setup() -> Option<(std::sync::MutexGuard<'static, ()>, PathBuf, ContainerdPkg)> {
     if !support::require_root() {
-        return;
+        return None;
     }
     for tool in ["mmdebstrap", "qemu-system-x86_64", "sfdisk", "mkfs.ext4", "cp"] {
-        if support::require_tool(tool).is_none() {
-            return;
-        }
+        support::require_tool(tool)?;
     }
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let target = target_dir();
-    let Some(pkg) = containerd_pkg(&target) else { return };
+    let pkg = containerd_pkg(&target)?;
+    Some((one, target, pkg))
+}
+
+#[test]
+fn node_boots_from_the_preseed_partition_streamed_and_overlaid() {
+    let Some((_one, target, pkg)) = vm_setup() else { return };
     let started = Instant::now();
     let base = base_root(&target, &pkg);
     let base_secs = started.elapsed().as_secs_f64();
@@ -1319,17 +1324,7 @@ fn round(lab: &Lab, r: usize, cuts: &[CutSpec], out: &mut Vec<(String, Verdict)>
 /// --seed S` runs N cuts; CI runs one per phase.
 #[test]
 fn node_recovers_from_power_cuts_in_every_phase() {
-    if !support::require_root() {
-        return;
-    }
-    for tool in ["mmdebstrap", "qemu-system-x86_64", "sfdisk", "mkfs.ext4", "cp"] {
-        if support::require_tool(tool).is_none() {
-            return;
-        }
-    }
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let target = target_dir();
-    let Some(pkg) = containerd_pkg(&target) else { return };
+    let Some((_one, target, pkg)) = vm_setup() else { return };
     let started = Instant::now();
     let base = base_root(&target, &pkg);
     let work = target.join("vm/power-cuts");
