@@ -54,6 +54,10 @@ pub const META_DB: &str = "io.containerd.metadata.v1.bolt/meta.db";
 /// content store, so the rename stays on one filesystem; containerd only
 /// looks at `blobs/` and `ingest/`).
 pub(super) const TEMP_DIR: &str = "preseed-place.tmp";
+/// Where settle writes before renaming into the store (inside the merged
+/// content directory: one filesystem; containerd only looks at `blobs/`
+/// and `ingest/`).
+pub(super) const SETTLE_TEMP_DIR: &str = "preseed-settle.tmp";
 /// Read and hash in pieces of this size: memory stays bounded per core.
 const PIECE: usize = 1 << 20;
 

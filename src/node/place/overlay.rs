@@ -383,7 +383,7 @@ fn check(path: &Path, hex: &str) -> Result<Option<String>, PlaceError> {
 /// copying place) left in the upper layer. None was ever named as a blob.
 fn clear_leftovers(l: &Layout) -> Result<(), PlaceError> {
     let mut stale = vec![l.state.join("tmp")];
-    stale.extend([super::TEMP_DIR, super::settle::TEMP_DIR].iter().map(|n| l.upper.join(n)));
+    stale.extend([super::TEMP_DIR, super::SETTLE_TEMP_DIR].iter().map(|n| l.upper.join(n)));
     for entry in std::fs::read_dir(&l.state).map_err(io_err(&l.state))? {
         let entry = entry.map_err(io_err(&l.state))?;
         if entry.file_name().to_string_lossy().starts_with(".tmp") {

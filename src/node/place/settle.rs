@@ -25,16 +25,12 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::overlay::{self, copy_blobs, Copied, Layout};
-use super::{config, io_err, Damaged, PlaceError, TempDir, CONTENT_DIR};
+use super::{config, io_err, Damaged, PlaceError, TempDir, CONTENT_DIR, SETTLE_TEMP_DIR};
 use crate::human::human_bytes;
 use crate::node::read::open::{self, Source};
 use crate::node::sys::{Linux, Sys};
 use crate::partition::index::CONTENT_DIR as PARTITION_CONTENT;
 
-/// Where settle writes before renaming into the store (inside the merged
-/// content directory: one filesystem; containerd only looks at `blobs/`
-/// and `ingest/`).
-pub(super) const TEMP_DIR: &str = "preseed-settle.tmp";
 /// Held (flock) while settling: one settle at a time per root.
 const LOCK_FILE: &str = "settle.lock";
 
@@ -191,7 +187,7 @@ pub fn settle_with(opts: &SettleOptions, sys: Arc<dyn Sys>) -> Result<SettleRepo
 
     if !todo.is_empty() {
         let store = root.join(CONTENT_DIR);
-        let temp = TempDir::create(store.join(TEMP_DIR))?;
+        let temp = TempDir::create(store.join(SETTLE_TEMP_DIR))?;
         let from = l.lower.join(PARTITION_CONTENT).join("blobs/sha256");
         let copied = copy_blobs(&todo, &from, &temp.0, &store.join("blobs/sha256"), &*sys)?;
         for (hex, c) in todo.iter().zip(copied) {
