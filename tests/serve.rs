@@ -522,3 +522,77 @@ fn a_hundred_downloads_of_a_large_layer_stay_under_64_mib() {
     assert_eq!(status, 200);
     served.stop();
 }
+
+/// As kubelet really pulls: CRI `PullImage` with containerd's registry
+/// `config_path` naming a directory of `hosts.toml` (the documented node
+/// setup), the original registry gone, on every containerd version: by tag
+/// and by digest, through `preseed serve` alone.
+#[test]
+fn cri_pulls_through_a_served_mirror_with_config_path() {
+    if !support::require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pushed, host, partition);
+    {
+        let Some(reg) = Registry::start() else { return };
+        pushed = images::push_image(&reg, "team/cri", "v1", &[LayerSpec::new(881, 2, 16 << 10)], Media::Oci);
+        host = reg.host();
+        let text = format!(
+            "[partition]\nplatforms = [\"linux/amd64\"]\n[registries.\"{host}\"]\ninsecure = true\n\n[[image]]\nref = \"{host}/team/cri:v1@{}\"\n",
+            pushed.manifest_digest
+        );
+        partition = bundle(dir.path(), &text);
+        // The registry stops here.
+    }
+    let served = Served::start(&partition);
+    let hosts = dir.path().join("certs.d");
+    write_hosts_toml(&hosts, &host, &served.addr);
+    let opts = support::containerd::ContainerdOptions { registry_config_path: Some(hosts), ..Default::default() };
+    let Some(c) = Containerd::start_with(opts) else { return };
+    for reference in [format!("{host}/team/cri:v1"), format!("{host}/team/cri@{}", pushed.manifest_digest)] {
+        let image_ref = support::cri::pull_image(c.socket(), &reference)
+            .unwrap_or_else(|e| panic!("{reference}: {e:#}\ncontainerd log:\n{}", c.log()));
+        assert!(image_ref.starts_with("sha256:"), "{reference}: {image_ref}");
+    }
+    let listed = c.ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(listed.lines().any(|l| l == format!("{host}/team/cri:v1")), "{listed}");
+    c.assert_no_panic();
+}
+
+/// What docs/node.md says of a colon-separated `config_path` (two
+/// directories, as node templates often write it): containerd 1.6 and 1.7
+/// read both; from 2.1 CRI pulls (the transfer service) find no
+/// `hosts.toml` at all and go to the original registry — here stopped, so
+/// the pull fails. If a containerd changes this, this test says so.
+#[test]
+fn a_two_directory_config_path_is_ignored_from_containerd_2_1() {
+    if !support::require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pushed, host, partition);
+    {
+        let Some(reg) = Registry::start() else { return };
+        pushed = images::push_image(&reg, "team/cri", "v1", &[LayerSpec::new(882, 1, 8 << 10)], Media::Oci);
+        host = reg.host();
+        let text = format!(
+            "[partition]\nplatforms = [\"linux/amd64\"]\n[registries.\"{host}\"]\ninsecure = true\n\n[[image]]\nref = \"{host}/team/cri:v1@{}\"\n",
+            pushed.manifest_digest
+        );
+        partition = bundle(dir.path(), &text);
+    }
+    let served = Served::start(&partition);
+    let hosts = dir.path().join("certs.d");
+    write_hosts_toml(&hosts, &host, &served.addr);
+    let two = PathBuf::from(format!("{}:{}", hosts.display(), dir.path().join("docker-certs.d").display()));
+    let opts = support::containerd::ContainerdOptions { registry_config_path: Some(two), ..Default::default() };
+    let Some(c) = Containerd::start_with(opts) else { return };
+    let v = c.version().clone();
+    let pulled = support::cri::pull_image(c.socket(), &format!("{host}/team/cri:v1"));
+    if v.major > 2 || (v.major == 2 && v.minor >= 1) {
+        assert!(pulled.is_err(), "containerd {} now reads a two-directory config_path: update docs/node.md", v.text);
+    } else {
+        pulled.unwrap_or_else(|e| panic!("containerd {}: {e:#}\n{}", v.text, c.log()));
+    }
+}

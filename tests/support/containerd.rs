@@ -24,6 +24,8 @@ pub struct ContainerdOptions {
     pub start_timeout: Duration,
     /// The directory of binaries to run, instead of [`bin_dir`]'s choice.
     pub bin: Option<PathBuf>,
+    /// CRI's registry `config_path`: a directory of `<host>/hosts.toml`.
+    pub registry_config_path: Option<PathBuf>,
 }
 
 impl Default for ContainerdOptions {
@@ -32,6 +34,7 @@ impl Default for ContainerdOptions {
             sandbox_image: "registry.k8s.io/pause:3.10".into(),
             start_timeout: Duration::from_secs(30),
             bin: None,
+            registry_config_path: None,
         }
     }
 }
@@ -405,7 +408,10 @@ disabled_plugins = [
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-"#
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{registry}"
+"#,
+        registry = opts.registry_config_path.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
     )
 }
 
@@ -445,6 +451,8 @@ disabled_plugins = [
   snapshotter = "overlayfs"
   [plugins."io.containerd.cri.v1.images".pinned_images]
     sandbox = "{sandbox}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{registry}"
 
 [plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
@@ -460,6 +468,7 @@ disabled_plugins = [
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-"#
+"#,
+        registry = opts.registry_config_path.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
     )
 }

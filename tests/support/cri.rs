@@ -50,6 +50,22 @@ pub fn list_images(socket: &Path) -> Result<Vec<CriImage>> {
     })
 }
 
+/// CRI `PullImage`, as kubelet pulls an image it lacks: through whatever
+/// registry configuration containerd has (`config_path` and its
+/// `hosts.toml` files). Returns the image reference CRI answers.
+pub fn pull_image(socket: &Path, image: &str) -> Result<String> {
+    runtime().block_on(async {
+        let mut is = cri::image_service_client::ImageServiceClient::new(channel(socket).await?);
+        let req = cri::PullImageRequest {
+            image: Some(cri::ImageSpec { image: image.to_string(), ..Default::default() }),
+            auth: None,
+            sandbox_config: None,
+        };
+        let resp = is.pull_image(req).await.with_context(|| format!("PullImage {image}"))?;
+        Ok(resp.into_inner().image_ref)
+    })
+}
+
 /// A host-network pod in namespace `default`, as kubelet would start it.
 pub struct Pod<'a> {
     /// The sandbox's name.
