@@ -66,6 +66,7 @@ fn main() {
         sha256: digest(file.as_bytes()),
         signed_by: None,
         blobs: vec![IndexedBlob { digest: digest(b"blob"), size: 4 }],
+        referrers: Vec::new(),
     };
     let index = PartitionIndex {
         version: INDEX_VERSION,

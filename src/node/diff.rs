@@ -651,6 +651,7 @@ mod tests {
             sha256: digest(0),
             signed_by: None,
             blobs: blobs.iter().map(|&(d, size)| IndexedBlob { digest: digest(d), size }).collect(),
+            referrers: Vec::new(),
         }
     }
 

@@ -78,6 +78,61 @@ pub struct IndexedImage {
     /// without opening tarballs. Empty in indexes written before it existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blobs: Vec<IndexedBlob>,
+    /// What refers to the image (or to one of its platforms' manifests):
+    /// signatures, attestations and SBOMs, as `[partition] referrers` asked.
+    /// Their manifests and blobs are in the tarball under `blobs/sha256/`
+    /// (and in `blobs` above), outside `index.json`: importers never see them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub referrers: Vec<IndexedReferrer>,
+}
+
+/// What a referrer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferrerKind {
+    /// A cosign signature (a sigstore bundle, or cosign's `.sig` tag).
+    Signature,
+    /// An attestation: an in-toto statement (cosign `attest`, BuildKit).
+    Attestation,
+    /// A software bill of materials (SPDX, CycloneDX).
+    Sbom,
+}
+
+impl ReferrerKind {
+    /// `signatures`, `attestations`, `sboms`: how bundles.toml names it.
+    pub fn plural(self) -> &'static str {
+        match self {
+            ReferrerKind::Signature => "signatures",
+            ReferrerKind::Attestation => "attestations",
+            ReferrerKind::Sbom => "sboms",
+        }
+    }
+}
+
+/// One signature, attestation or SBOM of an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedReferrer {
+    /// What it is.
+    pub kind: ReferrerKind,
+    /// The digest it refers to: the image's root, or a platform's manifest.
+    pub subject: Digest,
+    /// Its manifest (an OCI manifest with `subject`, or the manifest of
+    /// cosign's `sha256-<hex>.sig`/`.att`/`.sbom` tag).
+    pub manifest: IndexedBlob,
+    /// That manifest's media type.
+    pub media_type: String,
+    /// Its `artifactType`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// The cosign tag it is served under (none: found through, and served
+    /// by, the referrers API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// For attestations, the in-toto predicate types; for SBOMs, their media types.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub predicates: Vec<String>,
+    /// Its config and layers, each once.
+    pub blobs: Vec<IndexedBlob>,
 }
 
 /// One blob of an image's tarball.

@@ -306,6 +306,7 @@ pub fn bundle_tree(cache: &BlobCache, entries: &[Entry], dir: &Path) {
             sha256: Digest::of(&bytes),
             signed_by: None,
             blobs: Vec::new(),
+            referrers: Vec::new(),
         });
     }
     let index = PartitionIndex {

@@ -6,8 +6,10 @@ use std::path::Path;
 
 use super::{BundleError, Planned, Run};
 use crate::build::intree::{self, BuildOptions};
-use crate::build::manifest::ImageSource;
+use crate::build::manifest::{ImageEntry, ImageSource};
 use crate::build::registry::{resolve_image, ResolvedImage};
+use crate::digest::Digest;
+use crate::partition::index::IndexedReferrer;
 
 /// Resolves or builds every image, in manifest order.
 pub(super) async fn images(run: &Run<'_>) -> Result<Vec<Planned>, BundleError> {
@@ -22,8 +24,9 @@ pub(super) async fn images(run: &Run<'_>) -> Result<Vec<Planned>, BundleError> {
                     let d = run.registries.resolve_tag(&entry.label(), &entry.reference).await?;
                     entry.reference = entry.reference.with_digest(d);
                 }
-                let resolved = resolve_image(&run.registries, &entry, &run.cache, opts.offline).await?;
-                images.push(Planned { entry, resolved });
+                let mut resolved = resolve_image(&run.registries, &entry, &run.cache, opts.offline).await?;
+                let referrers = carry_referrers(run, &entry, &mut resolved).await?;
+                images.push(Planned { entry, resolved, referrers });
                 continue;
             }
             ImageSource::Build(package) => {
@@ -43,7 +46,46 @@ pub(super) async fn images(run: &Run<'_>) -> Result<Vec<Planned>, BundleError> {
                 ResolvedImage { root: built.root, blobs: built.blobs, platforms: vec![built.platform] }
             }
         };
-        images.push(Planned { entry: entry.clone(), resolved });
+        images.push(Planned { entry: entry.clone(), resolved, referrers: Vec::new() });
     }
     Ok(images)
+}
+
+/// The signatures, attestations and SBOMs of `entry` its `referrers` asks
+/// for, of its root and of each platform manifest it keeps (a signature on
+/// one platform's manifest is carried with that platform); their blobs join
+/// the image's, after its own.
+async fn carry_referrers(
+    run: &Run<'_>,
+    entry: &ImageEntry,
+    resolved: &mut ResolvedImage,
+) -> Result<Vec<IndexedReferrer>, BundleError> {
+    if entry.referrers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let subjects: Vec<Digest> = std::iter::once(resolved.root.digest.clone())
+        .chain(
+            resolved
+                .blobs
+                .iter()
+                .filter(|b| crate::oci::is_manifest(&b.media_type) && b.digest != resolved.root.digest)
+                .map(|b| b.digest.clone()),
+        )
+        .collect();
+    let mut referrers = Vec::new();
+    for subject in &subjects {
+        let carried = run
+            .registries
+            .referrers(&entry.label(), &entry.reference, subject, &entry.referrers, &run.cache, run.opts.offline)
+            .await?;
+        for c in carried {
+            for d in c.blobs {
+                if resolved.blobs.iter().all(|b| b.digest != d.digest) {
+                    resolved.blobs.push(d);
+                }
+            }
+            referrers.push(c.referrer);
+        }
+    }
+    Ok(referrers)
 }

@@ -33,7 +33,7 @@ use crate::build::write::{erofs, squashfs};
 use crate::digest::Digest;
 pub use crate::human::human_bytes;
 use crate::partition::index::{
-    BuildInfo, IndexedBlob, IndexedImage, PartitionIndex, SignedBy, INDEX_FILE, INDEX_VERSION,
+    BuildInfo, IndexedBlob, IndexedImage, IndexedReferrer, PartitionIndex, SignedBy, INDEX_FILE, INDEX_VERSION,
 };
 use crate::partition::Format;
 pub use progress::Progress;
@@ -280,6 +280,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
 struct Planned {
     entry: ImageEntry,
     resolved: ResolvedImage,
+    /// What refers to it, carried in its tarball (their blobs are in `resolved.blobs`).
+    referrers: Vec<IndexedReferrer>,
 }
 
 /// Stage 3: every image's tarball, planned from the descriptors alone (so
@@ -334,6 +336,7 @@ impl Plan {
                 sha256,
                 signed_by: signed_by.clone(),
                 blobs: spec.blobs.iter().map(|b| IndexedBlob { digest: b.digest.clone(), size: b.size }).collect(),
+                referrers: img.referrers.clone(),
             });
             tree.insert_file(&e.tarball_path(), file.clone());
         }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::oci::Platform;
+use crate::partition::index::ReferrerKind;
 use crate::partition::Format;
 use crate::trust::PublicKey;
 pub use reference::Reference;
@@ -90,7 +91,13 @@ pub struct ImageEntry {
     /// Keys one of which must have signed the pinned digest (empty: not
     /// checked — `verify = false`, no `[verify]` policy, or an in-tree image).
     pub verify: Vec<Arc<PublicKey>>,
+    /// What of its referrers to carry (none for in-tree images).
+    pub referrers: Vec<ReferrerKind>,
 }
+
+/// What `referrers` carries unless bundles.toml says otherwise: the
+/// signatures and attestations that exist (an image without any is fine).
+pub const DEFAULT_REFERRERS: &[ReferrerKind] = &[ReferrerKind::Signature, ReferrerKind::Attestation];
 
 impl ImageEntry {
     /// `namespace/file.tar`, the tarball's path in the partition.
@@ -181,6 +188,7 @@ struct RawPartition {
     format: Option<Spanned<String>>,
     platforms: Option<Vec<Spanned<String>>>,
     verity: Option<bool>,
+    referrers: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +202,7 @@ struct RawImage {
     platforms: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     names: Vec<Spanned<String>>,
+    referrers: Option<Vec<Spanned<String>>>,
     pin: Option<bool>,
     sandbox: Option<bool>,
     boot: Option<bool>,
@@ -285,6 +294,31 @@ impl BundleManifest {
             }
             Some(list) => parse_platforms(list, &mut problem),
             None => vec![Platform::host()],
+        };
+
+        let parse_referrers = |list: &[Spanned<String>], problem: &mut dyn FnMut(usize, String)| {
+            let mut kinds = Vec::new();
+            for k in list {
+                let kind = [ReferrerKind::Signature, ReferrerKind::Attestation, ReferrerKind::Sbom]
+                    .into_iter()
+                    .find(|kind| kind.plural() == k.get_ref());
+                match kind {
+                    Some(kind) if !kinds.contains(&kind) => kinds.push(kind),
+                    Some(_) => {}
+                    None => problem(
+                        lines.line(k),
+                        format!(
+                            "referrers: unknown kind {:?}: expected \"signatures\", \"attestations\" or \"sboms\"",
+                            k.get_ref()
+                        ),
+                    ),
+                }
+            }
+            kinds
+        };
+        let default_referrers = match &raw.partition.referrers {
+            Some(list) => parse_referrers(list, &mut problem),
+            None => DEFAULT_REFERRERS.to_vec(),
         };
 
         let base = path.parent().unwrap_or(Path::new("."));
@@ -467,6 +501,15 @@ impl BundleManifest {
                     }
                 }
             };
+            let referrers = match (&raw_image.referrers, &source) {
+                (Some(list), ImageSource::Build(_)) if !list.is_empty() => {
+                    problem(line, format!("image {text:?} is built from this workspace: it has no referrers to carry; remove `referrers`"));
+                    Vec::new()
+                }
+                (_, ImageSource::Build(_)) => Vec::new(),
+                (Some(list), _) => parse_referrers(list, &mut problem),
+                (None, _) => default_referrers.clone(),
+            };
             images.push(ImageEntry {
                 line,
                 reference,
@@ -479,6 +522,7 @@ impl BundleManifest {
                 sandbox,
                 boot: sandbox || raw_image.boot.unwrap_or(false),
                 verify,
+                referrers,
             });
         }
         if no_images {

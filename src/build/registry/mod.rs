@@ -10,6 +10,7 @@
 //! [`BlobCache::writer`], which verifies digest and size first.
 
 pub mod auth;
+pub mod referrers;
 pub mod signature;
 
 use std::collections::{BTreeMap, HashSet};

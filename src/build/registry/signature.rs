@@ -141,7 +141,7 @@ impl Registries {
     }
 }
 
-fn is_not_found(e: &OciDistributionError) -> bool {
+pub(super) fn is_not_found(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::ImageManifestNotFoundError(_) | OciDistributionError::ServerError { code: 404, .. } => {
             true
