@@ -131,6 +131,11 @@ pub struct IndexedReferrer {
     /// For attestations, the in-toto predicate types; for SBOMs, their media types.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub predicates: Vec<String>,
+    /// For a signature in a sigstore bundle, the fingerprint of the key it
+    /// names (sha256 of its DER SubjectPublicKeyInfo, as `preseed inspect`
+    /// shows keys); unverified until a policy checks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Digest>,
     /// Its config and layers, each once.
     pub blobs: Vec<IndexedBlob>,
 }

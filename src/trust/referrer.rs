@@ -65,6 +65,28 @@ struct Envelope {
 #[serde(rename_all = "camelCase")]
 struct Bundle {
     dsse_envelope: Option<Envelope>,
+    #[serde(default)]
+    verification_material: Option<Material>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Material {
+    public_key: Option<Hint>,
+}
+
+#[derive(Deserialize)]
+struct Hint {
+    hint: String,
+}
+
+/// The key a sigstore bundle names (its `publicKey.hint`: base64 of the
+/// sha256 of the key's DER, which is how [`super::key::PublicKey`]
+/// fingerprints keys). Only a hint: the signature is not checked here.
+pub fn key_hint(bundle: &[u8]) -> Option<crate::digest::Digest> {
+    let b: Bundle = serde_json::from_slice(bundle).ok()?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b.verification_material?.public_key?.hint).ok()?;
+    (raw.len() == 32).then(|| format!("sha256:{}", hex::encode(raw)).parse().ok()).flatten()
 }
 
 #[derive(Deserialize)]
@@ -80,7 +102,7 @@ pub fn predicate_type(bytes: &[u8]) -> Option<String> {
         return Some(s.predicate_type);
     }
     let payload = match serde_json::from_slice::<Bundle>(bytes) {
-        Ok(Bundle { dsse_envelope: Some(env) }) => env.payload,
+        Ok(Bundle { dsse_envelope: Some(env), .. }) => env.payload,
         _ => serde_json::from_slice::<Envelope>(bytes).ok()?.payload,
     };
     let payload = base64::engine::general_purpose::STANDARD.decode(payload.trim()).ok()?;

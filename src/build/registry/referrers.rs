@@ -17,7 +17,7 @@ use crate::build::manifest::Reference;
 use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::partition::index::{IndexedBlob, IndexedReferrer, ReferrerKind};
-use crate::trust::referrer::{classify, predicate_type};
+use crate::trust::referrer::{classify, key_hint, predicate_type};
 
 /// Referrer manifests are small JSON documents; anything bigger is refused.
 const MAX_MANIFEST: u64 = 4 << 20;
@@ -205,6 +205,7 @@ impl Registries {
             artifact_type,
             tag,
             predicates,
+            key: statement_bytes.as_deref().filter(|_| kind == ReferrerKind::Signature).and_then(key_hint),
             blobs: indexed,
         };
         Ok(Some(Carried { referrer, blobs }))
