@@ -115,6 +115,10 @@ pub enum Command {
         /// Machine-readable report on stdout.
         #[arg(long)]
         json: bool,
+        /// Signature policy (TOML: which images must be signed, by which cosign keys); images that
+        /// fail it are refused.
+        #[arg(long, value_name = "FILE", env = "PRESEED_POLICY")]
+        policy: Option<PathBuf>,
         #[command(flatten)]
         verity: VerityArgs,
     },
@@ -139,6 +143,10 @@ pub enum Command {
         /// Machine-readable report on stdout.
         #[arg(long)]
         json: bool,
+        /// Signature policy (TOML: which images must be signed, by which cosign keys); images that
+        /// fail it are refused.
+        #[arg(long, value_name = "FILE", env = "PRESEED_POLICY")]
+        policy: Option<PathBuf>,
         #[command(flatten)]
         verity: VerityArgs,
     },
@@ -166,6 +174,10 @@ pub enum Command {
         /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, default_value = crate::node::serve::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
+        /// Signature policy (TOML: which images must be signed, by which cosign keys); images that
+        /// fail it are refused.
+        #[arg(long, value_name = "FILE", env = "PRESEED_POLICY")]
+        policy: Option<PathBuf>,
     },
     /// What a node must newly import moving from partition OLD to NEW (added, removed, changed, retagged images; new bytes).
     Diff {

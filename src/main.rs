@@ -68,6 +68,14 @@ fn print_report(
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
+/// `--policy FILE`, read with its keys (a node told to check signatures
+/// stops if it cannot).
+fn read_policy(
+    path: Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<std::sync::Arc<preseed::node::policy::Policy>>> {
+    Ok(path.map(|p| preseed::node::policy::Policy::load(&p)).transpose()?.map(std::sync::Arc::new))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Bundle {
@@ -108,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         #[cfg(not(feature = "containerd"))]
         Command::Load { .. } => anyhow::bail!("{}", preseed::cli::NO_LOADER),
         #[cfg(feature = "containerd")]
-        Command::Load { from, address, timeout, jobs, unpack, snapshotter, json, verity } => {
+        Command::Load { from, address, timeout, jobs, unpack, snapshotter, json, verity, policy } => {
             let mut opts = preseed::node::load::LoadOptions::new(from.source());
             opts.address = address;
             opts.timeout = std::time::Duration::from_secs(timeout);
@@ -119,14 +127,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("$NOTIFY_SOCKET is set but unusable")?
                 .map(std::sync::Arc::new);
             opts.verity_root_hash = verity.root_hash()?;
+            opts.policy = read_policy(policy)?;
             let report = preseed::node::load::load(&opts).await?;
             return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
-        Command::Place { from, root, config, overlay, previous, json, verity } => {
+        Command::Place { from, root, config, overlay, previous, json, verity, policy } => {
             let mut opts = preseed::node::place::PlaceOptions::new(from.source());
             opts.root = root;
             opts.config = config;
             opts.verity_root_hash = verity.root_hash()?;
+            opts.policy = read_policy(policy)?;
             let previous = previous.as_deref().map(preseed::node::read::open::Source::detect);
             let report = tokio::task::spawn_blocking(move || match overlay {
                 true => preseed::node::place::overlay::overlay(&opts, previous.as_ref()),
@@ -141,8 +151,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = tokio::task::spawn_blocking(move || preseed::node::place::settle::settle(&opts)).await??;
             return print_report(json, || report.to_json(), |out| report.print_human(out), report.failed());
         }
-        Command::Serve { from, listen } => {
-            let server = preseed::node::serve::Server::bind(&from.source(), listen).await?;
+        Command::Serve { from, listen, policy } => {
+            let server = preseed::node::serve::Server::bind(&from.source(), listen, read_policy(policy)?).await?;
             for w in &server.catalog().warnings {
                 eprintln!("preseed: warning: {w}");
             }

@@ -133,6 +133,7 @@ fn world(reg: &Registry) -> World {
                 changed: vec![],
                 retagged: vec![],
                 flags: vec![],
+                resigned: vec![],
                 unchanged: 0,
             },
             NamespaceDiff {
@@ -144,6 +145,7 @@ fn world(reg: &Registry) -> World {
                     digest: d(&tool.manifest_digest),
                     new_bytes: tool_bytes,
                     new_blobs: tool_blobs,
+                    carries: Default::default(),
                 }],
                 removed: vec![],
                 changed: vec![Changed {
@@ -155,6 +157,7 @@ fn world(reg: &Registry) -> World {
                     names_removed: vec![name("app", "v1")],
                     new_bytes: app_bytes,
                     new_blobs: app_blobs,
+                    carries: Default::default(),
                 }],
                 retagged: vec![Retagged {
                     file: "keep".into(),
@@ -171,6 +174,7 @@ fn world(reg: &Registry) -> World {
                     old: true,
                     new: false,
                 }],
+                resigned: vec![],
                 unchanged: 1,
             },
         ],

@@ -11,10 +11,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
@@ -22,6 +22,7 @@ use support::cli::{self, ok, preseed_without_credentials};
 use support::containerd::Containerd;
 use support::images::{self, LayerSpec, Media};
 use support::registry::Registry;
+use support::served::Served;
 
 /// `preseed bundle` of `manifest` into `dir/out`; returns the partition image.
 fn bundle(dir: &Path, manifest: &str) -> PathBuf {
@@ -39,64 +40,6 @@ fn bundle(dir: &Path, manifest: &str) -> PathBuf {
     ]);
     eprintln!("{}", ok("preseed bundle", &out));
     dir.join("out/preseed.erofs")
-}
-
-/// A running `preseed serve`, killed on drop.
-struct Served {
-    child: Child,
-    addr: String,
-}
-
-impl Served {
-    fn start(partition: &Path) -> Served {
-        let mut child = cli::command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--image"])
-            .arg(partition)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        eprintln!("{}", line.trim_end());
-        let addr = line
-            .rsplit("http://")
-            .next()
-            .map(|a| a.trim().to_string())
-            .filter(|a| a.starts_with("127.0.0.1:"))
-            .unwrap_or_else(|| panic!("preseed serve printed {line:?}, not its address"));
-        Served { child, addr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn assert_running(&mut self) {
-        assert!(self.child.try_wait().unwrap().is_none(), "preseed serve exited");
-    }
-
-    /// Stops it with SIGTERM, as systemd does; it must exit 0 promptly.
-    fn stop(mut self) {
-        // SAFETY: a signal to a process this test started; no memory is passed.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "preseed serve exited with {status} on SIGTERM");
-                return;
-            }
-            assert!(Instant::now() < deadline, "preseed serve did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One HTTP/1.1 exchange over a fresh connection: (status, headers, body).
@@ -175,7 +118,7 @@ fn skopeo_and_containerd_pull_every_image_from_a_served_partition() {
         partition = bundle(dir.path(), &text);
         // Both registries stop here.
     }
-    let mut served = Served::start(&partition);
+    let mut served = Served::image(&partition);
     let addr = served.addr.clone();
 
     // The API itself: catalog, tags, errors, ns and host prefixes.
@@ -377,7 +320,7 @@ fn a_hundred_downloads_of_a_large_layer_stay_under_64_mib() {
     }
     let layer = pushed.layer_digests[0].clone();
     let size = pushed.blob_digests[&layer];
-    let mut served = Served::start(&partition);
+    let mut served = Served::image(&partition);
     let (addr, pid) = (served.addr.clone(), served.pid());
     let path = format!("/v2/load/big/blobs/{layer}");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -545,7 +488,7 @@ fn cri_pulls_through_a_served_mirror_with_config_path() {
         partition = bundle(dir.path(), &text);
         // The registry stops here.
     }
-    let served = Served::start(&partition);
+    let served = Served::image(&partition);
     let hosts = dir.path().join("certs.d");
     write_hosts_toml(&hosts, &host, &served.addr);
     let opts = support::containerd::ContainerdOptions { registry_config_path: Some(hosts), ..Default::default() };
@@ -582,7 +525,7 @@ fn a_two_directory_config_path_is_ignored_from_containerd_2_1() {
         );
         partition = bundle(dir.path(), &text);
     }
-    let served = Served::start(&partition);
+    let served = Served::image(&partition);
     let hosts = dir.path().join("certs.d");
     write_hosts_toml(&hosts, &host, &served.addr);
     let two = PathBuf::from(format!("{}:{}", hosts.display(), dir.path().join("docker-certs.d").display()));

@@ -109,6 +109,46 @@ fn main() {
     erofs_head[4096..8192].copy_from_slice(&sb);
     seed("verity", "erofs-with-tree", &erofs_head);
 
+    // trust: a signature manifest, a sigstore bundle, a simple-signing payload.
+    let hex = "ab".repeat(32);
+    seed(
+        "trust",
+        "bundle-manifest",
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.dev.sigstore.bundle.v0.3+json","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:{hex}","size":2}},"layers":[{{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","digest":"sha256:{hex}","size":900}}],"subject":{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{hex}","size":500}}}}"#
+        )
+        .as_bytes(),
+    );
+    seed(
+        "trust",
+        "sig-manifest",
+        format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{hex}","size":2}},"layers":[{{"mediaType":"application/vnd.dev.cosign.simplesigning.v1+json","digest":"sha256:{hex}","size":250,"annotations":{{"dev.cosignproject.cosign/signature":"MEUCIQ=="}}}}]}}"#
+        )
+        .as_bytes(),
+    );
+    let statement = format!(
+        r#"{{"_type":"https://in-toto.io/Statement/v1","subject":[{{"name":"x","digest":{{"sha256":"{hex}"}}}}],"predicateType":"https://sigstore.dev/cosign/sign/v1","predicate":{{}}}}"#
+    );
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(statement.as_bytes());
+    seed(
+        "trust",
+        "sigstore-bundle",
+        format!(
+            r#"{{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","verificationMaterial":{{"publicKey":{{"hint":"q83vq83vq83vq83vq83vq83vq83vq83vq83vq83vq80="}}}},"dsseEnvelope":{{"payload":"{b64}","payloadType":"application/vnd.in-toto+json","signatures":[{{"sig":"MEUCIQ=="}}]}}}}"#
+        )
+        .as_bytes(),
+    );
+    seed(
+        "trust",
+        "simple-signing",
+        format!(
+            r#"{{"critical":{{"identity":{{"docker-reference":"r/x"}},"image":{{"docker-manifest-digest":"sha256:{hex}"}},"type":"cosign container image signature"}},"optional":null}}"#
+        )
+        .as_bytes(),
+    );
+
     seed_file(&seed, "manifest", &repo.join("bundles.toml"));
     seed(
         "manifest",

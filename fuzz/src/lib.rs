@@ -12,7 +12,10 @@
 //! * [`verity`]: the verity superblock, a root hash (file or kernel command
 //!   line), and finding the tree after a filesystem;
 //! * [`manifest`]: `bundles.toml` and image references;
-//! * [`containerd_config`]: containerd's config as `place` reads it.
+//! * [`containerd_config`]: containerd's config as `place` reads it;
+//! * [`trust`]: what a partition carries as signatures, attestations and
+//!   SBOMs — a signature manifest's layers, a sigstore bundle or
+//!   simple-signing payload checked against a key, a referrer classified.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -153,7 +156,7 @@ fn catalog() -> &'static preseed::node::serve::Catalog {
             let tarball = sample_tarball(&dir.path().join("cache"));
             std::fs::create_dir_all(dir.path().join("k8s.io")).expect("namespace dir");
             std::fs::write(dir.path().join("k8s.io/app.tar"), tarball).expect("tarball written");
-            let catalog = preseed::node::serve::Catalog::build(dir.path()).expect("the sample catalog builds");
+            let catalog = preseed::node::serve::Catalog::build(dir.path(), None).expect("the sample catalog builds");
             (dir, catalog)
         })
         .1
@@ -172,6 +175,37 @@ pub fn serve(data: &[u8]) {
     let Ok(req) = req.body(()) else { return };
     let response = preseed::node::serve::http::route(catalog(), &req);
     assert!(response.status().as_u16() < 500, "a server error for {method} {target}");
+}
+
+/// A cosign key (P-256), for [`trust`].
+const COSIGN_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE8LOsuqTwF+qvKP0E+oBGoLQyLcgf
+HaMj7JofjGymMU+ePrYY1k6pm+6RoG8IG7MdH58MZnAGmeriyYQ4YAOAHg==
+-----END PUBLIC KEY-----
+";
+
+/// What a node policy and `serve` read of a carried referrer: `data` as a
+/// signature manifest, as a sigstore bundle and a simple-signing payload
+/// checked against a key, and as a referrer to classify.
+pub fn trust(data: &[u8]) {
+    use preseed::trust::{cosign, referrer};
+    static KEY: OnceLock<std::sync::Arc<preseed::trust::PublicKey>> = OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let key = preseed::trust::PublicKey::from_pem("k.pub", Path::new("k.pub"), COSIGN_PUB);
+        std::sync::Arc::new(key.expect("the fuzz key parses"))
+    });
+    for layer in cosign::signature_layers(data) {
+        let _ = layer.blob();
+        let _ = layer.attach(data.to_vec());
+    }
+    let text = String::from_utf8_lossy(data).into_owned();
+    let attached = [
+        cosign::Attached::SigstoreBundle { bundle: text.clone() },
+        cosign::Attached::SimpleSigning { payload: text.clone(), signature: text.clone() },
+    ];
+    let _ = cosign::check(&Digest::of(b"subject"), &attached, std::slice::from_ref(key));
+    let _ = referrer::key_hint(data);
+    let _ = referrer::classify(Some(&text), &[text.as_str()], || referrer::predicate_type(data));
 }
 
 /// The verity superblock, a root hash as given to a node, and the tree's

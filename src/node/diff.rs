@@ -27,7 +27,7 @@ use crate::human::human_bytes;
 use crate::node::read::archive::{Archive, ArchiveError};
 use crate::node::read::mount::{self, MountError, Mounted};
 use crate::node::read::source::{self, Refused, SourceError};
-use crate::partition::index::{IndexedBlob, IndexedImage, PartitionIndex, INDEX_FILE};
+use crate::partition::index::{Carried, IndexedBlob, IndexedImage, PartitionIndex, INDEX_FILE};
 use crate::partition::Format;
 
 /// Why an input could not be compared. Every message starts with the input
@@ -289,6 +289,9 @@ pub struct NamespaceDiff {
     pub retagged: Vec<Retagged>,
     /// pin/sandbox/boot changes of slots in both.
     pub flags: Vec<FlagChange>,
+    /// Slots in both, same digest, whose signatures, attestations or SBOMs changed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resigned: Vec<Resigned>,
     /// Slots in both with the same digest and names.
     pub unchanged: usize,
 }
@@ -308,6 +311,9 @@ pub struct Added {
     pub new_bytes: u64,
     /// How many blobs those are.
     pub new_blobs: usize,
+    /// Its signatures, attestations and SBOMs.
+    #[serde(skip_serializing_if = "Carried::is_empty")]
+    pub carries: Carried,
 }
 
 /// An image only in OLD.
@@ -342,6 +348,25 @@ pub struct Changed {
     pub new_bytes: u64,
     /// How many blobs those are.
     pub new_blobs: usize,
+    /// Its signatures, attestations and SBOMs in NEW.
+    #[serde(skip_serializing_if = "Carried::is_empty")]
+    pub carries: Carried,
+}
+
+/// A slot with the same image and other signatures, attestations or SBOMs
+/// (re-signed, attested since, or stripped).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Resigned {
+    /// Tarball name.
+    pub file: String,
+    /// Main name in NEW.
+    pub name: String,
+    /// The (unchanged) digest.
+    pub digest: Digest,
+    /// What OLD carries for it.
+    pub old: Carried,
+    /// What NEW carries for it.
+    pub new: Carried,
 }
 
 /// A slot with the same digest and other names.
@@ -444,6 +469,7 @@ pub fn compare(old: &Partition, new: &Partition) -> Diff {
                 digest: n.digest.clone(),
                 new_bytes,
                 new_blobs,
+                carries: n.carried(),
             });
             continue;
         };
@@ -459,6 +485,7 @@ pub fn compare(old: &Partition, new: &Partition) -> Diff {
                 names_removed,
                 new_bytes,
                 new_blobs,
+                carries: n.carried(),
             });
         } else if !names_added.is_empty() || !names_removed.is_empty() || o.name != n.name {
             d.retagged.push(Retagged {
@@ -471,6 +498,15 @@ pub fn compare(old: &Partition, new: &Partition) -> Diff {
             });
         } else {
             d.unchanged += 1;
+        }
+        if o.digest == n.digest && o.carried() != n.carried() {
+            d.resigned.push(Resigned {
+                file: file.clone(),
+                name: n.name.clone(),
+                digest: n.digest.clone(),
+                old: o.carried(),
+                new: n.carried(),
+            });
         }
         for (flag, old, new) in [("pin", o.pin, n.pin), ("sandbox", o.sandbox, n.sandbox), ("boot", o.boot, n.boot)] {
             if old != new {
@@ -505,6 +541,7 @@ fn ns<'a>(namespaces: &'a mut BTreeMap<String, NamespaceDiff>, name: &str) -> &'
         changed: Vec::new(),
         retagged: Vec::new(),
         flags: Vec::new(),
+        resigned: Vec::new(),
         unchanged: 0,
     })
 }
@@ -606,6 +643,27 @@ impl Diff {
             }
             for f in &d.flags {
                 let _ = writeln!(out, "  ! {:<width$}  {}: {} {} → {}", slot(&f.file), f.name, f.flag, f.old, f.new);
+            }
+            for r in &d.resigned {
+                let _ = writeln!(
+                    out,
+                    "  * {:<width$}  {} ({}): carried {} → {}",
+                    slot(&r.file),
+                    r.name,
+                    short(&r.digest),
+                    r.old.describe(),
+                    r.new.describe()
+                );
+            }
+            for i in &d.added {
+                if !i.carries.is_empty() {
+                    let _ = writeln!(out, "    {:<width$}  {} carries {}", slot(&i.file), i.name, i.carries.describe());
+                }
+            }
+            for i in &d.changed {
+                if !i.carries.is_empty() {
+                    let _ = writeln!(out, "    {:<width$}  {} carries {}", slot(&i.file), i.name, i.carries.describe());
+                }
             }
         }
         let t = &self.totals;

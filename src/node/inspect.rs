@@ -106,6 +106,10 @@ pub fn render(index: &PartitionIndex) -> String {
         if let Some(s) = &i.signed_by {
             let _ = writeln!(out, "  {:<32} signed by {} ({}, {})", "", s.key, s.key_sha256, s.format);
         }
+        let carried = i.carried();
+        if !carried.is_empty() {
+            let _ = writeln!(out, "  {:<32} carries {}", "", carried.describe());
+        }
     }
     out
 }

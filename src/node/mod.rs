@@ -7,7 +7,9 @@
 //! * [`place`]: before containerd starts, put the blobs in its store
 //!   (copied, or mounted under it with `--overlay`), and `settle`;
 //! * [`serve`]: a read-only OCI registry mirror;
-//! * [`inspect`] and [`diff`]: what a partition holds, what changes between two.
+//! * [`inspect`] and [`diff`]: what a partition holds, what changes between two;
+//! * [`policy`]: which images must be signed, and by whom, checked by
+//!   `load`, `place` and `serve` against the signatures the partition carries.
 //!
 //! *Architecture invariant: nothing here imports the build wing
 //! (`crate::build`), and nothing here talks to a registry.* Every syscall
@@ -22,6 +24,7 @@ pub mod inspect;
 pub mod load;
 pub mod notify;
 pub mod place;
+pub mod policy;
 pub mod read;
 pub mod serve;
 pub mod sys;

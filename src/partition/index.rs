@@ -248,7 +248,69 @@ pub fn valid_name(name: &str) -> bool {
     host_ok && path.split('/').all(component_ok) && tag.is_none_or(tag_ok) && (tag.is_some() || digest.is_some())
 }
 
+/// What an image carries, for people and `inspect`/`diff`: its
+/// signatures (by the key each names), attestations (by predicate type) and
+/// SBOMs (by format), each with the subject when that is one of its
+/// platforms' manifests rather than the image itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Carried {
+    /// `key sha256:…` (the fingerprint a sigstore bundle names) or
+    /// `simple-signing` (cosign's `.sig`, which names no key).
+    pub signatures: Vec<String>,
+    /// In-toto predicate types.
+    pub attestations: Vec<String>,
+    /// SBOM media types.
+    pub sboms: Vec<String>,
+}
+
+impl Carried {
+    /// Nothing carried.
+    pub fn is_empty(&self) -> bool {
+        self.signatures.is_empty() && self.attestations.is_empty() && self.sboms.is_empty()
+    }
+
+    /// One line: `2 signatures (key sha256:…; simple-signing), 1
+    /// attestation (https://slsa.dev/provenance/v1), no SBOM`.
+    pub fn describe(&self) -> String {
+        let part = |n: &[String], one: &str, many: &str| match n.len() {
+            0 => format!("no {one}"),
+            1 => format!("1 {one} ({})", n[0]),
+            k => format!("{k} {many} ({})", n.join("; ")),
+        };
+        [
+            part(&self.signatures, "signature", "signatures"),
+            part(&self.attestations, "attestation", "attestations"),
+            part(&self.sboms, "SBOM", "SBOMs"),
+        ]
+        .join(", ")
+    }
+}
+
 impl IndexedImage {
+    /// What it carries, summed up.
+    pub fn carried(&self) -> Carried {
+        let mut c = Carried::default();
+        for r in &self.referrers {
+            let on =
+                if r.subject == self.digest { String::new() } else { format!(" on sha256:{}", &r.subject.hex()[..12]) };
+            match r.kind {
+                ReferrerKind::Signature => c.signatures.push(match &r.key {
+                    Some(k) => format!("key {k}{on}"),
+                    None => format!("{}{on}", if r.tag.is_some() { "simple-signing" } else { "key not named" }),
+                }),
+                ReferrerKind::Attestation => {
+                    let p = if r.predicates.is_empty() { "unknown predicate".into() } else { r.predicates.join(" + ") };
+                    c.attestations.push(format!("{p}{on}"))
+                }
+                ReferrerKind::Sbom => {
+                    let t = r.predicates.first().or(r.artifact_type.as_ref()).cloned().unwrap_or_default();
+                    c.sboms.push(format!("{t}{on}"))
+                }
+            }
+        }
+        c
+    }
+
     /// What is wrong with this entry, if anything: a namespace containerd
     /// refuses, a path that leaves the partition, a name that is not a
     /// reference. Checked before anything is read or imported.

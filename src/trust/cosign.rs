@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::key::PublicKey;
 use crate::digest::Digest;
+use crate::oci::Descriptor;
 use crate::partition::index::SignedBy;
 
 /// Media type of a sigstore bundle (any version: the verifier reads it).
@@ -54,6 +55,72 @@ impl Attached {
             Attached::SimpleSigning { .. } => "simple-signing",
         }
     }
+}
+
+/// A signature layer of a signature manifest, still to be read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SignatureLayer {
+    /// A sigstore bundle: read the blob, it is the whole signature.
+    Bundle(Descriptor),
+    /// A simple-signing payload: read the blob; the signature is here.
+    SimpleSigning {
+        /// The payload blob.
+        payload: Descriptor,
+        /// Its `dev.cosignproject.cosign/signature` annotation (base64).
+        signature: String,
+    },
+}
+
+impl SignatureLayer {
+    /// The blob to read.
+    pub fn blob(&self) -> &Descriptor {
+        match self {
+            SignatureLayer::Bundle(d) | SignatureLayer::SimpleSigning { payload: d, .. } => d,
+        }
+    }
+
+    /// The signature, given the blob's bytes (`None`: not UTF-8).
+    pub fn attach(self, blob: Vec<u8>) -> Option<Attached> {
+        let text = String::from_utf8(blob).ok()?;
+        Some(match self {
+            SignatureLayer::Bundle(_) => Attached::SigstoreBundle { bundle: text },
+            SignatureLayer::SimpleSigning { signature, .. } => Attached::SimpleSigning { payload: text, signature },
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SignatureManifest {
+    #[serde(default)]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// The signature layers of a manifest cosign wrote: sigstore bundles (by
+/// layer media type or the manifest's `artifactType`), and simple-signing
+/// payloads that carry their signature annotation. Anything else (not JSON,
+/// an attestation) has none. Shared by the build wing, which fetches the
+/// blobs from the registry, and the node wing, which reads them from the
+/// partition.
+pub fn signature_layers(manifest: &[u8]) -> Vec<SignatureLayer> {
+    let Ok(m) = serde_json::from_slice::<SignatureManifest>(manifest) else { return Vec::new() };
+    let is_bundle = |t: &str| t.starts_with(SIGSTORE_BUNDLE_PREFIX);
+    let bundle_artifact = m.artifact_type.as_deref().is_some_and(is_bundle);
+    m.layers
+        .into_iter()
+        .filter_map(|l| {
+            if is_bundle(&l.media_type) || bundle_artifact {
+                Some(SignatureLayer::Bundle(l))
+            } else if l.media_type == SIMPLE_SIGNING {
+                let signature = l.annotations.get(SIGNATURE_ANNOTATION)?.clone();
+                Some(SignatureLayer::SimpleSigning { payload: l, signature })
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// Why an image is not signed by any of the keys.

@@ -16,7 +16,7 @@ use crate::digest::Digest;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The key file could not be read.
-    #[error("public key {name} ({}): {source}; key paths are relative to bundles.toml's directory", .path.display())]
+    #[error("public key {name} ({}): {source}; key paths are relative to the directory of the file naming them", .path.display())]
     Read {
         /// The key as named.
         name: String,

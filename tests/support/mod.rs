@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod containerd;
+pub mod cosign;
 #[cfg(feature = "containerd")]
 pub mod cri;
 pub mod fixtures;
@@ -13,6 +14,7 @@ pub mod gate;
 pub mod images;
 pub mod mount;
 pub mod registry;
+pub mod served;
 pub mod synthetic;
 
 use std::path::PathBuf;

@@ -49,6 +49,7 @@ const CONTAINERD_SUITES: &[(&str, &[&str])] = &[
         "serve",
         &["skopeo_and_containerd_pull_every_image", "cri_pulls_through_a_served_mirror", "a_two_directory_config_path"],
     ),
+    ("supply_chain", &["a_node_policy"]),
 ];
 
 /// A containerd to run the node-side suites against.

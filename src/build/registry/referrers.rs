@@ -29,7 +29,7 @@ const MANIFEST_TYPES: &[&str] = &[crate::oci::OCI_MANIFEST, crate::oci::DOCKER_M
 /// A referrer fetched into the cache: what `preseed.json` records, and the
 /// descriptors of every blob the tarball must carry for it (its manifest first).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Carried {
+pub struct FetchedReferrer {
     /// Its entry in `preseed.json`.
     pub referrer: IndexedReferrer,
     /// Its manifest, then its config and layers.
@@ -61,14 +61,14 @@ impl Registries {
         kinds: &[ReferrerKind],
         cache: &BlobCache,
         offline: bool,
-    ) -> Result<Vec<Carried>, ResolveError> {
+    ) -> Result<Vec<FetchedReferrer>, ResolveError> {
         let kept = cache.root().join("referrers").join(format!("{}.json", subject.hex()));
         let not_cached = || ResolveError::NotCached {
             image: image.to_string(),
             digest: subject.clone(),
             cache: format!("{} (its referrers)", cache.root().display()),
         };
-        let all: Vec<Carried> = if offline {
+        let all: Vec<FetchedReferrer> = if offline {
             let bytes = std::fs::read(&kept).map_err(|_| not_cached())?;
             serde_json::from_slice(&bytes).map_err(|_| not_cached())?
         } else {
@@ -80,7 +80,7 @@ impl Registries {
             }
             all
         };
-        let mut wanted: Vec<Carried> = all.into_iter().filter(|c| kinds.contains(&c.referrer.kind)).collect();
+        let mut wanted: Vec<FetchedReferrer> = all.into_iter().filter(|c| kinds.contains(&c.referrer.kind)).collect();
         for c in &wanted {
             for d in &c.blobs {
                 if !cache.contains(&d.digest, d.size) {
@@ -96,7 +96,8 @@ impl Registries {
             }
         }
         wanted.sort_by(|a, b| {
-            let key = |c: &Carried| (c.referrer.kind, c.referrer.tag.clone(), c.referrer.manifest.digest.clone());
+            let key =
+                |c: &FetchedReferrer| (c.referrer.kind, c.referrer.tag.clone(), c.referrer.manifest.digest.clone());
             key(a).cmp(&key(b))
         });
         Ok(wanted)
@@ -110,7 +111,7 @@ impl Registries {
         reference: &Reference,
         subject: &Digest,
         cache: &BlobCache,
-    ) -> Result<Vec<Carried>, ResolveError> {
+    ) -> Result<Vec<FetchedReferrer>, ResolveError> {
         let pinned = reference.with_digest(subject.clone());
         let mut out = Vec::new();
         // The referrers API (oci-client falls back to the `sha256-<hex>` tag
@@ -160,7 +161,7 @@ impl Registries {
         listed_type: Option<String>,
         tag: Option<String>,
         cache: &BlobCache,
-    ) -> Result<Option<Carried>, ResolveError> {
+    ) -> Result<Option<FetchedReferrer>, ResolveError> {
         let Ok(m) = serde_json::from_slice::<ArtifactManifest>(bytes) else { return Ok(None) };
         let media_type = m.media_type.clone().unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_string());
         if !MANIFEST_TYPES.contains(&media_type.as_str()) {
@@ -208,7 +209,7 @@ impl Registries {
             key: statement_bytes.as_deref().filter(|_| kind == ReferrerKind::Signature).and_then(key_hint),
             blobs: indexed,
         };
-        Ok(Some(Carried { referrer, blobs }))
+        Ok(Some(FetchedReferrer { referrer, blobs }))
     }
 
     /// A manifest by tag or digest (at most [`MAX_MANIFEST`] bytes), `None`

@@ -8,25 +8,15 @@
 
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
-use serde::Deserialize;
 
 use super::{Registries, ResolveError, ACCEPT};
 use crate::build::manifest::Reference;
 use crate::digest::Digest;
+use crate::trust::cosign::signature_layers;
 pub use crate::trust::cosign::Attached;
-use crate::trust::cosign::{SIGNATURE_ANNOTATION, SIGSTORE_BUNDLE_PREFIX, SIMPLE_SIGNING};
 
 /// Signature artifacts are small JSON documents; anything bigger is refused.
 const MAX_ARTIFACT: u64 = 1 << 20;
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ArtifactManifest {
-    #[serde(default)]
-    artifact_type: Option<String>,
-    #[serde(default)]
-    layers: Vec<crate::oci::Descriptor>,
-}
 
 impl Registries {
     /// Every cosign signature attached to `digest` in `reference`'s
@@ -54,35 +44,20 @@ impl Registries {
                 index.manifests.into_iter().map(|m| m.digest.to_string()).collect()
             }
         };
+        let mut manifests = Vec::new();
         for entry in &referrers {
             let Ok(d) = entry.parse::<Digest>() else { continue };
             let Some(bytes) = self.artifact_manifest(image, reference, &d.to_string()).await? else { continue };
-            if Digest::of(&bytes) != d {
-                continue;
-            }
-            let Ok(m) = serde_json::from_slice::<ArtifactManifest>(&bytes) else { continue };
-            let is_bundle = |t: &str| t.starts_with(SIGSTORE_BUNDLE_PREFIX);
-            for layer in &m.layers {
-                if is_bundle(&layer.media_type) || (m.artifact_type.as_deref().is_some_and(is_bundle)) {
-                    let blob = self.artifact_blob(image, reference, layer).await?;
-                    found.push(Attached::SigstoreBundle { bundle: blob });
-                }
+            if Digest::of(&bytes) == d {
+                manifests.push(bytes);
             }
         }
-
         // The `.sig` tag of cosign before v3 (and `--new-bundle-format=false`).
         let tag = format!("sha256-{}.sig", digest.hex());
-        if let Some(bytes) = self.artifact_manifest(image, reference, &tag).await? {
-            if let Ok(m) = serde_json::from_slice::<ArtifactManifest>(&bytes) {
-                for layer in &m.layers {
-                    let Some(signature) = layer.annotations.get(SIGNATURE_ANNOTATION) else { continue };
-                    if layer.media_type != SIMPLE_SIGNING {
-                        continue;
-                    }
-                    let payload = self.artifact_blob(image, reference, layer).await?;
-                    found.push(Attached::SimpleSigning { payload, signature: signature.clone() });
-                }
-            }
+        manifests.extend(self.artifact_manifest(image, reference, &tag).await?);
+        for layer in manifests.iter().flat_map(|m| signature_layers(m)) {
+            let blob = self.artifact_blob(image, reference, layer.blob()).await?;
+            found.extend(layer.attach(blob.into_bytes()));
         }
         Ok(found)
     }

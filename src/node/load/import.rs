@@ -182,6 +182,7 @@ impl Context {
             bytes_placed: 0,
             unpacked: false,
             duration_ms: millis(start.elapsed()),
+            signed_by: Vec::new(),
         };
         let (archive, images) = match Self::open(&img).await {
             Ok(v) => v,
@@ -213,6 +214,7 @@ impl Context {
                 bytes_placed: stats.adopted_bytes,
                 unpacked: stats.unpacked,
                 duration_ms: millis(started.elapsed()),
+                signed_by: Vec::new(),
             });
         }
         out

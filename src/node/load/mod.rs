@@ -75,6 +75,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use crate::node::notify;
+use crate::node::policy::Policy;
 pub use crate::node::read::open::Source;
 use crate::node::read::source;
 pub use crate::partition::verity::RootHash;
@@ -109,6 +110,8 @@ pub struct LoadOptions {
     pub notify: Option<Arc<notify::Notifier>>,
     /// Read the partition through dm-verity, checked against this root hash.
     pub verity_root_hash: Option<RootHash>,
+    /// Images that must be signed, and by whom: those that are not fail.
+    pub policy: Option<Arc<Policy>>,
 }
 
 impl LoadOptions {
@@ -123,6 +126,7 @@ impl LoadOptions {
             snapshotter: "overlayfs".into(),
             notify: None,
             verity_root_hash: None,
+            policy: None,
         }
     }
 }
@@ -160,13 +164,16 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn crate::node::sys::Sys>) 
     let open_opts = crate::node::read::open::OpenOptions { verity_root_hash: opts.verity_root_hash, mount_at: None };
     let opened = crate::node::read::open::open_with_options(&opts.source, &open_opts, sys)?;
     let (root, source_id) = (opened.root().to_path_buf(), opened.id().to_string());
-    let listing = match source::list(&root) {
+    let mut listing = match source::list(&root) {
         Ok(l) => l,
         Err(e) if opened.verity().is_some() && crate::node::read::verity::is_eio(&e) => {
             return Err(LoadError::Corrupt { source_id, error: e })
         }
         Err(e) => return Err(e.into()),
     };
+    // Images the policy refuses fail like refused index entries, before
+    // anything is read from them into containerd.
+    let signed = opts.policy.as_ref().map(|p| p.screen(&mut listing)).unwrap_or_default();
     let client = containerd::Client::connect(&opts.address, opts.timeout).await?;
     let mut warnings = listing.warnings.clone();
     let mut errors = Vec::new();
@@ -301,6 +308,9 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn crate::node::sys::Sys>) 
             errors.len()
         ));
     }
+    for i in &mut images {
+        i.signed_by = signed.iter().filter(|(rel, _)| *rel == i.tarball).map(|(_, s)| s.clone()).collect();
+    }
     let bytes_written = images.iter().map(|i| i.bytes_written).sum();
     let bytes_placed = images.iter().map(|i| i.bytes_placed).sum();
     Ok(LoadReport {
@@ -334,6 +344,7 @@ fn refused_report(r: &source::Refused) -> (bool, ImageReport) {
         bytes_placed: 0,
         unpacked: false,
         duration_ms: 0,
+        signed_by: Vec::new(),
     };
     (r.boot, report)
 }

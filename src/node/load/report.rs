@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::human::human_bytes;
+use crate::partition::index::SignedBy;
 
 /// What happened to one image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -60,6 +61,9 @@ pub struct ImageReport {
     pub unpacked: bool,
     /// Time spent on this image, in milliseconds.
     pub duration_ms: u64,
+    /// The keys whose signatures the node's policy checked (`--policy`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signed_by: Vec<SignedBy>,
 }
 
 impl ImageReport {
@@ -169,6 +173,9 @@ impl LoadReport {
                     if i.unpacked { ", unpacked" } else { "" },
                 )?,
             }
+            for s in &i.signed_by {
+                writeln!(out, "          signed by {} ({}, {})", s.key, s.key_sha256, s.format)?;
+            }
         }
         for u in &self.unpinned {
             writeln!(out, "unpinned  {} [{}] (no longer in {})", u.name, u.namespace, self.source)?;
@@ -215,6 +222,7 @@ mod tests {
             bytes_placed: 0,
             unpacked: false,
             duration_ms: 120,
+            signed_by: Vec::new(),
         };
         let r = LoadReport {
             source: "/dev/vdb".into(),

@@ -39,6 +39,7 @@ use serde::Serialize;
 
 use crate::digest::{Digest, Hasher};
 use crate::human::human_bytes;
+use crate::node::policy::Policy;
 use crate::node::read::archive::{Archive, Entry};
 use crate::node::read::open::{self, OpenOptions, Source};
 use crate::node::read::source;
@@ -73,12 +74,22 @@ pub struct PlaceOptions {
     /// Read the partition through dm-verity, checked against this root
     /// hash; its blocks are then verified by the kernel and not hashed again.
     pub verity_root_hash: Option<RootHash>,
+    /// Images that must be signed, and by whom: the blobs of those that are
+    /// not are not copied, and they are reported (with `--overlay`, which
+    /// copies nothing, only reported: `load` makes no image of them).
+    pub policy: Option<Arc<Policy>>,
 }
 
 impl PlaceOptions {
     /// Defaults: root from `/etc/containerd/config.toml`.
     pub fn new(source: Source) -> Self {
-        PlaceOptions { source, root: None, config: PathBuf::from(config::DEFAULT_CONFIG), verity_root_hash: None }
+        PlaceOptions {
+            source,
+            root: None,
+            config: PathBuf::from(config::DEFAULT_CONFIG),
+            verity_root_hash: None,
+            policy: None,
+        }
     }
 }
 
@@ -349,7 +360,10 @@ fn copy_all(
     // Through dm-verity every block read is checked against the root hash.
     let verified = opened.verity().is_some();
     report.source = opened.id().to_string();
-    let listing = source::list(opened.root())?;
+    let mut listing = source::list(opened.root())?;
+    if let Some(policy) = &opts.policy {
+        policy.screen(&mut listing);
+    }
     report.warnings.extend(listing.warnings.iter().cloned());
     report.unreadable.extend(listing.refused.iter().map(|r| r.to_string()));
 

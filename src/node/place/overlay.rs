@@ -172,6 +172,17 @@ pub fn overlay_with(
         return Err(PlaceError::NoContentDir { source_name: report.source.clone() });
     }
     let index = Digest::of(&std::fs::read(opened.root().join(INDEX_FILE)).map_err(io_err(opened.root()))?);
+    // What load will refuse is reported now, but the overlay copies nothing
+    // and so keeps nothing out: load makes no image of a refused entry.
+    match crate::node::read::source::list(opened.root()) {
+        Ok(mut listing) => {
+            if let Some(policy) = &opts.policy {
+                policy.screen(&mut listing);
+            }
+            report.unreadable.extend(listing.refused.iter().map(|r| format!("{r}; load will not import it")));
+        }
+        Err(e) => report.warnings.push(format!("{e}; load will refuse this partition")),
+    }
     let blobs = list_blobs(&lower_content.join("blobs/sha256"))?;
     let new =
         LowerState { source: report.source.clone(), index: index.to_string(), blobs: blobs.keys().cloned().collect() };

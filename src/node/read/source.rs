@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
 pub use crate::partition::index::valid_namespace;
-use crate::partition::index::{IndexError, PartitionIndex, INDEX_FILE};
+use crate::partition::index::{IndexError, IndexedReferrer, PartitionIndex, INDEX_FILE};
 
 /// Largest `preseed.json` read: some 100 000 images with their blob lists.
 pub const MAX_INDEX: u64 = 64 << 20;
@@ -76,6 +76,8 @@ pub struct SourceImage {
     pub pin: bool,
     /// Imported before the loader tells systemd it is ready.
     pub boot: bool,
+    /// Its signatures, attestations and SBOMs, as `preseed.json` lists them.
+    pub referrers: Vec<IndexedReferrer>,
 }
 
 /// What a source holds.
@@ -165,6 +167,7 @@ fn from_index(root: &Path, index_path: &Path, index: &PartitionIndex) -> Listing
             // would make the next pod start need a registry.
             pin: img.pin || img.sandbox,
             boot: img.boot || img.sandbox,
+            referrers: img.referrers.clone(),
         });
     }
     listing
@@ -234,6 +237,7 @@ fn compat_image(namespace: &str, path: PathBuf, rel: String) -> SourceImage {
         size: None,
         pin: true,
         boot: true,
+        referrers: Vec::new(),
     }
 }
 

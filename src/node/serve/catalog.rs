@@ -11,6 +11,12 @@
 //! request naming neither gets the tags of `docker.io` if it is among them
 //! (the default registry, what a plain docker mirror is asked for), else of
 //! the host that sorts first; a digest is found under any of them.
+//!
+//! What refers to an image (its signatures, attestations and SBOMs, which
+//! `preseed.json` lists and its tarball holds outside `index.json`) is
+//! served as the registry served it: through the referrers API, under
+//! cosign's `sha256-<hex>.sig`/`.att`/`.sbom` tags, and under the referrers
+//! tag `sha256-<hex>` (an index made here, for clients without the API).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -18,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::digest::Digest;
+use crate::node::policy::Policy;
 use crate::node::read::archive::Archive;
 use crate::node::read::image::{self, BlobData};
 use crate::node::read::source;
@@ -95,7 +102,34 @@ pub struct Repository {
     pub tags: BTreeMap<String, Digest>,
     /// Every blob of every image under this repository.
     pub digests: HashSet<Digest>,
+    /// Subject digest → what refers to it, in `preseed.json` order.
+    pub referrers: BTreeMap<Digest, Vec<Referrer>>,
 }
+
+/// One entry of a referrers list.
+#[derive(Clone, Debug)]
+pub struct Referrer {
+    /// Its `artifactType` (what `?artifactType=` filters on).
+    pub artifact_type: Option<String>,
+    /// The descriptor served: media type, digest, size, `artifactType` and
+    /// the manifest's annotations, as the distribution spec asks.
+    pub descriptor: serde_json::Value,
+}
+
+/// The body of a referrers answer (and of the `sha256-<hex>` tag): an OCI
+/// index of `referrers`.
+pub fn referrers_index<'a>(referrers: impl Iterator<Item = &'a Referrer>) -> Vec<u8> {
+    let manifests: Vec<&serde_json::Value> = referrers.map(|r| &r.descriptor).collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::OCI_INDEX,
+        "manifests": manifests,
+    }))
+    .expect("an index serializes")
+}
+
+/// Largest referrer manifest read at start (for its annotations).
+const MAX_REFERRER_MANIFEST: u64 = 4 << 20;
 
 /// Everything served.
 #[derive(Debug, Default)]
@@ -136,9 +170,13 @@ fn canonical_host(host: &str) -> &str {
 
 impl Catalog {
     /// Reads every tarball under `root` (a mounted partition or preload
-    /// directory). One unreadable tarball is a warning, not a failure.
-    pub fn build(root: &Path) -> Result<Catalog, CatalogError> {
-        let listing = source::list(root)?;
+    /// directory). One unreadable tarball is a warning, not a failure; so is
+    /// an image `policy` refuses.
+    pub fn build(root: &Path, policy: Option<&Policy>) -> Result<Catalog, CatalogError> {
+        let mut listing = source::list(root)?;
+        if let Some(policy) = policy {
+            policy.screen(&mut listing);
+        }
         let mut cat = Catalog { warnings: listing.warnings.clone(), ..Catalog::default() };
         cat.warnings.extend(listing.refused.iter().map(|r| format!("{r}; not served")));
         for src in &listing.images {
@@ -146,6 +184,7 @@ impl Catalog {
                 cat.warnings.push(format!("{}: {why}; not served", src.rel));
             }
         }
+        cat.add_referrers_tags();
         if cat.images == 0 && !(listing.images.is_empty() && listing.refused.is_empty()) {
             return Err(CatalogError::Empty(root.to_path_buf()));
         }
@@ -189,9 +228,18 @@ impl Catalog {
                     data,
                 });
             }
+            // The tarball's referrers belong to its one image.
+            let referrers = if images.len() == 1 { self.add_referrers(src, &archive, &path) } else { Vec::new() };
             for (host, repo, tag) in repos {
                 let r = self.repos.entry(repo.clone()).or_default().entry(host.clone()).or_default();
                 r.digests.extend(img.blobs.iter().map(|b| b.descriptor.digest.clone()));
+                for (subject, referrer, tag, digests) in &referrers {
+                    r.digests.extend(digests.iter().cloned());
+                    r.referrers.entry(subject.clone()).or_default().push(referrer.clone());
+                    if let Some(tag) = tag {
+                        r.tags.entry(tag.clone()).or_insert_with(|| digests[0].clone());
+                    }
+                }
                 if let Some(tag) = tag {
                     match r.tags.get(&tag) {
                         Some(d) if *d != img.root.digest => self.warnings.push(format!(
@@ -208,6 +256,120 @@ impl Catalog {
             self.images += 1;
         }
         Ok(())
+    }
+
+    /// The referrers `preseed.json` lists for the tarball `src`, their
+    /// blobs added to the catalog: (subject, entry, cosign tag, digests
+    /// with the manifest first). One whose manifest is missing or altered
+    /// is a warning, and not served.
+    fn add_referrers(
+        &mut self,
+        src: &source::SourceImage,
+        archive: &Archive,
+        path: &Arc<Path>,
+    ) -> Vec<(Digest, Referrer, Option<String>, Vec<Digest>)> {
+        let mut out = Vec::new();
+        for r in &src.referrers {
+            let manifest = archive
+                .blob(&r.manifest.digest)
+                .filter(|e| e.size == r.manifest.size && e.size <= MAX_REFERRER_MANIFEST)
+                .and_then(|e| archive.read_entry(e).ok())
+                .filter(|bytes| Digest::of(bytes) == r.manifest.digest);
+            let Some(manifest) = manifest else {
+                self.warnings.push(format!(
+                    "{}: {} {} of {} is missing or altered; not served",
+                    src.rel,
+                    r.kind.plural().trim_end_matches('s'),
+                    r.manifest.digest,
+                    r.subject
+                ));
+                continue;
+            };
+            let annotations = serde_json::from_slice::<serde_json::Value>(&manifest)
+                .ok()
+                .and_then(|m| m.get("annotations").filter(|a| a.is_object()).cloned());
+            let mut descriptor = serde_json::json!({
+                "mediaType": r.media_type,
+                "digest": r.manifest.digest,
+                "size": r.manifest.size,
+            });
+            if let Some(t) = &r.artifact_type {
+                descriptor["artifactType"] = t.clone().into();
+            }
+            if let Some(a) = annotations {
+                descriptor["annotations"] = a;
+            }
+            let file = |e: crate::node::read::archive::Entry| Data::File {
+                file: archive.file().clone(),
+                path: path.clone(),
+                offset: e.offset,
+            };
+            let mut digests = vec![r.manifest.digest.clone()];
+            if let Some(e) = archive.blob(&r.manifest.digest) {
+                self.blobs.entry(r.manifest.digest.clone()).or_insert_with(|| Content {
+                    media_type: r.media_type.clone(),
+                    size: r.manifest.size,
+                    data: file(e),
+                });
+            }
+            for b in &r.blobs {
+                let Some(e) = archive.blob(&b.digest).filter(|e| e.size == b.size) else { continue };
+                digests.push(b.digest.clone());
+                self.blobs.entry(b.digest.clone()).or_insert_with(|| Content {
+                    media_type: "application/octet-stream".into(),
+                    size: b.size,
+                    data: file(e),
+                });
+            }
+            let referrer = Referrer { artifact_type: r.artifact_type.clone(), descriptor };
+            out.push((r.subject.clone(), referrer, r.tag.clone(), digests));
+        }
+        out
+    }
+
+    /// Makes the referrers tag `sha256-<hex>` of every subject that has
+    /// referrers and no such tag yet: an index of them, as a registry
+    /// without the referrers API holds it.
+    fn add_referrers_tags(&mut self) {
+        let mut made = Vec::new();
+        for hosts in self.repos.values_mut() {
+            for r in hosts.values_mut() {
+                for (subject, list) in &r.referrers {
+                    let tag = format!("sha256-{}", subject.hex());
+                    if r.tags.contains_key(&tag) {
+                        continue;
+                    }
+                    let bytes = referrers_index(list.iter());
+                    let digest = Digest::of(&bytes);
+                    r.tags.insert(tag, digest.clone());
+                    r.digests.insert(digest.clone());
+                    made.push((digest, bytes));
+                }
+            }
+        }
+        for (digest, bytes) in made {
+            self.blobs.entry(digest).or_insert_with(|| Content {
+                media_type: oci::OCI_INDEX.into(),
+                size: bytes.len() as u64,
+                data: Data::Inline(Arc::from(bytes)),
+            });
+        }
+    }
+
+    /// What refers to `subject` in `repos` (the first repository that has
+    /// any), filtered by `artifact_type` when given.
+    pub fn referrers<'a>(
+        &self,
+        repos: &[&'a Repository],
+        subject: &Digest,
+        artifact_type: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Referrer> + 'a {
+        repos
+            .iter()
+            .find_map(|r| r.referrers.get(subject))
+            .into_iter()
+            .flatten()
+            .filter(move |r| artifact_type.is_none_or(|t| r.artifact_type.as_deref() == Some(t)))
     }
 
     /// The repositories a request for `name` may mean, the one whose tags

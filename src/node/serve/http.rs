@@ -1,7 +1,8 @@
 //! The OCI distribution API, read-only, over a [`Catalog`]: `/v2/`,
 //! manifests and blobs (GET, HEAD, `Range` on blobs), `tags/list` and
-//! `_catalog` (with `n`/`last` pagination), and the spec's error JSON for
-//! everything else. Writes get 405 `UNSUPPORTED`.
+//! `_catalog` (with `n`/`last` pagination), the referrers API (OCI 1.1, with
+//! `artifactType` filtering), and the spec's error JSON for everything
+//! else. Writes get 405 `UNSUPPORTED`.
 //!
 //! Blob bodies are read from the tarball in [`CHUNK`]-byte pieces, each
 //! only when the connection has sent the previous one: a download holds at
@@ -104,6 +105,7 @@ struct Query {
     ns: Option<String>,
     n: Option<String>,
     last: Option<String>,
+    artifact_type: Option<String>,
 }
 
 fn query(q: Option<&str>) -> Query {
@@ -115,6 +117,7 @@ fn query(q: Option<&str>) -> Query {
             "ns" => out.ns = Some(v),
             "n" => out.n = Some(v),
             "last" => out.last = Some(v),
+            "artifactType" => out.artifact_type = Some(v),
             _ => {}
         }
     }
@@ -198,6 +201,10 @@ pub fn route<B>(catalog: &Catalog, req: &Request<B>) -> Response<Body> {
             &format!("/v2/{name}/tags/list"),
             |page| serde_json::json!({ "name": name, "tags": page }),
         );
+    }
+    if let Some((name, subject)) = rest.rsplit_once("/referrers/") {
+        let Some(repo) = repository(catalog, name, &q) else { return unknown_name(name, &q) };
+        return referrers(catalog, &repo, subject, q.artifact_type.as_deref());
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         let Some(repo) = repository(catalog, name, &q) else { return unknown_name(name, &q) };
@@ -285,6 +292,25 @@ fn manifest(catalog: &Catalog, repo: &[&Repository], name: &str, reference: &str
         Some(c) if c.is_manifest() => content_response(c, &digest, &c.media_type, None),
         _ => error(Code::ManifestUnknown, &format!("{name}@{digest}: no such manifest in this partition")),
     }
+}
+
+/// What refers to `subject`: always an index (empty for a subject with no
+/// referrers, or one not here, as the spec asks), filtered by
+/// `artifact_type` if given, which the `OCI-Filters-Applied` header says.
+fn referrers(catalog: &Catalog, repo: &[&Repository], subject: &str, artifact_type: Option<&str>) -> Response<Body> {
+    let subject = match subject.parse::<Digest>() {
+        Ok(d) => d,
+        Err(e) => return error(Code::DigestInvalid, &e.to_string()),
+    };
+    let body = super::catalog::referrers_index(catalog.referrers(repo, &subject, artifact_type));
+    let mut resp = Response::new(full(Bytes::from(body.clone())));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::oci::OCI_INDEX));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if artifact_type.is_some() {
+        h.insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
+    }
+    resp
 }
 
 fn blob(catalog: &Catalog, repo: &[&Repository], digest: &str, range: Option<&HeaderValue>) -> Response<Body> {

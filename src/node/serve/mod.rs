@@ -28,6 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 
 pub use catalog::Catalog;
 
+use crate::node::policy::Policy;
 use crate::node::read::open::{self, Opened, Source};
 
 /// Default listen address.
@@ -71,10 +72,11 @@ pub struct Server {
 impl Server {
     /// Opens `source` (mounting a partition read-only), reads its images
     /// and binds `listen` (port 0 picks a free one: see [`Server::local_addr`]).
-    pub async fn bind(source: &Source, listen: SocketAddr) -> Result<Server, ServeError> {
+    /// Images `policy` refuses are not served (a start-up warning).
+    pub async fn bind(source: &Source, listen: SocketAddr, policy: Option<Arc<Policy>>) -> Result<Server, ServeError> {
         let opened = open::open(source)?;
         let root = opened.root().to_path_buf();
-        let catalog = tokio::task::spawn_blocking(move || Catalog::build(&root))
+        let catalog = tokio::task::spawn_blocking(move || Catalog::build(&root, policy.as_deref()))
             .await
             .expect("reading the catalog does not panic")?;
         let listener =
