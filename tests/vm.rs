@@ -513,6 +513,12 @@ fn boot_with(work: &Path, name: &str, kernel: &Path, initrd: &Path, m: &Machine)
         |path: &Path, extra: &str| format!("file={},if=virtio,format=raw,cache={}{extra}", path.display(), m.cache);
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nographic", "-nic", "none", "-no-reboot"])
+        // Entropy from the start: qemu's default CPU has no RDRAND, and the
+        // guest's getrandom() then waits on jitter entropy, which under TCG
+        // on a busy host stalled udev for minutes (a soft lockup, seen once
+        // in the long power-cut run). `max` has RDRAND, which the kernel
+        // trusts (RANDOM_TRUST_CPU); virtio-rng feeds it after that.
+        .args(["-cpu", "max", "-device", "virtio-rng-pci"])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
