@@ -163,6 +163,7 @@ fn bundles_are_byte_identical_across_caches() {
         for p in blobs {
             cache_b.put_bytes(&std::fs::read(p).unwrap()).unwrap();
         }
+        copy_listings(&a.cache, &two.path().join("cache"));
         let (b, out) = bundle(two.path(), &text, &["--offline", "--jobs", "1"]);
         ok("preseed bundle", &out);
         let name = format!("preseed.{format}");
@@ -171,6 +172,20 @@ fn bundles_are_byte_identical_across_caches() {
             std::fs::read(a.out.join("preseed.json")).unwrap(),
             std::fs::read(b.out.join("preseed.json")).unwrap()
         );
+    }
+}
+
+/// Besides its blobs, a cache keeps what each image's signatures and
+/// referrers were when last fetched (`signatures/`, `referrers/`), which an
+/// `--offline` run needs as well: copies those into the cache `to`.
+fn copy_listings(from: &Path, to: &Path) {
+    for kind in ["signatures", "referrers"] {
+        let Ok(entries) = std::fs::read_dir(from.join(kind)) else { continue };
+        std::fs::create_dir_all(to.join(kind)).unwrap();
+        for e in entries {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(kind).join(e.file_name())).unwrap();
+        }
     }
 }
 
@@ -544,6 +559,7 @@ fn verity_tree_verifies_and_is_deterministic() {
         for e in std::fs::read_dir(a.cache.join("blobs/sha256")).unwrap() {
             cache_b.put_bytes(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
         }
+        copy_listings(&a.cache, &two.path().join("cache"));
         let (b, out) = bundle(two.path(), &text, &["--verity", "--offline"]);
         ok("preseed bundle", &out);
         assert_eq!(sha256_file(&image), sha256_file(&b.out.join(format!("preseed.{format}"))), "{format}");
