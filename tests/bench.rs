@@ -7,6 +7,13 @@
 //! against what a release engineer would script instead (skopeo + mksquashfs,
 //! ctr fetch + export, a `ctr images import` loop). Medians, ratios and the
 //! issue's goals are printed and written to `PRESEED_BENCH_OUT` (BENCHMARKS.md).
+//!
+//! Its "Serve" section (issue 33) sets `preseed serve` beside
+//! `docker-registry`, both serving the corpus' blobs to 1, 8 and 64 clients
+//! on loopback. To run that section alone, on a smaller corpus, printed and
+//! not written:
+//! `PRESEED_BENCH_ONLY=serve cargo test --release --test bench serve_vs_registry -- --ignored --nocapture`
+//! (`PRESEED_BENCH_SCALE`, default 0.5 there, and `PRESEED_BENCH_ROUNDS` apply).
 
 mod support;
 
@@ -660,6 +667,410 @@ fn machine_limit(cache: &Path, unique: &BTreeMap<String, u64>) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Client counts of the serve comparison (issue 33).
+const SERVE_CLIENTS: [usize; 3] = [1, 8, 64];
+
+/// Times each unique blob is fetched in one serve run.
+const SERVE_PASSES: usize = 4;
+
+/// Bytes a serve client reads (and hashes) at a time: small enough to stay
+/// in the core's cache between the copy and the hash.
+const SERVE_READ: usize = 256 << 10;
+
+/// One blob GET of the serve comparison.
+struct BlobGet {
+    /// `/v2/<repo>/blobs/<digest>`.
+    path: String,
+    /// Hex sha256 the body must hash to.
+    hex: String,
+    size: u64,
+}
+
+/// A server of the serve comparison, killed on drop.
+enum ServeProcess {
+    /// `preseed serve` (its stdout kept open: it may print again).
+    Preseed { child: std::process::Child, _stdout: std::process::ChildStdout, addr: String },
+    /// A fresh `docker-registry` over the corpus' storage.
+    Registry(Registry),
+}
+
+impl ServeProcess {
+    /// `preseed serve --dir <mounted partition>` on a free port; ready once
+    /// it has printed its address.
+    fn preseed(dir: &Path) -> ServeProcess {
+        use std::io::BufRead as _;
+        let mut child = Command::new(preseed())
+            .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line
+            .rsplit("http://")
+            .next()
+            .map(|a| a.trim().to_string())
+            .filter(|a| a.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("preseed serve printed {line:?}, not its address"));
+        ServeProcess::Preseed { child, _stdout: stdout.into_inner(), addr }
+    }
+
+    fn registry(storage: &Path) -> ServeProcess {
+        ServeProcess::Registry(Registry::start_on_storage(storage).expect("docker-registry"))
+    }
+
+    fn addr(&self) -> String {
+        match self {
+            ServeProcess::Preseed { addr, .. } => addr.clone(),
+            ServeProcess::Registry(r) => r.host(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            ServeProcess::Preseed { child, .. } => child.id(),
+            ServeProcess::Registry(r) => r.pid(),
+        }
+    }
+
+    /// `VmRSS` or `VmHWM` (KiB) of the server process.
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let ServeProcess::Preseed { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection of a serve client.
+struct BlobClient {
+    addr: String,
+    stream: Option<std::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl BlobClient {
+    fn new(addr: &str) -> BlobClient {
+        BlobClient { addr: addr.to_string(), stream: None, buf: vec![0; SERVE_READ] }
+    }
+
+    /// GETs one blob, checking status, length and sha256 of the body. A
+    /// kept-alive connection the server closed meanwhile is opened again once.
+    fn get(&mut self, g: &BlobGet) {
+        for attempt in 0..2 {
+            let reused = self.stream.is_some();
+            if !reused {
+                let s =
+                    std::net::TcpStream::connect(&self.addr).unwrap_or_else(|e| panic!("connect {}: {e}", self.addr));
+                s.set_nodelay(true).unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(120))).unwrap();
+                self.stream = Some(s);
+            }
+            match self.exchange(g) {
+                Ok(keep) => {
+                    if !keep {
+                        self.stream = None;
+                    }
+                    return;
+                }
+                Err((e, answered)) => {
+                    self.stream = None;
+                    assert!(reused && !answered && attempt == 0, "GET http://{}{}: {e}", self.addr, g.path);
+                }
+            }
+        }
+    }
+
+    /// One request and its response: whether the connection stays open, or
+    /// the error and whether any of the response had arrived.
+    fn exchange(&mut self, g: &BlobGet) -> Result<bool, (std::io::Error, bool)> {
+        use std::io::Write as _;
+        let stream = self.stream.as_mut().unwrap();
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: preseed-bench\r\nAccept-Encoding: identity\r\n\r\n",
+            g.path, self.addr
+        );
+        stream.write_all(req.as_bytes()).map_err(|e| (e, false))?;
+        // The head (and maybe the first body bytes).
+        let mut filled = 0;
+        let end = loop {
+            if let Some(at) = self.buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+                break at;
+            }
+            assert!(filled < self.buf.len(), "GET {}: response head over {} bytes", g.path, self.buf.len());
+            let n = stream.read(&mut self.buf[filled..]).map_err(|e| (e, filled > 0))?;
+            if n == 0 {
+                return Err((std::io::ErrorKind::UnexpectedEof.into(), filled > 0));
+            }
+            filled += n;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or_default();
+        assert!(status.starts_with("HTTP/1.1 200"), "GET {}: {status}\n{head}", g.path);
+        let mut length = None;
+        let mut close = false;
+        for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
+            match k.as_str() {
+                "content-length" => length = v.parse::<u64>().ok(),
+                "connection" => close = v == "close",
+                "transfer-encoding" => panic!("GET {}: {k}: {v}; the benchmark expects Content-Length", g.path),
+                _ => {}
+            }
+        }
+        assert_eq!(length, Some(g.size), "GET {}: Content-Length", g.path);
+        let mut hasher = Sha256::new();
+        let first = &self.buf[end + 4..filled];
+        assert!(first.len() as u64 <= g.size, "GET {}: more bytes than Content-Length", g.path);
+        hasher.update(first);
+        let mut left = g.size - first.len() as u64;
+        while left > 0 {
+            let want = left.min(self.buf.len() as u64) as usize;
+            let n = stream.read(&mut self.buf[..want]).map_err(|e| (e, true))?;
+            assert!(n > 0, "GET {}: body cut short, {left} of {} bytes missing", g.path, g.size);
+            hasher.update(&self.buf[..n]);
+            left -= n as u64;
+        }
+        let got = hex::encode(hasher.finalize());
+        assert_eq!(got, g.hex, "GET {}: the body does not hash to its digest", g.path);
+        Ok(!close)
+    }
+}
+
+/// Every GET of `gets` against `addr`, `clients` at a time from one shared
+/// queue (each client a thread with its own connection, taking the next GET
+/// when its last body is in and checked): wall seconds.
+fn fetch_blobs(addr: &str, gets: &[BlobGet], clients: usize) -> f64 {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..clients {
+            sc.spawn(|| {
+                let mut client = BlobClient::new(addr);
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(g) = gets.get(i) else { break };
+                    client.get(g);
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
+/// Issue 33's figures: `preseed serve` and `docker-registry` serving the
+/// same blobs, per client count.
+struct ServeBench {
+    unique_blobs: usize,
+    unique_bytes: u64,
+    /// GETs and body bytes of one run.
+    gets: usize,
+    bytes: u64,
+    rounds: usize,
+    registry_version: String,
+    /// Per client count (as `SERVE_CLIENTS`): runs as (wall seconds, VmHWM),
+    /// and VmRSS of each fresh process once ready.
+    preseed: Vec<(Series, Vec<u64>)>,
+    registry: Vec<(Series, Vec<u64>)>,
+    secs: f64,
+    loadavg: (String, String),
+}
+
+/// Issue 33: `preseed serve --dir` over the mounted erofs `partition` and a
+/// fresh `docker-registry` over `reg`'s storage (where the corpus was
+/// pushed) serve the corpus' unique blobs to 1, 8 and 64 clients on
+/// loopback; alternating rounds, a fresh server process per run.
+fn serve_vs_registry_runs(reg: &Registry, corpus: &BenchCorpus, partition: &Path, rounds: usize) -> ServeBench {
+    let started = Instant::now();
+    let load_before = loadavg();
+    let mut repo_of: BTreeMap<&str, &str> = BTreeMap::new();
+    for img in &corpus.images {
+        for b in &img.blobs {
+            repo_of.entry(b.as_str()).or_insert(img.repo.as_str());
+        }
+    }
+    let one_pass: Vec<BlobGet> = repo_of
+        .iter()
+        .map(|(digest, repo)| BlobGet {
+            path: format!("/v2/{repo}/blobs/{digest}"),
+            hex: digest.trim_start_matches("sha256:").to_string(),
+            size: corpus.unique_blobs[*digest],
+        })
+        .collect();
+    // Biggest first, so that the last GETs of a run are small and no client
+    // is left alone with a large blob at the end.
+    let mut gets: Vec<BlobGet> = (0..SERVE_PASSES)
+        .flat_map(|_| one_pass.iter().map(|g| BlobGet { path: g.path.clone(), hex: g.hex.clone(), size: g.size }))
+        .collect();
+    gets.sort_by_key(|g| std::cmp::Reverse(g.size));
+    let bytes: u64 = gets.iter().map(|g| g.size).sum();
+
+    let mounted = Mounted::new(partition, "erofs");
+    let storage = reg.storage_dir();
+    let start =
+        |ours: bool| if ours { ServeProcess::preseed(&mounted.path()) } else { ServeProcess::registry(&storage) };
+    // One checked pass over each server first, untimed: both then read
+    // from a warm page cache.
+    for ours in [true, false] {
+        let server = start(ours);
+        fetch_blobs(&server.addr(), &one_pass, 8);
+    }
+    let mut preseed: Vec<(Series, Vec<u64>)> = SERVE_CLIENTS.iter().map(|_| Default::default()).collect();
+    let mut registry: Vec<(Series, Vec<u64>)> = SERVE_CLIENTS.iter().map(|_| Default::default()).collect();
+    for round in 0..rounds {
+        for (k, clients) in SERVE_CLIENTS.into_iter().enumerate() {
+            let order = if (round + k) % 2 == 0 { [true, false] } else { [false, true] };
+            for ours in order {
+                let server = start(ours);
+                let rss_start = server.status_kib("VmRSS:");
+                let secs = fetch_blobs(&server.addr(), &gets, clients);
+                let hwm = server.status_kib("VmHWM:");
+                drop(server);
+                let (name, into) =
+                    if ours { ("preseed serve", &mut preseed[k]) } else { ("docker-registry", &mut registry[k]) };
+                into.0 .0.push(Sample { secs, rss_kib: hwm });
+                into.1.push(rss_start);
+                eprintln!(
+                    "bench: serve round {} {name}, {clients} clients: {secs:.2}s, {:.0} MB/s, RSS {} MiB at start, peak {} MiB",
+                    round + 1,
+                    bytes as f64 / secs / 1e6,
+                    rss_start / 1024,
+                    hwm / 1024
+                );
+            }
+        }
+    }
+    drop(mounted);
+    let version = Command::new(tool("docker-registry")).arg("--version").output().unwrap();
+    ServeBench {
+        unique_blobs: one_pass.len(),
+        unique_bytes: one_pass.iter().map(|g| g.size).sum(),
+        gets: gets.len(),
+        bytes,
+        rounds,
+        registry_version: String::from_utf8_lossy(&version.stdout).split_whitespace().last().unwrap_or("").to_string(),
+        preseed,
+        registry,
+        secs: started.elapsed().as_secs_f64(),
+        loadavg: (load_before, loadavg()),
+    }
+}
+
+impl ServeBench {
+    /// Throughput ratio (preseed / registry) at the `k`th client count.
+    fn ratio(&self, k: usize) -> f64 {
+        self.registry[k].0.secs() / self.preseed[k].0.secs()
+    }
+
+    /// Peak RSS (MiB) at the first and the last client count.
+    fn flat(side: &[(Series, Vec<u64>)]) -> (f64, f64) {
+        (side[0].0.rss_mib(), side[side.len() - 1].0.rss_mib())
+    }
+
+    /// Whether issue 33's goal is met: at least the registry's throughput
+    /// at every client count, and preseed serve's peak RSS at the most
+    /// clients ≤ 64 MiB (tests/serve.rs's budget for 100 downloads).
+    fn goal_met(&self) -> bool {
+        (0..SERVE_CLIENTS.len()).all(|k| self.ratio(k) >= 1.0) && Self::flat(&self.preseed).1 <= 64.0
+    }
+
+    /// The "Serve" section of BENCHMARKS.md.
+    fn render(&self, o: &mut String) {
+        let mbs = |s: &Series| self.bytes as f64 / s.secs() / 1e6;
+        let start_mib = |v: &[u64]| median(&v.iter().map(|&k| k as f64 / 1024.0).collect::<Vec<_>>());
+        let _ = writeln!(o, "## Serve (issue 33)\n");
+        let _ = writeln!(
+            o,
+            "`preseed serve --dir` over the mounted erofs partition beside Debian's `docker-registry` ({}) over the storage the \
+             corpus was pushed to (configured as packaged: in-memory blob descriptor cache, access log on), both on loopback \
+             HTTP/1.1, serving the same {} unique blobs ({}). One run GETs every unique blob {SERVE_PASSES} times ({} GETs, {}), \
+             biggest first, from one shared queue: each of the N clients (a thread of the benchmark process with one keep-alive \
+             connection) takes the next GET as soon as its last body is in, so every run moves the same bytes whatever N, and \
+             all clients stay busy until the small blobs at the end. Every body is checked: status 200, Content-Length, and the \
+             sha256 of its bytes against its digest; the clients hash with SHA-NI, {SERVE_READ_KIB} KiB at a time, on the same \
+             {cores} cores as the server, so both servers pay the same client cost. Each run starts a fresh server process: its peak \
+             RSS is that process's `VmHWM` after the run, and memory is flat if it does not grow with the clients. Page caches \
+             are warm (one untimed, checked pass over each server first). {} alternating rounds, medians (all runs listed); \
+             {:.0}s in all; load average {} before, {} after.\n",
+            self.registry_version,
+            self.unique_blobs,
+            mb(self.unique_bytes),
+            self.gets,
+            mb(self.bytes),
+            self.rounds,
+            self.secs,
+            self.loadavg.0,
+            self.loadavg.1,
+            SERVE_READ_KIB = SERVE_READ >> 10,
+            cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        );
+        let _ = writeln!(
+            o,
+            "| clients | `preseed serve` (median) | runs | `docker-registry` (median) | runs | throughput preseed / registry | \
+             peak RSS preseed (at start) | peak RSS registry (at start) |"
+        );
+        let _ = writeln!(o, "| ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |");
+        for (k, clients) in SERVE_CLIENTS.into_iter().enumerate() {
+            let (p, r) = (&self.preseed[k], &self.registry[k]);
+            let _ = writeln!(
+                o,
+                "| {clients} | {:.2}s, {:.0} MB/s | {} | {:.2}s, {:.0} MB/s | {} | {:.2}× | {:.1} MiB ({:.1}) | {:.1} MiB ({:.1}) |",
+                p.0.secs(),
+                mbs(&p.0),
+                p.0.all(),
+                r.0.secs(),
+                mbs(&r.0),
+                r.0.all(),
+                self.ratio(k),
+                p.0.rss_mib(),
+                start_mib(&p.1),
+                r.0.rss_mib(),
+                start_mib(&r.1),
+            );
+        }
+        let (p1, pn) = Self::flat(&self.preseed);
+        let (r1, rn) = Self::flat(&self.registry);
+        let last = SERVE_CLIENTS[SERVE_CLIENTS.len() - 1];
+        let slower: Vec<String> = SERVE_CLIENTS
+            .into_iter()
+            .enumerate()
+            .filter(|&(k, _)| self.ratio(k) < 1.0)
+            .map(|(k, c)| format!("{c} client{} ({:.2}×)", if c == 1 { "" } else { "s" }, self.ratio(k)))
+            .collect();
+        let verdict = if self.goal_met() {
+            "met".to_string()
+        } else if slower.is_empty() {
+            format!("not met: memory is not flat ({pn:.1} MiB at {last} clients, over 64 MiB)")
+        } else {
+            format!("not met: slower than the registry at {}", slower.join(", "))
+        };
+        let _ = writeln!(
+            o,
+            "\nThe goal (at least the registry's throughput at every client count, memory flat) is {verdict}. Peak RSS from 1 to \
+             {last} clients: `preseed serve` {p1:.1} → {pn:.1} MiB ({:+.1} MiB), `docker-registry` {r1:.1} → {rn:.1} MiB \
+             ({:+.1} MiB).\n",
+            pn - p1,
+            rn - r1
+        );
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -842,6 +1253,9 @@ fn bench() {
         }
     }
 
+    // Serve (issue 33): the erofs partition beside the registry holding the corpus.
+    let serve = serve_vs_registry_runs(&reg, &corpus, &erofs_partition, rounds);
+
     // Load: alternating, into a fresh containerd each time, on every
     // containerd version given.
     let loader = have_loader();
@@ -944,6 +1358,7 @@ fn bench() {
         },
         loader,
         loads: &loads,
+        serve: &serve,
         total_secs: total.elapsed().as_secs_f64(),
         loadavg: (load_before, loadavg()),
     }
@@ -992,6 +1407,8 @@ struct Report<'a> {
     loader: bool,
     /// One per containerd version.
     loads: &'a [LoadRow],
+    /// `preseed serve` beside `docker-registry` (issue 33).
+    serve: &'a ServeBench,
     total_secs: f64,
     /// 1-minute load average before and after.
     loadavg: (String, String),
@@ -1174,7 +1591,9 @@ impl Report<'_> {
         }
         let _ = writeln!(o);
 
-        let _ = writeln!(o, "## Goals (issues 6, 13, 16, 17)\n");
+        self.serve.render(&mut o);
+
+        let _ = writeln!(o, "## Goals (issues 6, 13, 16, 17, 33)\n");
         let _ = writeln!(o, "| goal | measured | result |");
         let _ = writeln!(o, "| --- | --- | --- |");
         let goal = |o: &mut String, what: &str, measured: String, pass: Option<bool>| {
@@ -1298,6 +1717,23 @@ impl Report<'_> {
         } else {
             goal(&mut o, "peak RSS of load ≤ 128 MiB", "loader not merged".into(), None);
         }
+        // Issue 33.
+        for (k, clients) in SERVE_CLIENTS.into_iter().enumerate() {
+            let r = self.serve.ratio(k);
+            goal(
+                &mut o,
+                &format!("serve throughput ≥ docker-registry's ({clients} clients)"),
+                format!("{r:.2}×"),
+                Some(r >= 1.0),
+            );
+        }
+        let (p1, pn) = ServeBench::flat(&self.serve.preseed);
+        goal(
+            &mut o,
+            &format!("serve memory flat: peak RSS at {} clients ≤ 64 MiB", SERVE_CLIENTS[SERVE_CLIENTS.len() - 1]),
+            format!("{pn:.1} MiB (1 client: {p1:.1} MiB)"),
+            Some(pn <= 64.0),
+        );
         self.notes(&mut o);
         o
     }
@@ -1418,6 +1854,34 @@ fn serve_corpus() {
     while !dir.join("stop").exists() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Issue 33's serve section alone, for development: a smaller corpus
+/// (`PRESEED_BENCH_SCALE`, default 0.5), one erofs bundle (untimed), then
+/// the same runs `bench` makes; prints the section and writes nothing. Runs
+/// only with `PRESEED_BENCH_ONLY=serve`, so `cargo xtask bench` (which runs
+/// every ignored test, and gets this section from `bench`) skips it.
+#[test]
+#[ignore = "development helper: needs PRESEED_BENCH_ONLY=serve"]
+fn serve_vs_registry() {
+    if std::env::var("PRESEED_BENCH_ONLY").as_deref() != Ok("serve") {
+        eprintln!("SKIPPED: serve_vs_registry runs with PRESEED_BENCH_ONLY=serve (bench has the same section)");
+        return;
+    }
+    if !support::require_root() {
+        return;
+    }
+    let scale = std::env::var("PRESEED_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(0.5);
+    let reg = Registry::start().expect("docker-registry");
+    let corpus = push_corpus(&reg, scale);
+    let work = tempfile::Builder::new().prefix("preseed-bench-").tempdir().unwrap();
+    let manifest = work.path().join("bundles.toml");
+    std::fs::write(&manifest, corpus.manifest()).unwrap();
+    let (_, _, partition, _) = preseed_bundle(&manifest, work.path(), "erofs");
+    let serve = serve_vs_registry_runs(&reg, &corpus, &partition, rounds());
+    let mut o = String::new();
+    serve.render(&mut o);
+    println!("{o}");
 }
 
 /// Issue 16: peak RSS and time of planning and writing the erofs partition of

@@ -106,6 +106,49 @@ impl Registry {
         Some(reg)
     }
 
+    /// Another `docker-registry` process over the storage of a registry
+    /// [`start`](Registry::start)ed earlier (its [`Registry::storage_dir`]), so that
+    /// its memory is its own: configured as Debian's packaged one (in-memory
+    /// blob descriptor cache, access log on), read-only, nothing purged at
+    /// start. Killed on drop; the storage stays with the registry it belongs to.
+    pub fn start_on_storage(storage: &Path) -> Option<Registry> {
+        let bin = super::require_tool("docker-registry")?;
+        let dir = tempfile::Builder::new().prefix("preseed-registry-").tempdir().unwrap();
+        std::os::unix::fs::symlink(storage, dir.path().join("storage")).unwrap();
+        let port = super::free_port();
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  cache:\n    blobdescriptor: inmemory\n  filesystem:\n    rootdirectory: {storage}\n\
+             \x20 maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: true\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: preseed-test\n",
+            storage = storage.display(),
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("access.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut reg = Registry { child, port, dir, creds: None };
+        reg.wait_ready();
+        Some(reg)
+    }
+
+    /// Where the registry keeps its blobs and repositories.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// The registry's process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
