@@ -1,5 +1,6 @@
 //! The content-addressed blob cache: `<cache>/blobs/sha256/<hex>`, shared by
-//! every image and every run.
+//! every image and every run, and beside it what the registries listed as
+//! each image's signatures and referrers (`signatures/`, `referrers/`).
 //!
 //! Architecture invariant: a file exists under a digest's name only if its
 //! bytes hash to that digest. Writers stream into a temp file in the same
@@ -48,6 +49,12 @@ pub enum CacheError {
     },
 }
 
+/// Listings kept beside the blobs (see [`BlobCache::keep`]): the signatures
+/// `[verify]` checked, and what refers to each image.
+pub const SIGNATURES: &str = "signatures";
+/// See [`SIGNATURES`].
+pub const REFERRERS: &str = "referrers";
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
     move |source| CacheError::Io { path: path.to_path_buf(), source }
 }
@@ -64,12 +71,15 @@ impl BlobCache {
         let root = root.into();
         let blobs = root.join("blobs/sha256");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
-        for entry in fs::read_dir(&blobs).map_err(io_err(&blobs))? {
-            let entry = entry.map_err(io_err(&blobs))?;
-            if entry.file_name().to_string_lossy().starts_with(".tmp") {
-                // Its writer is gone once nobody holds its lock.
-                if File::open(entry.path()).is_ok_and(|f| f.try_lock().is_ok()) {
-                    let _ = fs::remove_file(entry.path());
+        for dir in [blobs, root.join(SIGNATURES), root.join(REFERRERS)] {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries {
+                let entry = entry.map_err(io_err(&dir))?;
+                if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                    // Its writer is gone once nobody holds its lock.
+                    if File::open(entry.path()).is_ok_and(|f| f.try_lock().is_ok()) {
+                        let _ = fs::remove_file(entry.path());
+                    }
                 }
             }
         }
@@ -116,6 +126,30 @@ impl BlobCache {
             w.commit()?;
         }
         Ok(digest)
+    }
+
+    /// Keeps what a registry listed for `subject` under `kind` ([`SIGNATURES`],
+    /// [`REFERRERS`]), so that an `--offline` run finds the same: written to a
+    /// temp file and renamed, so a killed run leaves the old listing or the
+    /// new one, never a torn one.
+    pub fn keep(&self, kind: &str, subject: &Digest, bytes: &[u8]) -> Result<(), CacheError> {
+        let dir = self.root.join(kind);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(io_err(&dir))?;
+        tmp.as_file().lock().map_err(io_err(tmp.path()))?;
+        tmp.write_all(bytes).map_err(io_err(tmp.path()))?;
+        let dest = self.listing(kind, subject);
+        tmp.persist(&dest).map_err(|e| CacheError::Io { path: dest.clone(), source: e.error })?;
+        Ok(())
+    }
+
+    /// What [`keep`](Self::keep) kept for `subject` under `kind`, if anything.
+    pub fn kept(&self, kind: &str, subject: &Digest) -> Option<Vec<u8>> {
+        fs::read(self.listing(kind, subject)).ok()
+    }
+
+    fn listing(&self, kind: &str, subject: &Digest) -> PathBuf {
+        self.root.join(kind).join(format!("{}.json", subject.hex()))
     }
 
     /// Reads a whole (small) blob, e.g. a manifest. Callers must only use it
@@ -246,5 +280,20 @@ mod tests {
         assert!(cache.contains(&want, 5));
         assert!(cache.verify_all().unwrap().is_empty());
         assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn listings_replace_whole_and_a_killed_writers_temp_file_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path()).unwrap();
+        let subject = Digest::of(b"image");
+        assert_eq!(cache.kept(REFERRERS, &subject), None);
+        cache.keep(REFERRERS, &subject, b"[1]").unwrap();
+        cache.keep(REFERRERS, &subject, b"[2]").unwrap();
+        assert_eq!(cache.kept(REFERRERS, &subject).as_deref(), Some(&b"[2]"[..]));
+        // What a run killed mid-write leaves: an unlocked temp file.
+        fs::write(dir.path().join(REFERRERS).join(".tmp-killed"), b"[").unwrap();
+        BlobCache::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join(REFERRERS)).unwrap().count(), 1);
     }
 }

@@ -82,9 +82,8 @@ pub async fn check_image(
         return Ok(None);
     }
     let image = entry.label();
-    let kept = cache.root().join("signatures").join(format!("{}.json", digest.hex()));
     let attached: Vec<Attached> = if offline {
-        let bytes = std::fs::read(&kept).map_err(|_| VerifyError::NotCached {
+        let bytes = cache.kept(crate::build::cache::SIGNATURES, digest).ok_or_else(|| VerifyError::NotCached {
             image: image.clone(),
             digest: digest.clone(),
             cache: cache.root().to_path_buf(),
@@ -101,8 +100,11 @@ pub async fn check_image(
         Ok(signed) => {
             if !offline {
                 // Best effort: only an --offline run needs it, and it checks again.
-                let _ = std::fs::create_dir_all(kept.parent().expect("has a parent"))
-                    .and_then(|()| std::fs::write(&kept, serde_json::to_vec(&attached).unwrap_or_default()));
+                let _ = cache.keep(
+                    crate::build::cache::SIGNATURES,
+                    digest,
+                    &serde_json::to_vec(&attached).unwrap_or_default(),
+                );
             }
             Ok(Some(signed))
         }

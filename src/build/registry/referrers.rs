@@ -62,22 +62,18 @@ impl Registries {
         cache: &BlobCache,
         offline: bool,
     ) -> Result<Vec<FetchedReferrer>, ResolveError> {
-        let kept = cache.root().join("referrers").join(format!("{}.json", subject.hex()));
         let not_cached = || ResolveError::NotCached {
             image: image.to_string(),
             digest: subject.clone(),
             cache: format!("{} (its referrers)", cache.root().display()),
         };
         let all: Vec<FetchedReferrer> = if offline {
-            let bytes = std::fs::read(&kept).map_err(|_| not_cached())?;
+            let bytes = cache.kept(crate::build::cache::REFERRERS, subject).ok_or_else(not_cached)?;
             serde_json::from_slice(&bytes).map_err(|_| not_cached())?
         } else {
             let all = self.fetch_referrers(image, reference, subject, cache).await?;
             // Best effort: only an --offline run needs it.
-            if let Some(dir) = kept.parent() {
-                let _ = std::fs::create_dir_all(dir)
-                    .and_then(|()| std::fs::write(&kept, serde_json::to_vec(&all).unwrap_or_default()));
-            }
+            let _ = cache.keep(crate::build::cache::REFERRERS, subject, &serde_json::to_vec(&all).unwrap_or_default());
             all
         };
         let mut wanted: Vec<FetchedReferrer> = all.into_iter().filter(|c| kinds.contains(&c.referrer.kind)).collect();
