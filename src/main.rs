@@ -153,6 +153,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve { from, listen, policy } => {
             let server = preseed::node::serve::Server::bind(&from.source(), listen, read_policy(policy)?).await?;
+            // Before "serving" is printed, so a stop sent as soon as it is read is a clean one.
+            let shutdown = preseed::node::serve::shutdown_signal();
             for w in &server.catalog().warnings {
                 eprintln!("preseed: warning: {w}");
             }
@@ -163,7 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 server.source_id(),
                 server.local_addr()
             );
-            server.run(preseed::node::serve::shutdown_signal()).await;
+            server.run(shutdown).await;
         }
         Command::Diff { old, new, json } => {
             let diff = preseed::node::diff::diff_paths(&old, &new)?;

@@ -170,9 +170,9 @@ fn serve_serves_the_good_image(tree: &Path, why: &str) {
         assert!(start.elapsed() < HANG, "preseed serve did not stop");
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(status.success());
     let mut warnings = String::new();
     BufReader::new(stderr).read_to_string(&mut warnings).unwrap();
+    assert!(status.success(), "preseed serve ended with {status} on SIGTERM:\n{warnings}");
     assert!(warnings.contains("bad") && warnings.contains(why), "expected a warning with {why:?}: {warnings}");
 }
 
