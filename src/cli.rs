@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::partition::Format;
 
@@ -44,6 +44,15 @@ impl SourceArgs {
             _ => unreachable!("clap requires one of --image, --device, --dir"),
         }
     }
+}
+
+/// Which images `load --unpack` unpacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Unpack {
+    /// Every image.
+    All,
+    /// The boot images (the sandbox among them), before READY.
+    Boot,
 }
 
 /// The subcommands; each field's doc is its `--help` text (flattened
@@ -106,9 +115,10 @@ pub enum Command {
         /// Blob writes in flight at once.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
-        /// Also unpack layers into the snapshotter, so the first start does not.
-        #[arg(long)]
-        unpack: bool,
+        /// Also unpack layers into the snapshotter, flushed to disk, so the first start does not:
+        /// every image (`--unpack`, `--unpack=all`) or the boot images only (`--unpack=boot`).
+        #[arg(long, value_name = "WHICH", num_args = 0..=1, require_equals = true, default_missing_value = "all")]
+        unpack: Option<Unpack>,
         /// Snapshotter for --unpack.
         #[arg(long, default_value = "overlayfs")]
         snapshotter: String,

@@ -121,7 +121,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.address = address;
             opts.timeout = std::time::Duration::from_secs(timeout);
             opts.jobs = jobs;
-            opts.unpack = unpack;
+            opts.unpack = unpack == Some(preseed::cli::Unpack::All);
+            opts.unpack_boot = unpack == Some(preseed::cli::Unpack::Boot);
             opts.snapshotter = snapshotter;
             opts.notify = preseed::node::notify::Notifier::from_env()
                 .context("$NOTIFY_SOCKET is set but unusable")?

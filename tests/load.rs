@@ -429,6 +429,34 @@ fn unpack_puts_layers_in_the_snapshotter() {
     assert!(out.contains(fixtures::HELLO_LINE), "{out}");
 }
 
+/// `--unpack=boot`: the boot images (the sandbox among them) are unpacked
+/// before READY, the others left to containerd; `--unpack` alone is every
+/// image.
+#[test]
+fn unpack_boot_unpacks_only_the_boot_images() {
+    let Some(c) = prerequisites("squashfs") else { return };
+    let w = world();
+    let mut sandbox =
+        Entry::new("k8s.io", "pause", "preseed.local/pause:1", fixtures::single(&w.cache, "pause", 61, 0, 0));
+    sandbox.sandbox = true;
+    let mut boot =
+        Entry::new("k8s.io", "hello", "preseed.local/hello:1", fixtures::single(&w.cache, "hello", 62, 1, 4096));
+    boot.boot = true;
+    let later =
+        Entry::new("k8s.io", "later", "preseed.local/later:1", fixtures::single(&w.cache, "hello", 63, 1, 4096));
+    let tree = w.root.join("tree");
+    fixtures::bundle_tree(&w.cache, &[sandbox, boot, later], &tree);
+    let mut o = load_options(Source::Dir(tree), c.socket());
+    o.unpack_boot = true;
+    let r = run_load(&o);
+    assert!(!r.failed(), "{}", r.to_json());
+    let unpacked = |name: &str| r.images.iter().find(|i| i.names.iter().any(|n| n == name)).unwrap().unpacked;
+    assert!(unpacked("preseed.local/pause:1") && unpacked("preseed.local/hello:1"), "{}", r.to_json());
+    assert!(!unpacked("preseed.local/later:1"), "{}", r.to_json());
+    let out = c.ctr_ok(&["-n", "k8s.io", "run", "--rm", "preseed.local/hello:1", "unpack-boot"]);
+    assert!(out.contains(fixtures::HELLO_LINE), "{out}");
+}
+
 /// What kubelet sees, on each containerd version: CRI lists the loaded
 /// images as pinned (and containerd's CRI has marked them managed), a pod
 /// sandbox and a container start offline from them, and an image that

@@ -472,9 +472,11 @@ impl Client {
     }
 
     /// Applies a layer blob onto mounts; returns the digest of the uncompressed diff.
+    /// `sync_fs`: containerd 2.0 and later flush the unpacked files before
+    /// answering (older ones ignore the field; [`super::unpack`] flushes them too).
     pub async fn diff_apply(&self, ns: &str, layer: &Descriptor, mounts: Vec<ctypes::Mount>) -> Result<String, Status> {
         let mut c = api::diff_client::DiffClient::new(self.channel.clone());
-        let req = api::ApplyRequest { diff: Some(to_wire(layer)), mounts, payloads: HashMap::new(), sync_fs: false };
+        let req = api::ApplyRequest { diff: Some(to_wire(layer)), mounts, payloads: HashMap::new(), sync_fs: true };
         let resp = c.apply(metadata(req, ns, None)?).await?.into_inner();
         Ok(resp.applied.map(|d| d.digest).unwrap_or_default())
     }

@@ -95,6 +95,7 @@ pub struct Context {
     verity: bool,
     jobs: usize,
     unpack: bool,
+    unpack_boot: bool,
     snapshotter: String,
     writes: Semaphore,
     leases: Mutex<HashMap<String, String>>,
@@ -116,6 +117,7 @@ impl Context {
             verity: opts.verity_root_hash.is_some(),
             jobs: opts.jobs.max(1),
             unpack: opts.unpack,
+            unpack_boot: opts.unpack_boot,
             snapshotter: opts.snapshotter.clone(),
             writes: Semaphore::new(opts.jobs.max(1)),
             leases: Mutex::new(HashMap::new()),
@@ -457,7 +459,7 @@ impl Context {
             }
         }
 
-        if self.unpack {
+        if self.unpack || (self.unpack_boot && img.boot) {
             let (c, sn) = (&self.client, self.snapshotter.as_str());
             if let Some(plan) = super::unpack::plan(c, ns, sn, archive, ai).await? {
                 let lease = self.lease(ns).await?;

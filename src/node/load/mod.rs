@@ -103,6 +103,10 @@ pub struct LoadOptions {
     pub jobs: usize,
     /// Also unpack the host platform's layers into the snapshotter.
     pub unpack: bool,
+    /// Unpack the boot images only (the sandbox among them), before READY:
+    /// the first pods then start from snapshots flushed to disk, not from
+    /// containerd's own unpacking, which a power cut can leave empty.
+    pub unpack_boot: bool,
     /// Snapshotter to unpack into.
     pub snapshotter: String,
     /// systemd's notification socket (`Type=notify`): READY once the boot
@@ -123,6 +127,7 @@ impl LoadOptions {
             timeout: Duration::from_secs(60),
             jobs: 4,
             unpack: false,
+            unpack_boot: false,
             snapshotter: "overlayfs".into(),
             notify: None,
             verity_root_hash: None,
@@ -199,7 +204,10 @@ pub async fn load_with(opts: &LoadOptions, sys: Arc<dyn crate::node::sys::Sys>) 
     // that marks no image as boot (older ones, k3s/Monogon directories) is
     // all boot: READY comes after everything, as a oneshot would.
     let all_boot = !listing.images.iter().any(|i| i.boot) && !listing.refused.iter().any(|r| r.boot);
-    let (boot, background): (Vec<_>, Vec<_>) = listing.images.iter().cloned().partition(|i| i.boot || all_boot);
+    let (mut boot, background): (Vec<_>, Vec<_>) = listing.images.iter().cloned().partition(|i| i.boot || all_boot);
+    for i in &mut boot {
+        i.boot = true;
+    }
     let jobs = opts.jobs.max(1);
     // Entries preseed.json itself shows to be unusable fail before anything
     // is read from them; with the boot images if they are boot images.
