@@ -29,6 +29,7 @@ use support::containerd::{Containerd, ContainerdOptions};
 use support::images::{self, LayerSpec, Media};
 use support::mount::Mounted;
 use support::registry::Registry;
+use support::served::Served;
 
 const MIB: usize = 1 << 20;
 
@@ -688,8 +689,8 @@ struct BlobGet {
 
 /// A server of the serve comparison, killed on drop.
 enum ServeProcess {
-    /// `preseed serve` (its stdout kept open: it may print again).
-    Preseed { child: std::process::Child, _stdout: std::process::ChildStdout, addr: String },
+    /// `preseed serve` (the tests' own runner: killed on drop).
+    Preseed(Served),
     /// A fresh `docker-registry` over the corpus' storage.
     Registry(Registry),
 }
@@ -698,24 +699,7 @@ impl ServeProcess {
     /// `preseed serve --dir <mounted partition>` on a free port; ready once
     /// it has printed its address.
     fn preseed(dir: &Path) -> ServeProcess {
-        use std::io::BufRead as _;
-        let mut child = Command::new(preseed())
-            .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
-            .arg(dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .rsplit("http://")
-            .next()
-            .map(|a| a.trim().to_string())
-            .filter(|a| a.starts_with("127.0.0.1:"))
-            .unwrap_or_else(|| panic!("preseed serve printed {line:?}, not its address"));
-        ServeProcess::Preseed { child, _stdout: stdout.into_inner(), addr }
+        ServeProcess::Preseed(Served::start(&[std::ffi::OsStr::new("--dir"), dir.as_os_str()]))
     }
 
     fn registry(storage: &Path) -> ServeProcess {
@@ -724,14 +708,14 @@ impl ServeProcess {
 
     fn addr(&self) -> String {
         match self {
-            ServeProcess::Preseed { addr, .. } => addr.clone(),
+            ServeProcess::Preseed(s) => s.addr.clone(),
             ServeProcess::Registry(r) => r.host(),
         }
     }
 
     fn pid(&self) -> u32 {
         match self {
-            ServeProcess::Preseed { child, .. } => child.id(),
+            ServeProcess::Preseed(s) => s.pid(),
             ServeProcess::Registry(r) => r.pid(),
         }
     }
@@ -745,15 +729,6 @@ impl ServeProcess {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        if let ServeProcess::Preseed { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

@@ -90,20 +90,7 @@ impl Registry {
              {auth}",
             storage = storage.display(),
         );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
-
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("access.log")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut reg = Registry { child, port, dir, creds };
-        reg.wait_ready();
-        Some(reg)
+        Some(Registry::run_serve(&bin, dir, port, &config, creds))
     }
 
     /// Another `docker-registry` process over the storage of a registry
@@ -124,6 +111,18 @@ impl Registry {
              http:\n  addr: 127.0.0.1:{port}\n  secret: preseed-test\n",
             storage = storage.display(),
         );
+        Some(Registry::run_serve(&bin, dir, port, &config, None))
+    }
+
+    /// Runs `docker-registry serve` with `config` written into `dir` (its
+    /// access log and application log beside it) and waits until it answers.
+    fn run_serve(
+        bin: &Path,
+        dir: tempfile::TempDir,
+        port: u16,
+        config: &str,
+        creds: Option<(String, String)>,
+    ) -> Registry {
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
         let child = Command::new(bin)
@@ -134,9 +133,9 @@ impl Registry {
             .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
             .spawn()
             .unwrap();
-        let mut reg = Registry { child, port, dir, creds: None };
+        let mut reg = Registry { child, port, dir, creds };
         reg.wait_ready();
-        Some(reg)
+        reg
     }
 
     /// Where the registry keeps its blobs and repositories.
