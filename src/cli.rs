@@ -93,6 +93,39 @@ pub enum Command {
         #[arg(long)]
         workspace: Option<PathBuf>,
     },
+    /// Publish a bundled erofs partition as a release that `preseed pull` rebuilds byte for byte.
+    Push {
+        /// The bundle's output directory (preseed.erofs and preseed.plan.json).
+        out: PathBuf,
+        /// Where to: registry/repository:tag.
+        reference: String,
+        /// Plain HTTP to the registry.
+        #[arg(long)]
+        insecure: bool,
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a pushed release into a file or the inactive slot, fetching only what --from lacks.
+    Pull {
+        /// The release: registry/repository:tag or registry/repository@sha256:<hex>.
+        reference: String,
+        /// The image file or block device to write (put in place only once proven).
+        #[arg(long)]
+        to: PathBuf,
+        /// The partition the node runs now (image file or device: mounted read-only, needs root; or a directory).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Where fetched blobs wait between runs [default: <TO>.pull, or /var/cache/preseed/pull for a device].
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// Plain HTTP to the registry.
+        #[arg(long)]
+        insecure: bool,
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Resolve tags to digests and write them into bundles.toml in place.
     Pin {
         /// The manifest.
@@ -216,7 +249,14 @@ impl Command {
     /// Whether the command runs on the node (at boot, beside the workloads)
     /// rather than on a build machine.
     pub fn is_node_side(&self) -> bool {
-        matches!(self, Command::Load { .. } | Command::Place { .. } | Command::Settle { .. } | Command::Serve { .. })
+        matches!(
+            self,
+            Command::Load { .. }
+                | Command::Place { .. }
+                | Command::Settle { .. }
+                | Command::Serve { .. }
+                | Command::Pull { .. }
+        )
     }
 }
 

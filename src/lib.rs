@@ -21,6 +21,7 @@
 pub mod build;
 pub mod cli;
 pub mod digest;
+pub mod distribution;
 pub mod human;
 pub mod node;
 pub mod oci;

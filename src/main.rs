@@ -106,6 +106,51 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let summary = bundle::bundle(&opts).await?;
             println!("{summary}");
         }
+        Command::Push { out, reference, insecure, json } => {
+            let opts = preseed::build::push::PushOptions { out, reference, insecure };
+            let report = preseed::build::push::push(&opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "pushed {}@{}: {} blob(s) uploaded ({}), {} already there ({})",
+                    report.reference.split_once('@').map_or(report.reference.as_str(), |(r, _)| r),
+                    report.digest,
+                    report.blobs.uploaded,
+                    preseed::human::human_bytes(report.bytes.uploaded),
+                    report.blobs.present,
+                    preseed::human::human_bytes(report.bytes.present),
+                );
+            }
+        }
+        Command::Pull { reference, to, from, work, insecure, json } => {
+            use std::io::IsTerminal;
+            let opts = preseed::node::pull::PullOptions {
+                reference,
+                target: to,
+                from,
+                work,
+                insecure,
+                progress: !json && std::io::stderr().is_terminal(),
+            };
+            let report = preseed::node::pull::pull(&opts, std::sync::Arc::new(preseed::node::sys::Linux)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let b = &report.bytes;
+                println!(
+                    "pulled {} into {}: {} reused, {} fetched, {} already fetched, {} of plan; sha256 {}{}",
+                    report.digest,
+                    report.target.display(),
+                    preseed::human::human_bytes(b.reused),
+                    preseed::human::human_bytes(b.fetched),
+                    preseed::human::human_bytes(b.skipped),
+                    preseed::human::human_bytes(b.plan),
+                    report.proof.sha256,
+                    report.proof.root_hash.as_ref().map(|h| format!(", verity root hash {h}")).unwrap_or_default(),
+                );
+            }
+        }
         Command::Pin { manifest, update } => {
             let changes = preseed::build::pin::pin(&manifest, update).await?;
             for c in &changes {

@@ -83,7 +83,7 @@ fn verity_partition(w: &World, entries: &[Entry], format: &str) -> (PathBuf, Roo
     let tree = w.root.join(format!("tree-{format}"));
     fixtures::bundle_tree(&w.cache, entries, &tree);
     let img = fixtures::partition(&tree, &w.root.join(format!("p.{format}")), format);
-    let info = preseed::build::write::verity::append(&img, &[7; 32], &[8; 16]).unwrap();
+    let info = preseed::partition::hashtree::append(&img, &[7; 32], &[8; 16]).unwrap();
     (img, info.root_hash.parse().unwrap())
 }
 

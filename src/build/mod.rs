@@ -9,8 +9,9 @@
 //! 5. [`layout`]: plan one OCI image-layout tarball per image.
 //! 6. [`write`](mod@write): the partition image (erofs, squashfs) and its verity tree.
 //!
-//! [`bundle`] runs them in that order; [`pin`] is the other command here
-//! (tags → digests, written into `bundles.toml`). Nothing here is used on a node.
+//! [`bundle`] runs them in that order; [`pin`] (tags → digests, written into
+//! `bundles.toml`) and [`push`] (a bundled partition published as a release
+//! that `preseed pull` rebuilds) are the other commands here. Nothing here is used on a node.
 
 pub mod bundle;
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod intree;
 pub mod layout;
 pub mod manifest;
 pub mod pin;
+pub mod push;
 pub mod registry;
 pub mod verify;
 pub mod write;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::build::manifest::{BundleManifest, ImageSource, ManifestError, Strictness};
-use crate::build::registry::auth::DockerConfig;
+use crate::distribution::auth::DockerConfig;
 use crate::build::registry::{Registries, ResolveError};
 
 /// One reference `pin` rewrote.

@@ -8,11 +8,14 @@
 //!   (copied, or mounted under it with `--overlay`), and `settle`;
 //! * [`serve`]: a read-only OCI registry mirror;
 //! * [`inspect`] and [`diff`]: what a partition holds, what changes between two;
+//! * [`pull`]: a released partition rebuilt from a registry, moving only
+//!   the blobs the current partition lacks;
 //! * [`policy`]: which images must be signed, and by whom, checked by
 //!   `load`, `place` and `serve` against the signatures the partition carries.
 //!
 //! *Architecture invariant: nothing here imports the build wing
-//! (`crate::build`), and nothing here talks to a registry.* Every syscall
+//! (`crate::build`), and nothing here talks to a registry except `pull`,
+//! which fetches what a release names, by digest.* Every syscall
 //! beyond plain file I/O goes through [`sys`], the seam tests swap.
 
 /// containerd's default socket.
@@ -25,6 +28,7 @@ pub mod load;
 pub mod notify;
 pub mod place;
 pub mod policy;
+pub mod pull;
 pub mod read;
 pub mod serve;
 pub mod sys;

@@ -2,10 +2,15 @@
 //! (`preseed.json`, `<namespace>/<file>.tar`, `.content/`), its index
 //! ([`index`]), the dm-verity tree's on-disk format and root hash
 //! ([`verity`]), and which filesystem an image holds ([`Format`]). The build
-//! wing writes it (`build::write`), the node wing reads it (`node::read`);
-//! nothing here does I/O beyond parsing what it is given.
+//! wing writes it (`build::write`), the node wing reads it (`node::read`).
+//! [`release`] is a published release's plan: where each blob sits in the
+//! image, so `preseed pull` can rebuild it from blobs. Nothing here does I/O
+//! beyond parsing what it is given, except [`hashtree`], the one writer both
+//! sides need: bundle appends the verity tree, pull rebuilds it.
 
+pub mod hashtree;
 pub mod index;
+pub mod release;
 pub mod verity;
 
 use std::fmt;

@@ -7,7 +7,7 @@
 //! superblock block, then the hash levels, the level nearest the root first
 //! (as veritysetup lays them out). Every hash is `sha256(salt ‖ block)`; the
 //! root hash ([`RootHash`]) is that of the single top block. The build wing
-//! writes the tree (`build::write::verity`), the node wing opens it
+//! writes the tree (`partition::hashtree`, also used by `node::pull`), the node wing opens it
 //! (`node::read::verity`).
 
 use std::path::{Path, PathBuf};

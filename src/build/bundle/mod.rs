@@ -27,7 +27,7 @@ use crate::build::intree::BuildError;
 use crate::build::layout::tree::{PlannedFile, Tree};
 use crate::build::layout::{self, TarballSpec};
 use crate::build::manifest::{BundleManifest, ImageEntry, ManifestError, Strictness};
-use crate::build::registry::auth::DockerConfig;
+use crate::distribution::auth::DockerConfig;
 use crate::build::registry::{Registries, ResolveError, ResolvedImage};
 use crate::build::write::{erofs, squashfs};
 use crate::digest::Digest;

@@ -1,7 +1,8 @@
 //! Stage 5: the partition. Written under a staging name while the blobs
 //! taken from the cache are hashed again on the other cores; a damaged one
 //! is evicted and nothing is put in place. Then the verity tree, the rename,
-//! and `preseed.json` (and `preseed.roothash`) beside the image. A stamp
+//! and `preseed.json` (and `preseed.roothash`, and for erofs the release
+//! plan `preseed.plan.json` that `preseed push` publishes) beside the image. A stamp
 //! records the plan the image was written from, so a warm run with nothing
 //! changed does not rewrite it.
 
@@ -15,6 +16,7 @@ use crate::build::layout::tree::Tree;
 use crate::build::write::{erofs, squashfs};
 use crate::digest::{Digest, Hasher};
 use crate::partition::index::{PartitionIndex, INDEX_FILE};
+use crate::partition::release::{self, Plan as ReleasePlan, VerityPlan, PLAN_FILE};
 use crate::partition::verity::VerityInfo;
 use crate::partition::Format;
 
@@ -43,7 +45,10 @@ pub(super) fn partition(run: &Run<'_>, plan: &Plan, fetched: Fetched) -> Result<
     let (tree, index) = plan.assemble(sums, format);
     let partition = run.partition();
     let mut stamp = Stamp::of(&tree, format, run.verity);
-    if let Some((bytes, recorded)) = stamp.matches(&partition) {
+    let plan_path = run.opts.out.join(PLAN_FILE);
+    // An erofs image is up to date only with its release plan beside it.
+    let planned = format != Format::Erofs || plan_path.is_file();
+    if let Some((bytes, recorded)) = stamp.matches(&partition).filter(|_| planned) {
         run.progress().line(&format!("{} is up to date", partition.display()));
         return Ok(Written { partition, bytes, index, verity: recorded });
     }
@@ -57,10 +62,10 @@ pub(super) fn partition(run: &Run<'_>, plan: &Plan, fetched: Fetched) -> Result<
                 Some(staged) => staged.finish(&tree),
                 None => erofs::write(&tree, &staging),
             }
-            .map(|s| s.image_bytes)
+            .map(|s| (s.image_bytes, Some((s.blobs, s.pieces))))
             .map_err(|source| BundleError::Erofs { path: partition.clone(), source }),
             Format::Squashfs => squashfs::write(&tree, &staging)
-                .map(|s| s.image_bytes)
+                .map(|s| (s.image_bytes, None))
                 .map_err(|source| BundleError::Squashfs { path: partition.clone(), source }),
         };
         (written, check.join().expect("hashing thread panicked"))
@@ -80,13 +85,15 @@ pub(super) fn partition(run: &Run<'_>, plan: &Plan, fetched: Fetched) -> Result<
         }
         return Err(BundleError::Damaged { cache: cache.root().to_path_buf(), blobs });
     }
-    let bytes = match written {
-        Ok(b) => b,
+    let (bytes, placed) = match written {
+        Ok(w) => w,
         Err(e) => {
             let _ = std::fs::remove_file(&staging);
             return Err(e);
         }
     };
+    let data_bytes = bytes;
+    let mut salt_and_uuid = None;
     let bytes = if run.verity {
         // Salt and UUID from the plan: the same inputs, the same bytes.
         let salt = Digest::of(format!("preseed verity salt {}", stamp.plan).as_bytes());
@@ -94,14 +101,42 @@ pub(super) fn partition(run: &Run<'_>, plan: &Plan, fetched: Fetched) -> Result<
         hex::decode_to_slice(salt.hex(), &mut salt_bytes).map_err(|e| io_err(&staging)(std::io::Error::other(e)))?;
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&salt_bytes[16..]);
-        let info = crate::build::write::verity::append(&staging, &salt_bytes, &uuid).map_err(io_err(&staging))?;
+        let info = crate::partition::hashtree::append(&staging, &salt_bytes, &uuid).map_err(io_err(&staging))?;
         stamp.verity = Some(info);
+        salt_and_uuid = Some((salt_bytes, uuid));
         std::fs::metadata(&staging).map_err(io_err(&staging))?.len()
     } else {
         bytes
     };
     // The image appears under its name whole (it was fsynced as written),
     // and the rename itself is made durable.
+    // The plan goes first: a plan beside an older image fails `preseed
+    // push`'s check of every blob, never a pull.
+    match placed {
+        Some((blobs, pieces)) => {
+            let verity = stamp.verity.as_ref().zip(salt_and_uuid).map(|(info, (salt, uuid))| VerityPlan {
+                salt: hex::encode(salt),
+                uuid: hex::encode(uuid),
+                root_hash: info.root_hash.clone(),
+            });
+            let plan = ReleasePlan {
+                version: release::VERSION,
+                writer: format!("preseed {}", env!("CARGO_PKG_VERSION")),
+                format,
+                data_bytes,
+                verity,
+                blobs,
+                pieces,
+                image: None,
+                rest: None,
+            };
+            write_atomically(&plan_path, &plan.to_json())?;
+        }
+        None => match std::fs::remove_file(&plan_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&plan_path)(e)),
+            _ => {}
+        },
+    }
     std::fs::rename(&staging, &partition).map_err(io_err(&partition))?;
     std::fs::File::open(&run.opts.out).and_then(|d| d.sync_all()).map_err(io_err(&run.opts.out))?;
     stamp.record(&partition);

@@ -9,7 +9,6 @@
 //! Architecture invariant: nothing here writes a blob except through
 //! [`BlobCache::writer`], which verifies digest and size first.
 
-pub mod auth;
 pub mod referrers;
 pub mod signature;
 
@@ -18,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError};
 use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use std::io::Write;
@@ -26,14 +25,12 @@ use std::io::Write;
 use crate::build::cache::{BlobCache, CacheError};
 use crate::build::manifest::{ImageEntry, Reference, RegistryConfig};
 use crate::digest::Digest;
+use crate::distribution::auth::{AuthError, DockerConfig};
+use crate::distribution::{is_transient, ATTEMPTS};
 use crate::oci::{self, Descriptor, Platform};
-use auth::{AuthError, DockerConfig};
 
 /// Media types we ask registries for, indexes first.
 const ACCEPT: &[&str] = &[oci::OCI_INDEX, oci::DOCKER_LIST, oci::OCI_MANIFEST, oci::DOCKER_MANIFEST];
-
-/// How many times a transient failure (429, 5xx, dropped connection) is tried.
-const ATTEMPTS: u32 = 4;
 
 /// Errors resolving or fetching an image.
 #[derive(Debug, thiserror::Error)]
@@ -474,31 +471,9 @@ fn digest_or_io(e: std::io::Error) -> OciDistributionError {
     }
 }
 
-fn is_transient(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
-        // A 429 with the spec's error body (Docker Hub's rate limit) arrives as an envelope, not a code.
-        OciDistributionError::RegistryError { envelope, .. } => {
-            envelope.errors.iter().any(|e| e.code == OciErrorCode::Toomanyrequests)
-        }
-        OciDistributionError::RequestError(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
-        OciDistributionError::IoError(_) => true,
-        _ => false,
-    }
-}
-
 /// A message for a registry failure that says what to do.
 fn explain(host: &str, e: &OciDistributionError, configs: &BTreeMap<String, RegistryConfig>) -> String {
-    // reqwest's own message is only its kind ("error sending request"): the cause is in the chain.
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text = format!("{text}: {line}");
-        }
-        source = cause.source();
-    }
+    let text = crate::distribution::chain(e);
     let hint = match e {
         OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
             return format!("digest mismatch: expected {expected}, found {actual}: the registry served other bytes than the digest names; nothing was cached");

@@ -321,7 +321,7 @@ mod tests {
     fn image(fs: &[u8], salt: [u8; 32]) -> (tempfile::NamedTempFile, RootHash) {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), fs).unwrap();
-        let info = crate::build::write::verity::append(f.path(), &salt, &[9; 16]).unwrap();
+        let info = crate::partition::hashtree::append(f.path(), &salt, &[9; 16]).unwrap();
         (f, info.root_hash.parse().unwrap())
     }
 

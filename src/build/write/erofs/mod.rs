@@ -47,6 +47,7 @@ use self::format::{
 };
 use crate::build::layout::tree::{Node, PlannedFile, Segment, Tree};
 use crate::digest::Digest;
+use crate::partition::release::{Piece, PlanBlob};
 
 /// Statistics of a written image.
 #[derive(Clone, Debug, Default)]
@@ -65,6 +66,11 @@ pub struct Stats {
     pub chunks_deduplicated: u64,
     /// All-zero chunks stored as holes.
     pub hole_chunks: u64,
+    /// Every blob whose bytes the image holds whole (in its own blocks), in
+    /// the order of its first byte in the image: what a release plan lists.
+    pub blobs: Vec<PlanBlob>,
+    /// Those blobs' pieces, in image order.
+    pub pieces: Vec<Piece>,
 }
 
 /// Errors of the erofs writer.
@@ -348,6 +354,9 @@ impl<'a> Plan<'a> {
     fn assign_data(&mut self) -> Result<(), Error> {
         let mut at = Assigner::new(self.data_start);
         let (content, stats, places) = (&mut self.content, &mut self.stats, &mut self.places);
+        // (blob number, offset in blob, image offset, length) of every
+        // block written with one blob's bytes only.
+        let mut found: Vec<(u32, u64, u64, u64)> = Vec::new();
         for inode in &mut self.inodes {
             match (&mut inode.layout, &inode.body) {
                 (Layout::Plain { blkaddr, blocks }, _) if *blocks > 0 => *blkaddr = at.reserve(*blocks)?,
@@ -357,6 +366,7 @@ impl<'a> Plan<'a> {
                         Chunk::Run { digest, number, count, addr, new, .. } => {
                             if new {
                                 places.insert(digest.clone(), Place { addr, count });
+                                found.push((number, 0, u64::from(addr) * BLOCK, count * CHUNK));
                             }
                             for k in 0..count {
                                 content.update(b"B");
@@ -374,9 +384,12 @@ impl<'a> Plan<'a> {
                             content.update(b"H");
                             stats.hole_chunks += 1;
                         }
-                        Chunk::One { key: Some(key), new, .. } => {
+                        Chunk::One { key: Some(key), new, addr, .. } => {
                             match key {
                                 ChunkKey::Blob { blob, offset, len } => {
+                                    if new {
+                                        found.push((blob, offset, u64::from(addr) * BLOCK, len));
+                                    }
                                     content.update(b"B");
                                     content.update(blob.to_le_bytes());
                                     content.update(offset.to_le_bytes());
@@ -403,9 +416,23 @@ impl<'a> Plan<'a> {
         // name the blobs themselves in the content hash too.
         let mut named: Vec<(u32, &Digest)> = at.blobs.iter().map(|(d, p)| (p.number, *d)).collect();
         named.sort();
-        for (_, digest) in named {
+        for (_, digest) in &named {
             self.content.update(digest.hex().as_bytes());
         }
+        let sizes: HashMap<&Digest, u64> = self
+            .inodes
+            .iter()
+            .filter_map(|i| match i.body {
+                Body::File(f) => Some(f.segments.iter()),
+                Body::Dir(_) => None,
+            })
+            .flatten()
+            .filter_map(|s| match s {
+                Segment::Blob { digest, size, .. } => Some((digest, *size)),
+                _ => None,
+            })
+            .collect();
+        (self.stats.blobs, self.stats.pieces) = whole_blobs(found, &named, &sizes);
         self.blocks = at.next;
         block_addr(at.next)?;
         Ok(())
@@ -657,6 +684,49 @@ impl<'a> Assigner<'a> {
         }
         Ok(())
     }
+}
+
+/// The blobs whose pieces cover them whole, numbered in the order of their
+/// first byte in the image, and those pieces in image order. A blob with a
+/// gap (bytes only inside mixed blocks) is left out: its bytes stay in the
+/// release's rest.
+fn whole_blobs(
+    mut found: Vec<(u32, u64, u64, u64)>,
+    named: &[(u32, &Digest)],
+    sizes: &HashMap<&Digest, u64>,
+) -> (Vec<PlanBlob>, Vec<Piece>) {
+    found.sort_by_key(|&(number, from, at, _)| (number, from, at));
+    let mut chosen: Vec<(u32, u64, u64, u64)> = Vec::new();
+    for group in found.chunk_by(|a, b| a.0 == b.0) {
+        let number = group[0].0;
+        let Some(size) = named.get(number as usize).and_then(|(_, d)| sizes.get(d)) else { continue };
+        let mut covered = 0;
+        let mut pieces = Vec::new();
+        for &(n, from, at, len) in group {
+            if from == covered {
+                pieces.push((n, from, at, len));
+                covered += len;
+            }
+        }
+        if covered == *size {
+            chosen.extend(pieces);
+        }
+    }
+    chosen.sort_by_key(|&(_, _, at, _)| at);
+    let mut index: HashMap<u32, u32> = HashMap::new();
+    let mut blobs = Vec::new();
+    let pieces = chosen
+        .into_iter()
+        .map(|(number, from, at, len)| {
+            let blob = *index.entry(number).or_insert_with(|| {
+                let digest = named[number as usize].1;
+                blobs.push(PlanBlob { digest: digest.clone(), size: sizes[digest] });
+                (blobs.len() - 1) as u32
+            });
+            Piece { blob, from, at, len }
+        })
+        .collect();
+    (blobs, pieces)
 }
 
 /// The blob's place, interning it (next number) on first use.

@@ -1,6 +1,7 @@
 //! Appending the dm-verity hash tree (format: [`crate::partition::verity`])
 //! to a written partition image, so one image carries both the filesystem
-//! and what proves it. The salt and the superblock's UUID are given by the
+//! and what proves it: `preseed bundle` appends it, `preseed pull` rebuilds
+//! it rather than download it. The salt and the superblock's UUID are given by the
 //! caller (derived from the content), so the same filesystem gives the same
 //! bytes.
 //!
@@ -18,10 +19,29 @@ use crate::partition::verity::{levels, salted, superblock, VerityInfo, BLOCK, HA
 pub fn append(image: &Path, salt: &[u8; 32], uuid: &[u8; 16]) -> io::Result<VerityInfo> {
     let file = OpenOptions::new().read(true).write(true).open(image)?;
     let len = file.metadata()?.len();
-    let data_blocks = len.div_ceil(BLOCK);
-    let hash_offset = data_blocks * BLOCK;
+    let hash_offset = len.div_ceil(BLOCK) * BLOCK;
     file.set_len(hash_offset)?;
+    let info = append_at(&file, hash_offset, salt, uuid, None)?;
+    file.sync_all()?;
+    Ok(info)
+}
 
+/// Writes the hash tree for the first `data_len` bytes (a 4096 multiple) of
+/// `file` right after them, with positioned writes only, so `file` may be a
+/// block device (`preseed pull` into a slot). `block0`, if given, stands for
+/// the file's first data block (a pull writes that block last). Not flushed.
+pub fn append_at(
+    file: &File,
+    data_len: u64,
+    salt: &[u8; 32],
+    uuid: &[u8; 16],
+    block0: Option<&[u8]>,
+) -> io::Result<VerityInfo> {
+    if !data_len.is_multiple_of(BLOCK) {
+        return Err(io::Error::other(format!("verity data length {data_len} is not a multiple of {BLOCK}")));
+    }
+    let data_blocks = data_len / BLOCK;
+    let hash_offset = data_len;
     let levels = levels(data_blocks);
     // Positions: after the superblock block, the highest level first.
     let mut starts = vec![0u64; levels.len()];
@@ -30,11 +50,9 @@ pub fn append(image: &Path, salt: &[u8; 32], uuid: &[u8; 16]) -> io::Result<Veri
         starts[i] = at;
         at += levels[i] * BLOCK;
     }
-    file.set_len(at)?;
-
     let mut source = (0u64, data_blocks);
     for (i, &blocks) in levels.iter().enumerate() {
-        hash_level(&file, salt, source.0, source.1, starts[i])?;
+        hash_level(file, salt, source.0, source.1, starts[i], if i == 0 { block0 } else { None })?;
         source = (starts[i], blocks);
     }
     let mut top = vec![0u8; BLOCK as usize];
@@ -42,7 +60,6 @@ pub fn append(image: &Path, salt: &[u8; 32], uuid: &[u8; 16]) -> io::Result<Veri
     let root = salted(salt, &top);
 
     file.write_all_at(&superblock(data_blocks, salt, uuid), hash_offset)?;
-    file.sync_all()?;
     Ok(VerityInfo {
         root_hash: hex::encode(root),
         hash_offset,
@@ -52,9 +69,16 @@ pub fn append(image: &Path, salt: &[u8; 32], uuid: &[u8; 16]) -> io::Result<Veri
     })
 }
 
+/// Bytes of the whole image (data, superblock block, every level) for
+/// `data_len` data bytes.
+pub fn image_len(data_len: u64) -> u64 {
+    data_len + BLOCK + levels(data_len / BLOCK).iter().sum::<u64>() * BLOCK
+}
+
 /// Hashes `count` blocks starting at byte `from` into hash blocks written at
-/// `to` (zero-padded), splitting the work by whole hash blocks over all cores.
-fn hash_level(file: &File, salt: &[u8], from: u64, count: u64, to: u64) -> io::Result<()> {
+/// `to` (zero-padded), splitting the work by whole hash blocks over all cores;
+/// `block0` stands for the first of them.
+fn hash_level(file: &File, salt: &[u8], from: u64, count: u64, to: u64, block0: Option<&[u8]>) -> io::Result<()> {
     let out_blocks = count.div_ceil(PER_BLOCK);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let per_worker = out_blocks.div_ceil(workers).max(1);
@@ -73,9 +97,15 @@ fn hash_level(file: &File, salt: &[u8], from: u64, count: u64, to: u64) -> io::R
                             if b >= count {
                                 break;
                             }
-                            file.read_exact_at(&mut data, from + b * BLOCK)?;
                             let at = (k * HASH) as usize;
-                            out[at..at + HASH as usize].copy_from_slice(&salted(salt, &data));
+                            let hash = match block0 {
+                                Some(first) if b == 0 => salted(salt, first),
+                                _ => {
+                                    file.read_exact_at(&mut data, from + b * BLOCK)?;
+                                    salted(salt, &data)
+                                }
+                            };
+                            out[at..at + HASH as usize].copy_from_slice(&hash);
                         }
                         file.write_all_at(&out, to + hb * BLOCK)?;
                     }
@@ -102,6 +132,7 @@ mod tests {
         assert_eq!((a.data_blocks, a.hash_offset), (1, 4096));
         // superblock + one hash block
         assert_eq!(std::fs::metadata(&img).unwrap().len(), 3 * 4096);
+        assert_eq!(image_len(4096), 3 * 4096);
         let mut block = vec![0u8; 4096];
         block[..1000].fill(7);
         let mut top = vec![0u8; 4096];
