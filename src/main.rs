@@ -113,13 +113,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "pushed {}@{}: {} blob(s) uploaded ({}), {} already there ({})",
+                    "pushed {}@{}: {} blob(s) uploaded ({}), {} already there ({}), {} mounted ({})",
                     report.reference.split_once('@').map_or(report.reference.as_str(), |(r, _)| r),
                     report.digest,
                     report.blobs.uploaded,
                     preseed::human::human_bytes(report.bytes.uploaded),
                     report.blobs.present,
                     preseed::human::human_bytes(report.bytes.present),
+                    report.blobs.mounted,
+                    preseed::human::human_bytes(report.bytes.mounted),
                 );
             }
         }

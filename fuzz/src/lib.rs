@@ -146,6 +146,18 @@ pub fn index(data: &[u8]) {
     let _ = preseed::node::read::source::list(&dir);
 }
 
+/// A release plan (`preseed pull` reads it from a registry): parsed and
+/// checked; what a pull computes from a plan that passes must not overflow.
+pub fn release(data: &[u8]) {
+    if let Ok(plan) = preseed::partition::release::Plan::parse(data) {
+        assert!(plan.rest_bytes() <= plan.data_bytes);
+        assert!(plan.image_bytes() >= plan.data_bytes);
+        for piece in &plan.pieces {
+            assert!(piece.from + piece.len <= plan.blob(piece).size);
+        }
+    }
+}
+
 /// The registry a [`serve`] request goes to: one real preseed tarball (an
 /// index over two platforms) under two names.
 fn catalog() -> &'static preseed::node::serve::Catalog {

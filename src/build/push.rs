@@ -5,11 +5,12 @@
 //! From the image and the plan `preseed bundle` wrote beside it: one pass
 //! hashes the whole image and packs every byte outside the blobs into the
 //! rest (zstd); every blob is read back from the image and checked against
-//! its digest. Then blobs the repository already holds (the images
-//! themselves, earlier releases) are skipped after a HEAD, the others are
-//! uploaded from the image, and the plan and the manifest go last, so a
+//! its digest. Then blobs the repository already holds (earlier releases)
+//! are skipped after a HEAD, those an image's own repository on the same
+//! registry holds are mounted from it, the others are uploaded from the image, and the plan and the manifest go last, so a
 //! release is visible only whole.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 use crate::digest::{Digest, Hasher};
 use crate::distribution::{self, auth::AuthError};
+use crate::partition::index::{PartitionIndex, INDEX_FILE};
 use crate::partition::release::{
     ImageProof, Plan, PlanError, Rest, ARTIFACT_TYPE, BLOB_MEDIA_TYPE, PLAN_FILE, PLAN_MEDIA_TYPE, REST_MEDIA_TYPE,
 };
@@ -51,13 +53,15 @@ pub struct PushReport {
     pub bytes: Counts,
 }
 
-/// Uploaded and already-present counts.
+/// Uploaded, already-present and mounted counts.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Counts {
     /// Sent by this push.
     pub uploaded: u64,
     /// The repository had them.
     pub present: u64,
+    /// Mounted from another repository of the same registry (an image's own).
+    pub mounted: u64,
 }
 
 /// Why a push failed.
@@ -199,7 +203,8 @@ pub async fn push(opts: &PushOptions) -> Result<PushReport, PushError> {
     }
     let plan_digest = Digest::of(&plan_json);
     uploads.push((plan_digest.clone(), plan_json.len() as u64, Source::Bytes(plan_json.clone().into())));
-    for (digest, size, source) in uploads {
+    let sources = mount_sources(&opts.out, &reference);
+    'upload: for (digest, size, source) in uploads {
         let what = format!("blob {digest}");
         let digest_text = digest.to_string();
         let present = distribution::retry(|| client.blob_exists(&reference, &digest_text))
@@ -209,6 +214,14 @@ pub async fn push(opts: &PushOptions) -> Result<PushReport, PushError> {
             report.blobs.present += 1;
             report.bytes.present += size;
             continue;
+        }
+        // An image's own repository on the same registry: mounted, not sent.
+        for from in sources.get(&digest).into_iter().flatten().take(2) {
+            if client.mount_blob(&reference, from, &digest_text).await.is_ok() {
+                report.blobs.mounted += 1;
+                report.bytes.mounted += size;
+                continue 'upload;
+            }
         }
         distribution::retry(|| client.push_blob_stream(&reference, source.stream(), &digest_text, Some(size)))
             .await
@@ -236,6 +249,31 @@ pub async fn push(opts: &PushOptions) -> Result<PushReport, PushError> {
         .map_err(|e| registry_err("the release manifest", e))?;
     report.digest = Digest::of(&manifest);
     Ok(report)
+}
+
+/// For each blob, the repositories on `target`'s registry that hold it as
+/// part of an image (from `preseed.json`'s image names and blob lists):
+/// where a cross-repository mount can take it from.
+fn mount_sources(out: &Path, target: &oci_client::Reference) -> HashMap<Digest, Vec<oci_client::Reference>> {
+    let mut sources: HashMap<Digest, Vec<oci_client::Reference>> = HashMap::new();
+    let Ok(index) =
+        std::fs::read(out.join(INDEX_FILE)).map_err(|_| ()).and_then(|b| PartitionIndex::from_json(&b).map_err(|_| ()))
+    else {
+        return sources;
+    };
+    for image in &index.images {
+        let Ok(name) = image.name.parse::<oci_client::Reference>() else { continue };
+        if name.resolve_registry() != target.resolve_registry() || name.repository() == target.repository() {
+            continue;
+        }
+        for blob in &image.blobs {
+            let repos = sources.entry(blob.digest.clone()).or_default();
+            if !repos.iter().any(|r| r.repository() == name.repository()) {
+                repos.push(name.clone());
+            }
+        }
+    }
+    sources
 }
 
 /// Where an upload's bytes come from.

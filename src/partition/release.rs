@@ -42,6 +42,9 @@ pub const VERSION: u32 = 1;
 /// Largest plan accepted (a piece is about 100 bytes of JSON).
 pub const MAX_PLAN_BYTES: u64 = 64 << 20;
 
+/// Largest filesystem a plan may describe (erofs' own limit is 16 TiB).
+pub const MAX_IMAGE_BYTES: u64 = 1 << 50;
+
 /// Where every blob sits in one partition image, and what proves the image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -194,6 +197,10 @@ impl Plan {
     /// not overlapping; blobs listed once; sizes that add up.
     pub fn check(&self) -> Result<(), PlanError> {
         let bad = |m: String| Err(PlanError::Inconsistent(m));
+        // Bounded, so every sum below fits in 64 bits (erofs stops at 16 TiB).
+        if self.data_bytes > MAX_IMAGE_BYTES || self.pieces.len() as u64 > MAX_PLAN_BYTES {
+            return bad(format!("{} bytes in {} pieces is beyond any partition", self.data_bytes, self.pieces.len()));
+        }
         let mut seen = std::collections::HashSet::new();
         for b in &self.blobs {
             if !seen.insert(&b.digest) {

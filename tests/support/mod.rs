@@ -14,6 +14,7 @@ pub mod gate;
 pub mod images;
 pub mod mount;
 pub mod registry;
+pub mod relay;
 pub mod served;
 pub mod synthetic;
 

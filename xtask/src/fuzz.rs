@@ -23,7 +23,8 @@ use anyhow::{bail, Context, Result};
 use crate::Counts;
 
 /// Every target, in `fuzz/Cargo.toml` order.
-pub const TARGETS: &[&str] = &["tar", "image", "index", "serve", "verity", "manifest", "containerd_config", "trust"];
+pub const TARGETS: &[&str] =
+    &["tar", "image", "index", "serve", "verity", "manifest", "containerd_config", "trust", "release"];
 
 /// One target's run.
 pub struct Outcome {

@@ -95,7 +95,19 @@ impl Remote {
     }
 
     fn err(&self, what: &str, e: OciDistributionError) -> PullError {
-        PullError::Registry { reference: self.text.clone(), what: what.to_string(), message: distribution::chain(&e) }
+        let mut message = distribution::chain(&e);
+        let unknown = matches!(&e, OciDistributionError::ImageManifestNotFoundError(_))
+            || matches!(&e, OciDistributionError::ServerError { code: 404, .. })
+            || message.contains("manifest unknown")
+            || message.contains("blob unknown");
+        if unknown {
+            message.push_str(
+                ": the registry has no such release (check the repository and tag; `preseed push` prints the digest)",
+            );
+        } else if matches!(&e, OciDistributionError::RequestError(r) if r.is_connect()) {
+            message.push_str(": the registry is not reachable (a pinned @sha256 reference pulled before, with --from, needs no registry)");
+        }
+        PullError::Registry { reference: self.text.clone(), what: what.to_string(), message }
     }
 
     async fn connect(&mut self) -> Result<(), PullError> {
