@@ -98,6 +98,7 @@ pub enum Command {
         /// The bundle's output directory (preseed.erofs and preseed.plan.json).
         out: PathBuf,
         /// Where to: registry/repository:tag.
+        #[arg(value_name = "REF")]
         reference: String,
         /// Plain HTTP to the registry.
         #[arg(long)]
@@ -109,6 +110,7 @@ pub enum Command {
     /// Rebuild a pushed release into a file or the inactive slot, fetching only what --from lacks.
     Pull {
         /// The release: registry/repository:tag or registry/repository@sha256:<hex>.
+        #[arg(value_name = "REF")]
         reference: String,
         /// The image file or block device to write (put in place only once proven).
         #[arg(long)]
