@@ -773,3 +773,79 @@ fn push_refuses_squashfs() {
     let tag = w.reg.call("GET", &format!("/v2/{REPO}/manifests/v1"), &[("Accept", OCI_MANIFEST)], &[]);
     assert_ne!(tag.status, 200, "the squashfs release was pushed");
 }
+
+/// A release is an OCI manifest like any other: cosign signs it and
+/// verifies the signature (key-based, no transparency log: offline), and a
+/// pull by the signed digest still rebuilds the image.
+#[test]
+fn a_release_is_signed_and_verified_with_cosign() {
+    let Some(w) = World::start() else { return };
+    let Some(cosign) = support::cosign::Cosign::new() else { return };
+    let v1 = w.v1(&[]);
+    let pushed = w.push(&v1, "v1");
+    let signed = format!("{}/{REPO}@{}", w.reg.host(), pushed.digest);
+    let keys = cosign.generate("release");
+    cosign.sign(&keys, &signed, false);
+    let public = keys.join("cosign.pub");
+    let verify = ["verify", "--key", public.to_str().unwrap(), "--insecure-ignore-tlog=true"];
+    cosign.run(cosign.dir.path(), &[&verify[..], &["--allow-insecure-registry", &signed]].concat());
+    // Another key does not verify it.
+    let other = cosign.generate("other");
+    let out = std::process::Command::new(&cosign.bin)
+        .args(["verify", "--key", other.join("cosign.pub").to_str().unwrap(), "--insecure-ignore-tlog=true"])
+        .args(["--allow-insecure-registry", &signed])
+        .env("HOME", cosign.dir.path())
+        .env("DOCKER_CONFIG", cosign.dir.path().join("docker"))
+        .env("TUF_ROOT", cosign.dir.path().join("tuf"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a foreign key verified the release");
+
+    let target = w.path("signed.img");
+    let report = json_report("preseed pull @signed digest", &w.pull(&w.reference(&pushed.digest), &target, &[]));
+    assert_same_file(&target, &v1.image());
+    assert_eq!(report["digest"], pushed.digest, "{report}");
+}
+
+/// The inactive slot is a block device: the image is written into it (the
+/// first block last), equal to the bundled one; a slot too small is refused
+/// before anything is written to it.
+#[test]
+fn a_release_pulls_into_a_block_device() {
+    if !support::require_root() || support::require_tool("losetup").is_none() {
+        return;
+    }
+    let Some(w) = World::start() else { return };
+    let v1 = w.v1(&[]);
+    w.push(&v1, "v1");
+    let size = std::fs::metadata(v1.image()).unwrap().len();
+    let attach = |backing: &Path, bytes: u64| -> String {
+        // Old content in the slot: not zeros, so a written block 0 shows.
+        std::fs::write(backing, vec![0x5a; bytes as usize]).unwrap();
+        let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(backing).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let detach = |dev: &str| {
+        let _ = std::process::Command::new("losetup").args(["-d", dev]).status();
+    };
+
+    let small = attach(&w.path("small.slot"), 1 << 20);
+    let work = w.path("dev.work");
+    let out = w.pull(&w.reference("v1"), Path::new(&small), &["--work", work.to_str().unwrap()]);
+    let small_content = std::fs::read(w.path("small.slot")).unwrap();
+    detach(&small);
+    assert_eq!(out.status.code(), Some(1), "a 1 MiB slot took a {size}-byte image: {}", stderr(&out));
+    assert!(stderr(&out).contains("needs"), "{}", stderr(&out));
+    assert!(small_content.iter().all(|&b| b == 0x5a), "the too-small slot was written to");
+
+    let slot = attach(&w.path("b.slot"), size + (1 << 20));
+    let out = w.pull(&w.reference("v1"), Path::new(&slot), &["--work", work.to_str().unwrap()]);
+    let content = std::fs::read(w.path("b.slot")).unwrap();
+    detach(&slot);
+    let report = json_report("preseed pull into a device", &out);
+    let image = std::fs::read(v1.image()).unwrap();
+    assert!(content[..size as usize] == image[..], "the slot does not hold the image: {report}");
+    assert!(content[size as usize..].iter().all(|&b| b == 0x5a), "bytes past the image were written");
+    assert_eq!(report["proof"]["size"], size, "{report}");
+}
