@@ -115,7 +115,8 @@ pub enum Command {
         /// The image file or block device to write (put in place only once proven).
         #[arg(long)]
         to: PathBuf,
-        /// The partition the node runs now (image file or device: mounted read-only, needs root; or a directory).
+        /// The partition the node runs now (image file or device: mounted read-only, needs root; a mounted
+        /// partition; or a bundle's output directory).
         #[arg(long)]
         from: Option<PathBuf>,
         /// Where fetched blobs wait between runs [default: <TO>.pull, or /var/cache/preseed/pull for a device].

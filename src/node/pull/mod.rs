@@ -443,8 +443,11 @@ fn default_work(target: &Path) -> PathBuf {
 
 /// Opens the current partition and finds every blob in its tarballs.
 fn index_current(from: &Path, sys: Arc<dyn Sys>) -> Result<(open::Opened, HashMap<Digest, Local>), PullError> {
-    let opened = open::open_with(&Source::detect(from), sys)
-        .map_err(|source| PullError::Open { path: from.to_path_buf(), source })?;
+    // A bundle's output directory stands for the image in it.
+    let bundled = from.join(format!("preseed.{}", crate::partition::Format::Erofs.extension()));
+    let source = if from.is_dir() && bundled.is_file() { Source::Image(bundled) } else { Source::detect(from) };
+    let opened =
+        open::open_with(&source, sys).map_err(|source| PullError::Open { path: from.to_path_buf(), source })?;
     let listing =
         source::list(opened.root()).map_err(|source| PullError::Source { path: from.to_path_buf(), source })?;
     let mut local = HashMap::new();
