@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use crate::build::manifest::{BundleManifest, ImageSource, ManifestError, Strictness};
-use crate::distribution::auth::DockerConfig;
 use crate::build::registry::{Registries, ResolveError};
+use crate::distribution::auth::DockerConfig;
 
 /// One reference `pin` rewrote.
 #[derive(Clone, Debug, PartialEq)]

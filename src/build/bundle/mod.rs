@@ -27,10 +27,10 @@ use crate::build::intree::BuildError;
 use crate::build::layout::tree::{PlannedFile, Tree};
 use crate::build::layout::{self, TarballSpec};
 use crate::build::manifest::{BundleManifest, ImageEntry, ManifestError, Strictness};
-use crate::distribution::auth::DockerConfig;
 use crate::build::registry::{Registries, ResolveError, ResolvedImage};
 use crate::build::write::{erofs, squashfs};
 use crate::digest::Digest;
+use crate::distribution::auth::DockerConfig;
 pub use crate::human::human_bytes;
 use crate::partition::index::{
     BuildInfo, IndexedBlob, IndexedImage, IndexedReferrer, PartitionIndex, SignedBy, INDEX_FILE, INDEX_VERSION,
