@@ -14,6 +14,14 @@
 //! not written:
 //! `PRESEED_BENCH_ONLY=serve cargo test --release --test bench serve_vs_registry -- --ignored --nocapture`
 //! (`PRESEED_BENCH_SCALE`, default 0.5 there, and `PRESEED_BENCH_ROUNDS` apply).
+//!
+//! Its "Update" section (issue 34) moves a node from release v1 of the
+//! corpus to v2 (one image with one more layer): `preseed pull --from`
+//! beside the whole image, `skopeo sync` and the changed blobs alone, every
+//! byte the registry sends counted by `support::relay`. Alone, printed and
+//! not written:
+//! `PRESEED_BENCH_ONLY=update cargo test --release --test bench update_vs_whole -- --ignored --nocapture`
+//! (`PRESEED_BENCH_SCALE`, default 1, and `PRESEED_BENCH_ROUNDS` apply).
 
 mod support;
 
@@ -125,8 +133,8 @@ impl BenchCorpus {
 /// Layers are real gzip'd tars of seeded random files; they are built on all
 /// cores first (the generator memoizes them), then pushed.
 fn push_corpus(reg: &Registry, s: f64) -> BenchCorpus {
-    let base = LayerSpec::new(20, scaled(8, s), 8 * MIB);
-    let apps: Vec<LayerSpec> = (0..4).map(|i| LayerSpec::new(30 + i, scaled(2, s), 8 * MIB)).collect();
+    let base = corpus_base(s);
+    let apps: Vec<LayerSpec> = (0..4).map(|i| corpus_app(i, s)).collect();
     let many: Vec<LayerSpec> = (0..scaled(50, s) as u64).map(|i| LayerSpec::new(100 + i, 1, MIB / 2)).collect();
     let large: Vec<LayerSpec> = (0..4).map(|i| LayerSpec::new(200 + i, scaled(10, s), 8 * MIB)).collect();
     let pause_layer = (scaled(2, s), MIB);
@@ -203,6 +211,16 @@ fn push_corpus(reg: &Registry, s: f64) -> BenchCorpus {
     single("large", &large, Media::Docker, false);
     single("proxy", &proxy, Media::Oci, true);
     BenchCorpus { host: reg.host(), images: out, unique_blobs: unique, manifest_bytes, many_layers: many.len() }
+}
+
+/// The base layer `bench/app-1..4` share (64 MiB at scale 1).
+fn corpus_base(s: f64) -> LayerSpec {
+    LayerSpec::new(20, scaled(8, s), 8 * MIB)
+}
+
+/// The own layer of `bench/app-<i + 1>` (16 MiB at scale 1).
+fn corpus_app(i: u64, s: f64) -> LayerSpec {
+    LayerSpec::new(30 + i, scaled(2, s), 8 * MIB)
 }
 
 /// One timed run: wall seconds and peak RSS (KiB) of the largest process.
@@ -1046,6 +1064,745 @@ impl ServeBench {
     }
 }
 
+/// The image that changes between the two releases of the update
+/// comparison (issue 34): in v2 it gets one more layer, seeded with
+/// `UPDATE_SEED`, as large as its own layer (16 MiB at scale 1).
+const UPDATE_IMAGE: &str = "app-1";
+const UPDATE_SEED: u64 = 40;
+
+/// The repository the releases are pushed to.
+const UPDATE_REPO: &str = "releases";
+
+/// The update comparison's contenders, in table order.
+const UPDATE_NAMES: [&str; 6] = [
+    "`preseed pull v2 --from v1`",
+    "`preseed pull v2` (no `--from`: the whole image, every blob fetched)",
+    "`curl` of the whole v2 image file (one blob) + `sha256sum -c` + `sync`",
+    "`skopeo sync --src docker --dest dir` of the changed image",
+    "the changed blobs alone (one GET each, sha256 checked, kept nowhere): the floor",
+    "(no network) `cp` of the bundled v2 image + `sync`: writing a whole image here",
+];
+const UPDATE_FROM: usize = 0;
+const UPDATE_WHOLE: usize = 1;
+const UPDATE_CURL: usize = 2;
+const UPDATE_SKOPEO: usize = 3;
+const UPDATE_FLOOR: usize = 4;
+const UPDATE_CP: usize = 5;
+
+/// A `preseed pull` seen from outside (`/proc/<pid>/io`, sampled every
+/// 2 ms): until the new image's temp file appears (the release manifest,
+/// plan and rest, `--from` mounted and indexed, the missing blobs fetched
+/// and verified), until its last write to the image (the rest unpacked,
+/// every blob copied to its pieces and hashed again), until it reads again
+/// (the image flushed: `fdatasync`), and the end (the image read back for
+/// its sha256, then its first block written and the file renamed into place).
+#[derive(Clone, Copy, Debug, Default)]
+struct PullPhases {
+    fetch: f64,
+    write: f64,
+    flush: f64,
+    hash: f64,
+}
+
+/// One watched `preseed pull`: its wall time and sampled peak RSS, its
+/// phases and its JSON report.
+fn watched_pull(args: &[&str], target: &Path) -> (Sample, PullPhases, serde_json::Value) {
+    let name = target.file_name().unwrap().to_string_lossy().into_owned();
+    let temp = target.with_file_name(format!(".{name}.preseed-pull"));
+    let logs = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let start = Instant::now();
+    let mut child = Command::new(preseed())
+        .args(args)
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", "/nonexistent")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let field = |text: &str, name: &str| -> Option<u64> {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    // (seconds, bytes written and read so far by every thread of the process)
+    let mut io: Vec<(f64, u64, u64)> = Vec::new();
+    let mut opened = None;
+    let mut hwm = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        let t = start.elapsed().as_secs_f64();
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
+            if let (Some(w), Some(r)) = (field(&text, "wchar:"), field(&text, "rchar:")) {
+                io.push((t, w, r));
+            }
+        }
+        if let Some(h) = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| field(&s, "VmHWM:")) {
+            hwm = hwm.max(h);
+        }
+        if opened.is_none() && temp.exists() {
+            opened = Some(t);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    assert!(status.success(), "preseed {args:?} failed ({status}):\n{stderr}\n{stdout}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("preseed {args:?}: stdout is not JSON ({e}):\n{stdout}\n{stderr}"));
+    let opened = opened.expect("the pull's temp image never appeared (the pull is too fast to watch?)");
+    // The copy ends with the last large write; after it come only the
+    // flush, the proof's reads (1 MiB each), the first block (4 KiB) and
+    // the report.
+    let last = io.last().map_or(0, |s| s.1);
+    let at = io.iter().position(|s| s.1 + (64 << 10) >= last).unwrap_or(0);
+    let written = io.get(at).map_or(opened, |s| s.0).max(opened);
+    let read_then = io.get(at).map_or(0, |s| s.2);
+    let reading = io[at..].iter().find(|s| s.2 >= read_then + MIB as u64).map_or(secs, |s| s.0).max(written);
+    let phases = PullPhases { fetch: opened, write: written - opened, flush: reading - written, hash: secs - reading };
+    (Sample { secs, rss_kib: hwm }, phases, report)
+}
+
+/// A front for skopeo on loopback: a connection that opens with a TLS
+/// handshake is closed at once, as a plain HTTP registry refuses it; any
+/// other is passed to `upstream` (the relay) byte for byte. containers/image
+/// tries HTTPS first even with `--src-tls-verify=false`, and the relay,
+/// which speaks only HTTP, would leave that hello unanswered until Go's
+/// 10 s handshake timeout.
+struct PlainFront {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PlainFront {
+    fn start(upstream: &str) -> PlainFront {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (upstream, stopped) = (upstream.to_string(), stop.clone());
+        let acceptor = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let upstream = upstream.clone();
+                std::thread::spawn(move || {
+                    let mut first = [0u8; 1];
+                    // 0x16: a TLS handshake record.
+                    if client.peek(&mut first).map_or(true, |n| n == 0 || first[0] == 0x16) {
+                        return;
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(&upstream) else { return };
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    };
+                    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let up = std::thread::spawn(move || pipe(c2, s2));
+                    pipe(server, client);
+                    let _ = up.join();
+                });
+            }
+        });
+        PlainFront { addr, stop, acceptor: Some(acceptor) }
+    }
+
+    fn host(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for PlainFront {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+/// A number at `path` of a pull report.
+fn report_num(report: &serde_json::Value, path: &str) -> u64 {
+    path.split('.')
+        .fold(report, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number at {path} in the pull report {report}"))
+}
+
+/// `cmp a b`, asserted.
+fn assert_cmp(a: &Path, b: &Path) {
+    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} differs from {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// sha256 hex of a file.
+fn sha256_hex(path: &Path) -> String {
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+/// A release manifest as the registry serves it: its size, the plan's
+/// (config's) size, the rest's size and its blobs (digest → size).
+struct ReleaseManifest {
+    bytes: u64,
+    plan: u64,
+    rest: u64,
+    /// What the rest expands to (the plan's `rest.bytes`).
+    rest_raw: u64,
+    blobs: BTreeMap<String, u64>,
+}
+
+fn release_manifest(reg: &Registry, tag: &str) -> ReleaseManifest {
+    let got = reg.call(
+        "GET",
+        &format!("/v2/{UPDATE_REPO}/manifests/{tag}"),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        &[],
+    );
+    assert_eq!(got.status, 200, "GET the release manifest {tag}: {}", String::from_utf8_lossy(&got.body));
+    let m: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    let layers = m["layers"].as_array().unwrap();
+    let size = |v: &serde_json::Value| v["size"].as_u64().unwrap();
+    let plan =
+        reg.call("GET", &format!("/v2/{UPDATE_REPO}/blobs/{}", m["config"]["digest"].as_str().unwrap()), &[], &[]);
+    assert_eq!(plan.status, 200, "GET the plan of {tag}");
+    let plan: serde_json::Value = serde_json::from_slice(&plan.body).unwrap();
+    ReleaseManifest {
+        rest_raw: plan["rest"]["bytes"].as_u64().unwrap_or_else(|| panic!("no rest.bytes in the plan: {plan}")),
+        bytes: got.body.len() as u64,
+        plan: size(&m["config"]),
+        rest: size(&layers[0]),
+        blobs: layers[1..].iter().map(|l| (l["digest"].as_str().unwrap().to_string(), size(l))).collect(),
+    }
+}
+
+impl ReleaseManifest {
+    /// What a pull that has none of them fetches besides the blobs (its
+    /// report's `bytes.plan`).
+    fn plan_bytes(&self) -> u64 {
+        self.bytes + self.plan + self.rest
+    }
+
+    fn blob_bytes(&self) -> u64 {
+        self.blobs.values().sum()
+    }
+}
+
+/// Issue 34's figures: updating a node from release v1 to v2, one image
+/// changed, by `preseed pull --from` and what a user would do instead.
+struct UpdateBench {
+    scale: f64,
+    rounds: usize,
+    images: usize,
+    /// v1's unique blob bytes.
+    unique_bytes: u64,
+    /// The new layer's bytes.
+    new_layer: u64,
+    /// Blobs of v2's images that v1's lack (the new layer and config).
+    changed: BTreeMap<String, u64>,
+    /// Config and layers of the changed image in v2.
+    image_blobs: usize,
+    image_blob_bytes: u64,
+    /// Its new manifest.
+    manifest_bytes: usize,
+    /// Sizes of the bundled v1 and v2 images.
+    v1_size: u64,
+    v2_size: u64,
+    /// v2 as pushed.
+    release: ReleaseManifest,
+    /// Of v2's release blobs, those v1's images lack.
+    release_changed: BTreeMap<String, u64>,
+    /// `preseed push` of v2 (after v1): seconds and its report.
+    push_v2: (f64, serde_json::Value),
+    /// Per contender (as `UPDATE_NAMES`): runs, and bytes the registry sent
+    /// in each (relay-counted: blob and manifest bodies).
+    runs: [Series; 6],
+    bytes: [Vec<u64>; 6],
+    /// Phases of the two pulls (with and without `--from`).
+    phases: [Vec<PullPhases>; 2],
+    /// The last report of each pull.
+    reports: [serde_json::Value; 2],
+    secs: f64,
+    loadavg: (String, String),
+}
+
+/// `preseed bundle` (erofs) of `manifest` into `out` with `cache`, untimed.
+fn bundle_release(manifest: &Path, out: &Path, cache: &Path) -> PathBuf {
+    let args = ["bundle", "--no-progress", "--manifest", s(manifest), "--out", s(out), "--cache", s(cache)];
+    timed(&preseed(), &args);
+    out.join("preseed.erofs")
+}
+
+/// `preseed push OUT REF --insecure --json`: seconds and report.
+fn push_release(out: &Path, reference: &str) -> (f64, serde_json::Value) {
+    let start = Instant::now();
+    let got = Command::new(preseed())
+        .args(["push", s(out), reference, "--insecure", "--json"])
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        got.status.success(),
+        "preseed push {reference} failed:\n{}\n{}",
+        String::from_utf8_lossy(&got.stderr),
+        String::from_utf8_lossy(&got.stdout)
+    );
+    (secs, serde_json::from_slice(&got.stdout).unwrap())
+}
+
+/// Issue 34: the corpus as release v1, and v2 with `bench/app-1` given one
+/// more layer; both bundled and pushed (`preseed push`, untimed). Then, in
+/// alternating rounds, each from an empty page cache and through a relay
+/// that counts what the registry sends: `preseed pull v2 --from v1`, the
+/// whole v2 image (`preseed pull` without `--from`; `curl` of the image
+/// file), `skopeo sync` of the changed image, and the changed blobs alone.
+fn update_runs(reg: &Registry, corpus: &BenchCorpus, scale: f64, rounds: usize, work: &Path) -> UpdateBench {
+    let started = Instant::now();
+    let load_before = loadavg();
+    let (skopeo, curl) = (tool("skopeo"), tool("curl"));
+    let dir = tempfile::Builder::new().prefix("update-").tempdir_in(work).unwrap();
+    let dir = dir.path();
+
+    // v2: the changed image, pushed beside v1's.
+    let app = corpus.images.iter().find(|i| i.file == UPDATE_IMAGE).unwrap();
+    let new_layer = LayerSpec::new(UPDATE_SEED, scaled(2, scale), 8 * MIB);
+    let v2_image =
+        images::push_image(reg, &app.repo, "v2", &[corpus_base(scale), corpus_app(0, scale), new_layer], Media::Oci);
+    for d in &v2_image.layer_digests[..2] {
+        assert!(app.blobs.contains(d), "{UPDATE_IMAGE} v2's layer {d} is not v1's: the corpus changed");
+    }
+    let changed: BTreeMap<String, u64> = v2_image
+        .blob_digests
+        .iter()
+        .filter(|(d, _)| !corpus.unique_blobs.contains_key(*d))
+        .map(|(d, n)| (d.clone(), *n))
+        .collect();
+    let new_layer_bytes = v2_image.blob_digests[&v2_image.layer_digests[2]];
+    assert_eq!(changed.len(), 2, "v2 should bring a new layer and a new config: {changed:?}");
+
+    // Both releases bundled (one cache) and pushed through the relay.
+    let v1_text = corpus.manifest();
+    let v1_ref = corpus.reference(app);
+    let v2_ref = format!("{}/{}:v2@{}", corpus.host, app.repo, v2_image.manifest_digest);
+    let v2_text = v1_text.replace(&format!("\"{v1_ref}\""), &format!("\"{v2_ref}\""));
+    assert_ne!(v1_text, v2_text, "{v1_ref} is not in the benchmark's bundles.toml");
+    let cache = dir.join("cache");
+    let mut outs = Vec::new();
+    for (name, text) in [("v1", &v1_text), ("v2", &v2_text)] {
+        let manifest = dir.join(format!("{name}.toml"));
+        std::fs::write(&manifest, text).unwrap();
+        let out = dir.join(name);
+        bundle_release(&manifest, &out, &cache);
+        outs.push(out);
+    }
+    std::fs::remove_dir_all(&cache).unwrap();
+    let (v1, v2) = (outs[0].join("preseed.erofs"), outs[1].join("preseed.erofs"));
+    // What `preseed diff` says a node must newly get: the changed blobs
+    // and the new manifest.
+    let diff = Command::new(preseed()).args(["diff", "--json", s(&outs[0]), s(&outs[1])]).output().unwrap();
+    assert!(diff.status.success(), "preseed diff: {}", String::from_utf8_lossy(&diff.stderr));
+    let diff: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
+    assert_eq!(
+        diff["totals"]["new_bytes"].as_u64(),
+        Some(changed.values().sum::<u64>() + v2_image.manifest_bytes.len() as u64),
+        "preseed diff's new bytes are not the changed blobs {changed:?} and the manifest: {diff}"
+    );
+    let relay = support::relay::Relay::start(&reg.host());
+    let reference = |tag: &str| format!("{}/{UPDATE_REPO}:{tag}", relay.host());
+    push_release(&outs[0], &reference("v1"));
+    let push_v2 = push_release(&outs[1], &reference("v2"));
+    // Of v2's release blobs, those v1's images lack: what `--from v1` must
+    // fetch (v1's release may list fewer blobs: a small one that shares a
+    // block travels in the rest, and which ones do moves with the layout).
+    let release = release_manifest(reg, "v2");
+    let release_changed: BTreeMap<String, u64> =
+        release.blobs.iter().filter(|(d, _)| changed.contains_key(*d)).map(|(d, n)| (d.clone(), *n)).collect();
+    let release_changed_bytes: u64 = release_changed.values().sum();
+
+    // The whole v2 image as one blob of the same registry, for curl, and
+    // what `sha256sum -c` checks it against.
+    let image_digest = reg.push_blob(UPDATE_REPO, &std::fs::read(&v2).unwrap());
+    let whole = dir.join("whole.img");
+    let sums = dir.join("whole.sha256");
+    std::fs::write(&sums, format!("{}  {}\n", image_digest.trim_start_matches("sha256:"), whole.display())).unwrap();
+    let whole_url = format!("http://{}/v2/{UPDATE_REPO}/blobs/{image_digest}", relay.host());
+
+    let floor_gets: Vec<BlobGet> = changed
+        .iter()
+        .map(|(d, n)| BlobGet {
+            path: format!("/v2/{}/blobs/{d}", app.repo),
+            hex: d.trim_start_matches("sha256:").to_string(),
+            size: *n,
+        })
+        .collect();
+    let front = PlainFront::start(&relay.host());
+    let skopeo_src = format!("{}/{}:v2", front.host(), app.repo);
+    let v2_sha256 = format!("sha256:{}", sha256_hex(&v2));
+    let target = dir.join("f2.img");
+    let pull_work = dir.join("f2.work");
+
+    let mut runs: [Series; 6] = Default::default();
+    let mut bytes: [Vec<u64>; 6] = Default::default();
+    let mut phases: [Vec<PullPhases>; 2] = Default::default();
+    let mut reports: [serde_json::Value; 2] = Default::default();
+    for round in 0..rounds {
+        for k in 0..UPDATE_NAMES.len() {
+            let c = (k + round) % UPDATE_NAMES.len();
+            settle();
+            relay.reset();
+            let sample = match c {
+                UPDATE_FROM | UPDATE_WHOLE => {
+                    let pull_ref = reference("v2");
+                    let mut args =
+                        vec!["pull", &pull_ref, "--to", s(&target), "--work", s(&pull_work), "--insecure", "--json"];
+                    if c == UPDATE_FROM {
+                        args.extend(["--from", s(&v1)]);
+                    }
+                    let (sample, ph, report) = watched_pull(&args, &target);
+                    assert_cmp(&target, &v2);
+                    // The report says what the release and the relay say.
+                    let fetched = if c == UPDATE_FROM { release_changed_bytes } else { release.blob_bytes() };
+                    let want = [
+                        ("bytes.fetched", fetched),
+                        ("bytes.reused", release.blob_bytes() - fetched),
+                        ("bytes.skipped", 0),
+                        ("bytes.plan", release.plan_bytes()),
+                        ("blobs.refetched", 0),
+                        ("proof.size", dir_bytes(&v2)),
+                    ];
+                    for (path, n) in want {
+                        assert_eq!(report_num(&report, path), n, "{path} of {}: {report}", UPDATE_NAMES[c]);
+                    }
+                    assert_eq!(report["proof"]["sha256"], v2_sha256, "{report}");
+                    assert_eq!(
+                        relay.blob_bytes() + relay.manifest_bytes(),
+                        fetched + release.plan_bytes(),
+                        "{}: the relay passed other bytes than the report says: {:?}",
+                        UPDATE_NAMES[c],
+                        relay.requests()
+                    );
+                    if c == UPDATE_FROM {
+                        for (d, n) in &release.blobs {
+                            let want = if release_changed.contains_key(d) { *n } else { 0 };
+                            assert_eq!(relay.bytes_for(d), want, "{d} ({n} bytes) through the relay");
+                        }
+                    }
+                    eprintln!("bench: update round {} {}: {sample:?} {ph:?} {report}", round + 1, UPDATE_NAMES[c]);
+                    phases[c].push(ph);
+                    reports[c] = report;
+                    std::fs::remove_file(&target).unwrap();
+                    std::fs::remove_dir_all(&pull_work).unwrap();
+                    sample
+                }
+                UPDATE_CURL => {
+                    let mut seq = Seq::default();
+                    seq.add(timed(&curl, &["-sSf", "-o", s(&whole), &whole_url]));
+                    seq.add(timed(&tool("sha256sum"), &["-c", "--quiet", s(&sums)]));
+                    seq.add(timed(&tool("sync"), &[s(&whole)]));
+                    assert_cmp(&whole, &v2);
+                    std::fs::remove_file(&whole).unwrap();
+                    seq.0
+                }
+                UPDATE_SKOPEO => {
+                    let dest = dir.join("skopeo");
+                    let sample = timed(
+                        &skopeo,
+                        &["sync", "--src", "docker", "--dest", "dir", "--src-tls-verify=false", &skopeo_src, s(&dest)],
+                    );
+                    // One image directory: the manifest as pushed, every blob
+                    // under its hex digest.
+                    let found: Vec<PathBuf> = std::fs::read_dir(&dest)
+                        .unwrap()
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.join("manifest.json").is_file())
+                        .collect();
+                    assert_eq!(found.len(), 1, "skopeo sync wrote {found:?}");
+                    let image_dir = &found[0];
+                    assert_eq!(std::fs::read(image_dir.join("manifest.json")).unwrap(), v2_image.manifest_bytes);
+                    for d in v2_image.blob_digests.keys() {
+                        let hex = d.trim_start_matches("sha256:");
+                        assert_eq!(sha256_hex(&image_dir.join(hex)), hex, "skopeo's copy of {d}");
+                    }
+                    std::fs::remove_dir_all(&dest).unwrap();
+                    sample
+                }
+                UPDATE_FLOOR => Sample { secs: fetch_blobs(&relay.host(), &floor_gets, 1), rss_kib: 0 },
+                _ => {
+                    let copy = dir.join("copy.img");
+                    let mut seq = Seq::default();
+                    seq.add(timed(&tool("cp"), &[s(&v2), s(&copy)]));
+                    seq.add(timed(&tool("sync"), &[s(&copy)]));
+                    assert_cmp(&copy, &v2);
+                    std::fs::remove_file(&copy).unwrap();
+                    seq.0
+                }
+            };
+            let sent = relay.blob_bytes() + relay.manifest_bytes();
+            eprintln!(
+                "bench: update round {} {}: {:.3}s, {} from the registry",
+                round + 1,
+                UPDATE_NAMES[c],
+                sample.secs,
+                mb(sent)
+            );
+            runs[c].0.push(sample);
+            bytes[c].push(sent);
+        }
+    }
+    let (v1_size, v2_size) = (dir_bytes(&v1), dir_bytes(&v2));
+    drop(front);
+    drop(relay);
+    UpdateBench {
+        scale,
+        rounds,
+        images: corpus.images.len(),
+        unique_bytes: corpus.unique_blob_bytes(),
+        new_layer: new_layer_bytes,
+        changed,
+        image_blobs: v2_image.blob_digests.len(),
+        image_blob_bytes: v2_image.total_blob_bytes,
+        manifest_bytes: v2_image.manifest_bytes.len(),
+        v1_size,
+        v2_size,
+        release,
+        release_changed,
+        push_v2,
+        runs,
+        bytes,
+        phases,
+        reports,
+        secs: started.elapsed().as_secs_f64(),
+        loadavg: (load_before, loadavg()),
+    }
+}
+
+impl UpdateBench {
+    fn changed_bytes(&self) -> u64 {
+        self.changed.values().sum()
+    }
+
+    fn median_bytes(&self, c: usize) -> u64 {
+        median(&self.bytes[c].iter().map(|&b| b as f64).collect::<Vec<_>>()) as u64
+    }
+
+    /// Bytes the registry sent for `pull --from` over the changed blobs'.
+    fn bytes_ratio(&self) -> f64 {
+        self.median_bytes(UPDATE_FROM) as f64 / self.changed_bytes() as f64
+    }
+
+    /// Time of `pull --from` over fetching the changed blobs alone.
+    fn time_ratio(&self) -> f64 {
+        self.runs[UPDATE_FROM].secs() / self.runs[UPDATE_FLOOR].secs()
+    }
+
+    fn phases(&self, c: usize) -> PullPhases {
+        let m = |f: fn(&PullPhases) -> f64| median(&self.phases[c].iter().map(f).collect::<Vec<_>>());
+        PullPhases { fetch: m(|p| p.fetch), write: m(|p| p.write), flush: m(|p| p.flush), hash: m(|p| p.hash) }
+    }
+
+    /// The "Update" section of BENCHMARKS.md, with its goals.
+    fn render(&self, o: &mut String) {
+        let floor_s = self.runs[UPDATE_FLOOR].secs();
+        let changed = self.changed_bytes();
+        let rel = &self.release;
+        let _ = writeln!(o, "## Update (issue 34)\n");
+        let _ = writeln!(
+            o,
+            "A node running release v1 moves to v2. v1 is the benchmark corpus (scale {}: {} images, {} of unique \
+             blobs); v2 is the same with `bench/{UPDATE_IMAGE}` given one more layer of {} (as large as its own layer), so a new config \
+             and manifest too: {} changed blobs, {} (with the {} byte manifest, `preseed diff`'s new bytes). Both are \
+             bundled (erofs: v1 {}, v2 {}) and pushed with `preseed push` to the loopback `docker-registry` (untimed; \
+             v2's push took {:.2}s and uploaded {} of blobs, the other {} already there). v2 as a release: a {} byte \
+             manifest, a {} plan, a {} zstd rest (of {}: every byte outside the blobs' pieces, the filesystem's metadata, \
+             tar headers and padding, `preseed.json`, blobs too small to fill a block), {} blobs ({}), of which v1 lacks \
+             {} ({}).\n",
+            self.scale,
+            self.images,
+            mb(self.unique_bytes),
+            mb(self.new_layer),
+            self.changed.len(),
+            mb(changed),
+            self.manifest_bytes,
+            mb(self.v1_size),
+            mb(self.v2_size),
+            self.push_v2.0,
+            mb(self.push_v2.1["bytes"]["uploaded"].as_u64().unwrap_or(0)),
+            mb(self.push_v2.1["bytes"]["present"].as_u64().unwrap_or(0)),
+            rel.bytes,
+            kb(rel.plan),
+            kb(rel.rest),
+            mb(rel.rest_raw),
+            rel.blobs.len(),
+            mb(rel.blob_bytes()),
+            self.release_changed.len(),
+            mb(self.release_changed.values().sum()),
+        );
+        let _ = writeln!(
+            o,
+            "Every contender reaches the registry through a relay on loopback (`tests/support/relay.rs`: HTTP/1.1, a \
+             thread per connection, 64 KiB copies) that counts the bodies of the blob and manifest GETs it passes: that \
+             is \"from the registry\". Each run starts from an empty page cache (`sync`, `drop_caches`: `--from` and the \
+             registry's storage are read from the disk), with no target and a fresh `--work` directory. `preseed pull` \
+             writes the image beside its target, fsyncs it, reads it back for its sha256 and renames it; the whole image \
+             by `curl` is the v2 image file pushed as one blob, checked and flushed the same way by `sha256sum -c` and \
+             `sync`; `skopeo sync` copies `bench/{UPDATE_IMAGE}:v2` whole ({} blobs, {}) into a `dir:` tree (it does not \
+             fsync; it tries HTTPS first, so it reaches the relay through a front that closes a TLS hello at once, as a \
+             plain HTTP registry refuses it, and splices the rest: one more loopback hop); the floor GETs the {} \
+             changed blobs from `bench/{UPDATE_IMAGE}` one after the other on one keep-alive connection, each body \
+             hashed and dropped; the last row is no update but the cost of writing a whole image on this disk (`cp` of \
+             the bundled v2 image, then `sync`). Checked: every pulled and every `curl`ed image equals \
+             the bundled v2 (`cmp`); the pulls' reports give the fetched, reused and plan bytes the release's manifests \
+             and the relay give, and `--from` fetched nothing v1 holds; skopeo's tree holds the manifest as pushed and \
+             every blob under its sha256; the floor's bodies hash to their digests. {} alternating rounds, medians (all \
+             runs listed); {:.0}s in all; load average {} before, {} after.\n",
+            self.image_blobs,
+            mb(self.image_blob_bytes),
+            self.changed.len(),
+            self.rounds,
+            self.secs,
+            self.loadavg.0,
+            self.loadavg.1,
+        );
+        let _ = writeln!(
+            o,
+            "| contender | time (median) | runs | from the registry | × the changed blobs' bytes | × the floor's time | peak RSS |"
+        );
+        let _ = writeln!(o, "| --- | ---: | --- | ---: | ---: | ---: | ---: |");
+        for (c, name) in UPDATE_NAMES.iter().enumerate() {
+            let r = &self.runs[c];
+            let b = self.median_bytes(c);
+            let rss =
+                if c == UPDATE_FLOOR { "(in the benchmark)".to_string() } else { format!("{:.0} MiB", r.rss_mib()) };
+            let (sent, per_byte) = if c == UPDATE_CP {
+                ("—".to_string(), "—".to_string())
+            } else {
+                (mb(b), format!("{:.3}×", b as f64 / changed as f64))
+            };
+            let _ = writeln!(
+                o,
+                "| {name} | {:.3}s | {} | {sent} | {per_byte} | {:.1}× | {rss} |",
+                r.secs(),
+                r.all(),
+                r.secs() / floor_s,
+            );
+        }
+        let ph = |c: usize| {
+            let p = self.phases(c);
+            format!(
+                "manifest, plan and rest{}, then the missing blobs fetched and verified {:.2}s; the rest unpacked and every \
+                 blob copied to its pieces, hashed again {:.2}s; the image flushed (`fdatasync`) {:.2}s; read back whole \
+                 for its sha256 (one thread), first block written, renamed {:.2}s",
+                if c == UPDATE_FROM { ", v1 mounted and indexed" } else { "" },
+                p.fetch,
+                p.write,
+                p.flush,
+                p.hash
+            )
+        };
+        let _ = writeln!(
+            o,
+            "\nBy phase (medians; seen from outside: the temp image appearing, then in `/proc/<pid>/io` its last write and \
+             its reads starting again): `pull --from`: {}. `pull` without `--from`: {}.\n",
+            ph(UPDATE_FROM),
+            ph(UPDATE_WHOLE)
+        );
+        let r = &self.reports[UPDATE_FROM];
+        let _ = writeln!(
+            o,
+            "`preseed pull v2 --from v1 --json` reported: bytes reused {}, fetched {}, skipped {}, plan {}; blobs reused {}, \
+             fetched {}, skipped {}, refetched {}; proof: {} bytes, {}.\n",
+            r["bytes"]["reused"],
+            r["bytes"]["fetched"],
+            r["bytes"]["skipped"],
+            r["bytes"]["plan"],
+            r["blobs"]["reused"],
+            r["blobs"]["fetched"],
+            r["blobs"]["skipped"],
+            r["blobs"]["refetched"],
+            r["proof"]["size"],
+            r["proof"]["sha256"].as_str().unwrap_or_default(),
+        );
+        let (br, tr) = (self.bytes_ratio(), self.time_ratio());
+        let pass = |ok: bool| if ok { "pass" } else { "FAIL" };
+        let _ = writeln!(o, "| goal | measured | result |");
+        let _ = writeln!(o, "| --- | --- | --- |");
+        let _ = writeln!(
+            o,
+            "| update: bytes of `pull --from` ≤ 1.05 × the changed blobs' | {br:.3}× ({} / {}) | {} |",
+            mb(self.median_bytes(UPDATE_FROM)),
+            mb(changed),
+            pass(br <= 1.05)
+        );
+        let _ = writeln!(
+            o,
+            "| update: time of `pull --from` ≤ 1.5 × fetching the changed blobs alone | {tr:.1}× ({:.2}s / {:.3}s) | {} |",
+            self.runs[UPDATE_FROM].secs(),
+            floor_s,
+            pass(tr <= 1.5)
+        );
+        let p = self.phases(UPDATE_FROM);
+        let from_s = self.runs[UPDATE_FROM].secs();
+        let over = self.median_bytes(UPDATE_FROM).saturating_sub(changed);
+        let cp_s = self.runs[UPDATE_CP].secs();
+        let _ = writeln!(
+            o,
+            "\nBytes: `pull --from` took {} more than the changed blobs: the release manifest, plan and rest ({}) less the \
+             new config, which travels in the rest; {:.0}× fewer than the whole image by `pull`, {:.1}× fewer than \
+             `skopeo sync` of the changed image. The manifest, plan and rest come whole with every release, whatever \
+             changed, and grow with the image ({:.3}% of it here), so the 1.05× goal holds for changes of {} or more \
+             (20× them). Time: {:.1}× the floor. Of its {from_s:.2}s, fetching (manifest, plan, \
+             rest, mounting v1, the {} changed) is {:.2}s ({:.1}× the floor's {floor_s:.3}s); the rest is writing a whole \
+             new {} image, not a delta: every reused blob read from v1 and hashed again as it is copied ({:.2}s), the \
+             image flushed ({:.2}s) and read back whole for its sha256 ({:.2}s). Writing that image alone here (`cp` + \
+             `sync`, no network) takes {cp_s:.2}s: `pull --from` is {:.2}× that, and the goal's {:.3}s (1.5 × the floor) is {}. \
+             Against the alternatives that give the node the same image: {:.1}× faster than `pull` without `--from`, \
+             {:.1}× faster than `curl` + `sha256sum` + `sync`.\n",
+            kb(over),
+            kb(rel.plan_bytes()),
+            self.median_bytes(UPDATE_WHOLE) as f64 / self.median_bytes(UPDATE_FROM) as f64,
+            self.median_bytes(UPDATE_SKOPEO) as f64 / self.median_bytes(UPDATE_FROM) as f64,
+            100.0 * rel.plan_bytes() as f64 / self.v2_size as f64,
+            mb(20 * rel.plan_bytes()),
+            tr,
+            mb(self.release_changed.values().sum()),
+            p.fetch,
+            p.fetch / floor_s,
+            mb(self.v2_size),
+            p.write,
+            p.flush,
+            p.hash,
+            from_s / cp_s,
+            1.5 * floor_s,
+            if cp_s > 1.5 * floor_s {
+                "less than writing the image costs on this disk: out of reach while a pull writes a whole new image"
+            } else {
+                "more than writing the image costs here"
+            },
+            self.runs[UPDATE_WHOLE].secs() / from_s,
+            self.runs[UPDATE_CURL].secs() / from_s,
+        );
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -1077,6 +1834,10 @@ impl Series {
             .collect::<Vec<_>>()
             .join(" / ")
     }
+}
+
+fn kb(n: u64) -> String {
+    format!("{:.1} KB", n as f64 / 1e3)
 }
 
 fn mb(n: u64) -> String {
@@ -1231,6 +1992,9 @@ fn bench() {
     // Serve (issue 33): the erofs partition beside the registry holding the corpus.
     let serve = serve_vs_registry_runs(&reg, &corpus, &erofs_partition, rounds);
 
+    // Update (issue 34): v1 → v2 with one image changed, through a counting relay.
+    let update = update_runs(&reg, &corpus, scale, rounds, work.path());
+
     // Load: alternating, into a fresh containerd each time, on every
     // containerd version given.
     let loader = have_loader();
@@ -1334,6 +2098,7 @@ fn bench() {
         loader,
         loads: &loads,
         serve: &serve,
+        update: &update,
         total_secs: total.elapsed().as_secs_f64(),
         loadavg: (load_before, loadavg()),
     }
@@ -1384,6 +2149,8 @@ struct Report<'a> {
     loads: &'a [LoadRow],
     /// `preseed serve` beside `docker-registry` (issue 33).
     serve: &'a ServeBench,
+    /// `preseed pull --from` beside the whole image (issue 34).
+    update: &'a UpdateBench,
     total_secs: f64,
     /// 1-minute load average before and after.
     loadavg: (String, String),
@@ -1567,8 +2334,9 @@ impl Report<'_> {
         let _ = writeln!(o);
 
         self.serve.render(&mut o);
+        self.update.render(&mut o);
 
-        let _ = writeln!(o, "## Goals (issues 6, 13, 16, 17, 33)\n");
+        let _ = writeln!(o, "## Goals (issues 6, 13, 16, 17, 33, 34)\n");
         let _ = writeln!(o, "| goal | measured | result |");
         let _ = writeln!(o, "| --- | --- | --- |");
         let goal = |o: &mut String, what: &str, measured: String, pass: Option<bool>| {
@@ -1708,6 +2476,20 @@ impl Report<'_> {
             &format!("serve memory flat: peak RSS at {} clients ≤ 64 MiB", SERVE_CLIENTS[SERVE_CLIENTS.len() - 1]),
             format!("{pn:.1} MiB (1 client: {p1:.1} MiB)"),
             Some(pn <= 64.0),
+        );
+        // Issue 34.
+        let u = self.update;
+        goal(
+            &mut o,
+            "update: bytes of `pull --from` ≤ 1.05 × the changed blobs'",
+            format!("{:.3}×", u.bytes_ratio()),
+            Some(u.bytes_ratio() <= 1.05),
+        );
+        goal(
+            &mut o,
+            "update: time of `pull --from` ≤ 1.5 × fetching the changed blobs alone",
+            format!("{:.1}×", u.time_ratio()),
+            Some(u.time_ratio() <= 1.5),
         );
         self.notes(&mut o);
         o
@@ -1856,6 +2638,31 @@ fn serve_vs_registry() {
     let serve = serve_vs_registry_runs(&reg, &corpus, &partition, rounds());
     let mut o = String::new();
     serve.render(&mut o);
+    println!("{o}");
+}
+
+/// Issue 34's update section alone: the corpus (`PRESEED_BENCH_SCALE`,
+/// default 1) pushed, then the same runs `bench` makes; prints the section
+/// and writes nothing. Runs only with `PRESEED_BENCH_ONLY=update`, so
+/// `cargo xtask bench` (which runs every ignored test, and gets this section
+/// from `bench`) skips it.
+#[test]
+#[ignore = "development helper: needs PRESEED_BENCH_ONLY=update"]
+fn update_vs_whole() {
+    if std::env::var("PRESEED_BENCH_ONLY").as_deref() != Ok("update") {
+        eprintln!("SKIPPED: update_vs_whole runs with PRESEED_BENCH_ONLY=update (bench has the same section)");
+        return;
+    }
+    if !support::require_root() {
+        return;
+    }
+    let scale = scale();
+    let reg = Registry::start().expect("docker-registry");
+    let corpus = push_corpus(&reg, scale);
+    let work = tempfile::Builder::new().prefix("preseed-bench-").tempdir().unwrap();
+    let update = update_runs(&reg, &corpus, scale, rounds(), work.path());
+    let mut o = String::new();
+    update.render(&mut o);
     println!("{o}");
 }
 
